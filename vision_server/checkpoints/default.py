@@ -1,0 +1,37 @@
+"""The model served when none is given: the generated tiny checkpoint, cached on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+# Bump when the generator's output changes, so stale caches are not served.
+TINY_GENERATOR_VERSION = 1
+TINY_MODEL_NAME = "dvd-tiny-internvl"
+
+
+def default_cache_dir() -> Path:
+    """``$DVD_CACHE_DIR``, else ``$XDG_CACHE_HOME/dvd``, else ``~/.cache/dvd``."""
+    explicit = os.environ.get("DVD_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "dvd"
+
+
+def tiny_checkpoint(cache_dir: Path | None = None, *, seed: int = 0, layout: str = "hf") -> Path:
+    """Path of the cached tiny checkpoint, generating it on first use (safe across processes)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"{TINY_MODEL_NAME}-v{TINY_GENERATOR_VERSION}-seed{seed}-{layout}"
+    if (target / "config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f".{target.name}.lock")):
+        if not (target / "config.json").exists():
+            from vision_server.checkpoints.tiny import write_tiny_checkpoint
+
+            write_tiny_checkpoint(target, seed=seed, layout=layout)
+    return target

@@ -1,0 +1,335 @@
+"""`dvd-tiny-model`: write a tiny, InternVL3.5-shaped checkpoint with random weights.
+
+The geometry is real (448x448 tiles, patch 14, 1024 patches per tile, pixel shuffle 0.5 ->
+256 tokens per tile, a Qwen3 language model); only widths and depths are tiny, so the whole
+product runs on a laptop CPU and tests can compare it with transformers' own InternVL.
+
+Two layouts hold the same weights:
+- ``hf``: transformers' native ``InternVLForConditionalGeneration`` format, written by
+  transformers itself (``save_pretrained``).
+- ``original``: OpenGVLab's ``InternVLChatModel`` format (``vision_model.*``, ``mlp1.*``,
+  ``language_model.*``; ``llm_config``/``vision_config``; no code shipped).
+
+Initialisation is chosen so that greedy decoding is a sharp test: the language model's
+matrices have a large spread, so its greedy outputs vary from token to token and depend on the
+image, with clear logit margins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from vision_server.checkpoints import tokenizer as tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# Tiny widths and depths; everything else keeps InternVL3.5's real geometry.
+VISION_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+TEXT_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
+MAX_CONTEXT = 8192
+
+
+def build_hf_model(seed: int) -> Any:
+    """Build a transformers InternVLForConditionalGeneration with this project's tiny shape."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    tokenizer = tiny_tokenizer.train_tokenizer()
+    vocab = tokenizer.get_vocab()
+    end_of_text = vocab[tiny_tokenizer.END_OF_TEXT]
+    im_end = vocab[tiny_tokenizer.IM_END]
+    config = InternVLConfig(
+        vision_config=dict(
+            **VISION_DIMS,
+            image_size=448,
+            patch_size=14,
+            attention_bias=True,
+            use_qk_norm=False,
+            norm_type="layer_norm",
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+            use_mean_pooling=True,
+        ),
+        text_config=dict(
+            model_type="qwen3",
+            vocab_size=tokenizer.get_vocab_size(),
+            **TEXT_DIMS,
+            max_position_embeddings=MAX_CONTEXT,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=False,
+            bos_token_id=end_of_text,
+            eos_token_id=im_end,
+            pad_token_id=end_of_text,
+        ),
+        image_token_id=vocab[tiny_tokenizer.IMG_CONTEXT],
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _reinitialise(model, seed)
+    return model, tokenizer
+
+
+def _reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a seeded, non-trivial value.
+
+    Nothing is left at 0 or 1 (so a mis-mapped bias, norm or layer scale shows up in the
+    reference tests), and the language model gets a wide spread (so greedy decoding is varied
+    and has clear margins instead of repeating one token).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            is_text = "language_model" in name or name.startswith("lm_head")
+            if name.endswith("lm_head.weight"):
+                std = 1.0
+            elif name.endswith("embed_tokens.weight"):
+                std = 1.0
+            elif is_text and ("q_norm" in name or "k_norm" in name):
+                # Qwen3 normalises q and k per head, which caps attention logits near N(0, 1):
+                # with hundreds of image tokens, attention turns into a plain average and greedy
+                # decoding repeats one token. Large qk-norm gains make attention sharp.
+                param.copy_(3.0 * (1.0 + 0.1 * torch.randn(param.shape, generator=generator)))
+                continue
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+                continue
+            elif "lambda_" in name:
+                param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=generator))
+                continue
+            elif is_text:
+                std = 0.25
+            elif "multi_modal_projector" in name:
+                std = 0.2
+            elif "position_embeddings" in name or "cls_token" in name:
+                std = 0.5
+            else:
+                std = 0.08
+            param.copy_(std * torch.randn(param.shape, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# The original (OpenGVLab) layout: key names and config schema.
+# ---------------------------------------------------------------------------------------------
+
+_HF_TO_ORIGINAL_VISION_PARTS = [
+    ("embeddings.cls_token", "embeddings.class_embedding"),
+    ("embeddings.position_embeddings", "embeddings.position_embedding"),
+    ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
+    ("attention.projection_layer.", "attn.proj."),
+    ("attention.q_norm.", "attn.q_norm."),
+    ("attention.k_norm.", "attn.k_norm."),
+    ("layernorm_before.", "norm1."),
+    ("layernorm_after.", "norm2."),
+    ("lambda_1", "ls1"),
+    ("lambda_2", "ls2"),
+]
+_HF_TO_ORIGINAL_PROJECTOR = {
+    "layer_norm": "mlp1.0",
+    "linear_1": "mlp1.1",
+    "linear_2": "mlp1.3",
+}
+
+
+def hf_state_dict_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers InternVL state dict to OpenGVLab's original names.
+
+    Attention q/k/v projections are fused into one ``qkv`` matrix ([q; k; v] along rows), as
+    InternViT stores them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pending_qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("model.vision_tower."):
+            rest = key[len("model.vision_tower.") :].replace("encoder.layer.", "encoder.layers.")
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                marker = f"attention.{proj}."
+                if marker in rest:
+                    fused = "vision_model." + rest.replace(marker, "attn.qkv.")
+                    pending_qkv.setdefault(fused, {})[proj] = tensor
+                    break
+            else:
+                for hf_part, original_part in _HF_TO_ORIGINAL_VISION_PARTS:
+                    rest = rest.replace(hf_part, original_part)
+                out["vision_model." + rest] = tensor
+        elif key.startswith("model.multi_modal_projector."):
+            module, _, leaf = key[len("model.multi_modal_projector.") :].partition(".")
+            out[f"{_HF_TO_ORIGINAL_PROJECTOR[module]}.{leaf}"] = tensor
+        elif key.startswith("model.language_model."):
+            out["language_model.model." + key[len("model.language_model.") :]] = tensor
+        elif key.startswith("lm_head."):
+            out["language_model." + key] = tensor
+        else:
+            raise KeyError(f"unexpected transformers InternVL key: {key}")
+    for fused, parts in pending_qkv.items():
+        out[fused] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    return out
+
+
+def hf_config_to_original(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Translate a transformers InternVL config.json into OpenGVLab's InternVLChatModel one."""
+    vision = hf_config["vision_config"]
+    text = dict(hf_config["text_config"])
+    text["architectures"] = ["Qwen3ForCausalLM"]
+    image_size = vision["image_size"]
+    patch_size = vision["patch_size"]
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "downsample_ratio": hf_config["downsample_ratio"],
+        "dynamic_image_size": True,
+        "force_image_size": image_size[0] if isinstance(image_size, list) else image_size,
+        "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1,
+        "ps_version": "v2",
+        "select_layer": hf_config["vision_feature_layer"],
+        "template": "internvl2_5",
+        "use_thumbnail": True,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "torch_dtype": "float32",
+        "llm_config": text,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": vision["hidden_size"],
+            "num_hidden_layers": vision["num_hidden_layers"],
+            "num_attention_heads": vision["num_attention_heads"],
+            "intermediate_size": vision["intermediate_size"],
+            "image_size": image_size[0] if isinstance(image_size, list) else image_size,
+            "patch_size": patch_size[0] if isinstance(patch_size, list) else patch_size,
+            "num_channels": vision.get("num_channels", 3),
+            "qkv_bias": vision["attention_bias"],
+            "qk_normalization": vision["use_qk_norm"],
+            "norm_type": vision["norm_type"],
+            "layer_norm_eps": vision["layer_norm_eps"],
+            "hidden_act": vision["hidden_act"],
+            "drop_path_rate": 0.0,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "use_flash_attn": False,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_common_files(out_dir: Path, tokenizer: Any, eos_ids: list[int]) -> None:
+    tiny_tokenizer.save_tokenizer(tokenizer, out_dir)
+    (out_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "GotOcr2ImageProcessor",
+                "processor_class": "InternVLProcessor",
+                "crop_to_patches": True,
+                "min_patches": 1,
+                "max_patches": 12,
+                "do_resize": True,
+                "size": {"height": 448, "width": 448},
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": IMAGENET_MEAN,
+                "image_std": IMAGENET_STD,
+                "do_convert_rgb": True,
+            },
+            indent=2,
+        )
+    )
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos_ids, "pad_token_id": eos_ids[-1]}, indent=2)
+    )
+
+
+def write_tiny_checkpoint(out_dir: Path, *, seed: int = 0, layout: str = "hf") -> Path:
+    """Write the tiny checkpoint in ``layout`` ('hf' or 'original') to ``out_dir``."""
+    if layout not in ("hf", "original"):
+        raise ValueError(f"unknown layout {layout!r}; expected 'hf' or 'original'")
+    model, tokenizer = build_hf_model(seed)
+    vocab = tokenizer.get_vocab()
+    eos_ids = [vocab[tiny_tokenizer.IM_END], vocab[tiny_tokenizer.END_OF_TEXT]]
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a scratch folder next to the target, then rename: a reader never sees half a
+    # checkpoint, and concurrent writers of the same cache entry cannot interleave.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if layout == "hf":
+            model.save_pretrained(str(staging), safe_serialization=True)
+            # transformers writes its own generation config; ours carries both stop tokens.
+        else:
+            hf_config = json.loads(model.config.to_json_string())
+            original = hf_state_dict_to_original(
+                {k: v.contiguous() for k, v in model.state_dict().items()}
+            )
+            save_file(original, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            (staging / "config.json").write_text(
+                json.dumps(hf_config_to_original(hf_config), indent=2)
+            )
+        _write_common_files(staging, tokenizer, eos_ids)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote tiny %s checkpoint (seed %d) to %s", layout, seed, out_dir)
+    return out_dir
+
+
+def iter_layouts() -> Iterator[str]:
+    yield from ("hf", "original")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="dvd-tiny-model",
+        description="Write a tiny InternVL3.5-shaped checkpoint with random weights.",
+    )
+    parser.add_argument("out", type=Path, help="output folder (replaced if it exists)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    parser.add_argument(
+        "--layout",
+        choices=list(iter_layouts()),
+        default="hf",
+        help="hf: transformers' InternVLForConditionalGeneration; "
+        "original: OpenGVLab's InternVLChatModel (default: hf)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Encoded image bytes -> normalised tiles, as InternVL prepares them (Pillow only).
+
+CPU-heavy (decode, resize): the service runs it in a thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vision_server.errors import InvalidImage
+from vision_server.tiling import TileGrid, plan_tiles
+
+DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    allowed_formats: frozenset[str] = DEFAULT_FORMATS
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    tile_size: int = 448
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    tiles: torch.Tensor  # [num_tiles, 3, 448, 448] float32, normalised
+    grid: TileGrid
+    width: int
+    height: int
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode and validate one encoded image; the pixel count is checked before decoding."""
+    if not data:
+        raise InvalidImage("image is empty")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidImage(
+            f"image is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the decompression-bomb guard.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or "unknown"
+            if fmt not in limits.allowed_formats:
+                allowed = ", ".join(sorted(limits.allowed_formats))
+                raise InvalidImage(f"image format {fmt} is not accepted (allowed: {allowed})")
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {limits.max_pixels} pixels"
+                )
+            image.load()
+    except InvalidImage:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"cannot decode image: {exc}") from exc
+    if image.width < 1 or image.height < 1:
+        raise InvalidImage("image has no pixels")
+    # Phone photos store their orientation in EXIF; what the user sees is the transposed image.
+    return ImageOps.exif_transpose(image)
+
+
+def _to_tensor(images: list[Image.Image], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # [n, h, w, 3]
+    scaled = pixels.astype(np.float32) * np.float32(1 / 255)
+    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
+
+
+def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
+    """Cut a decoded image into InternVL tiles (plus thumbnail) and normalise them."""
+    rgb = image.convert("RGB")
+    grid = plan_tiles(
+        rgb.width,
+        rgb.height,
+        min_tiles=options.min_tiles,
+        max_tiles=options.max_tiles,
+        use_thumbnail=options.use_thumbnail,
+        tile_size=options.tile_size,
+    )
+    resized = rgb.resize(grid.resized_size, Image.Resampling.BICUBIC)
+    tiles = [resized.crop(box) for box in grid.tile_boxes()]
+    if grid.thumbnail:
+        tiles.append(rgb.resize((options.tile_size, options.tile_size), Image.Resampling.BICUBIC))
+    return PreparedImage(
+        tiles=_to_tensor(tiles, options.mean, options.std),
+        grid=grid,
+        width=rgb.width,
+        height=rgb.height,
+    )
+
+
+def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:
+    """Bytes -> validated, tiled, normalised image."""
+    return tile_image(decode_image(data, limits), options)

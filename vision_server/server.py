@@ -1,0 +1,129 @@
+"""`dvd-vision-server`: load the encoder and serve it over gRPC (with gRPC health checks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+from vision_server.checkpoints.default import TINY_MODEL_NAME, tiny_checkpoint
+from vision_server.checkpoints.spec import load_checkpoint_spec
+from vision_server.checkpoints.weights import resolve_checkpoint
+from vision_server.engine import EncoderEngine, resolve_device, resolve_dtype
+from vision_server.model.encoder import VisionEncoder
+from vision_server.service import VisionServicer
+from vision_server.settings import VisionSettings
+
+logger = logging.getLogger("vision_server")
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    servicer: VisionServicer
+    engine: EncoderEngine
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Report NOT_SERVING, let in-flight calls finish (up to ``grace``), then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.stop()
+        self.servicer.close()
+
+
+def load_engine(settings: VisionSettings) -> tuple[EncoderEngine, VisionServicer]:
+    if settings.model:
+        path = resolve_checkpoint(settings.model, settings.revision)
+        model_id = settings.model_name or settings.model
+    else:
+        path = tiny_checkpoint(Path(settings.cache_dir) if settings.cache_dir else None)
+        model_id = settings.model_name or TINY_MODEL_NAME
+    spec = load_checkpoint_spec(path)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
+    engine = EncoderEngine(
+        encoder,
+        device,
+        dtype,
+        max_batch_tiles=settings.max_batch_tiles,
+        max_wait_ms=settings.max_wait_ms,
+        max_queued_tiles=settings.max_queued_tiles,
+    )
+    engine.warmup()
+    logger.info(
+        "loaded %s (%s layout) on %s as %s: ViT %dx%d, %d tokens/tile, LLM width %d",
+        model_id,
+        spec.layout.value,
+        device,
+        str(dtype).removeprefix("torch."),
+        spec.vision.num_layers,
+        spec.vision.hidden_size,
+        spec.tokens_per_tile,
+        spec.llm_hidden_size,
+    )
+    return engine, VisionServicer(engine, spec, settings, model_id)
+
+
+async def start_server(settings: VisionSettings) -> RunningServer:
+    """Load the model and start serving; returns once the port is open and healthy."""
+    engine, servicer = await asyncio.to_thread(load_engine, settings)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        ]
+    )
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    engine.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("vision service listening on %s:%d", settings.host, port)
+    return RunningServer(server, servicer, engine, health_servicer, port)
+
+
+async def serve(settings: VisionSettings) -> None:
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down: draining in-flight requests (up to %.0f s)", SHUTDOWN_GRACE_S)
+    await running.stop()
+    logger.info("vision service stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = VisionSettings(
+        _cli_parse_args=sys.argv[1:] if argv is None else argv,  # type: ignore[call-arg]
+        _cli_prog_name="dvd-vision-server",  # type: ignore[call-arg]
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Settings of the vision service: command-line flags and ``DVD_*`` variables, one model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class VisionSettings(BaseSettings):
+    """``dvd-vision-server`` settings. Each field is a ``--kebab-case`` flag and a ``DVD_*``
+    environment variable (flags win)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DVD_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    model: str | None = Field(
+        None,
+        description="InternVL checkpoint: a local folder or a hub id (safetensors only). "
+        "Unset: the generated tiny checkpoint.",
+    )
+    revision: str | None = Field(None, description="hub revision of --model")
+    model_name: str | None = Field(
+        None, description="model id reported to clients (default: --model, or the tiny model's name)"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute and wire dtype (auto: bfloat16 on CUDA, float32 on CPU)"
+    )
+    max_batch_tiles: int = Field(
+        32, ge=1, description="most tiles in one ViT forward pass, across requests"
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="how long a batch waits for more tiles once it has one"
+    )
+    max_queued_tiles: int = Field(
+        2048, ge=1, description="tiles waiting to be encoded before new requests are refused"
+    )
+    max_images_per_request: int = Field(16, ge=1, description="images in one Encode call")
+    max_tiles_limit: int = Field(
+        40, ge=1, description="largest per-image max_tiles a request may ask for"
+    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="width x height of one image, checked before decoding"
+    )
+    preprocess_workers: int = Field(4, ge=1, description="threads decoding and tiling images")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    chunk_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024, description="embedding bytes per message"
+    )
+    max_message_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC request accepted"
+    )
+    cache_dir: str | None = Field(
+        None, description="where the tiny checkpoint is generated (default: ~/.cache/dvd)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
