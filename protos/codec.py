@@ -19,24 +19,26 @@ from protos.dvd.v1 import vision_pb2
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
-_TORCH_TO_WIRE = {
+_TORCH_TO_WIRE: dict[torch.dtype, vision_pb2.DType] = {
     torch.float32: vision_pb2.DTYPE_FLOAT32,
     torch.bfloat16: vision_pb2.DTYPE_BFLOAT16,
     torch.float16: vision_pb2.DTYPE_FLOAT16,
 }
-_WIRE_TO_TORCH = {wire: dtype for dtype, wire in _TORCH_TO_WIRE.items()}
+_WIRE_TO_TORCH: dict[int, torch.dtype] = {int(w): dtype for dtype, w in _TORCH_TO_WIRE.items()}
 
 
 class CodecError(ValueError):
     """The bytes received do not form the tensor the header announced."""
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> vision_pb2.DType:
     """The ``DType`` enum value for a torch dtype (float32, bfloat16, float16)."""
     try:
         return _TORCH_TO_WIRE[dtype]
     except KeyError:
-        raise CodecError(f"dtype {dtype} cannot be sent; use float32, bfloat16 or float16") from None
+        raise CodecError(
+            f"dtype {dtype} cannot be sent; use float32, bfloat16 or float16"
+        ) from None
 
 
 def torch_dtype(wire: int) -> torch.dtype:
@@ -58,7 +60,7 @@ def _as_little_endian_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if sys.byteorder != "little":
         flat = swap_bytes(flat)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy().data)
 
 
 def encode_chunks(

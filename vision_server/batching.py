@@ -13,6 +13,7 @@ other), so an image gets exactly the embeddings it gets alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -107,13 +108,13 @@ class TileBatcher(Generic[TileOutputs]):
         self._queued_tiles = 0
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, tiles: torch.Tensor, request_id: str = "") -> tuple[list[object], BatchStats]:
+    async def submit(
+        self, tiles: torch.Tensor, request_id: str = ""
+    ) -> tuple[list[object], BatchStats]:
         """Queue one image's tiles; wait for their outputs (one piece per pass, in order)."""
         if self._closing:
             raise ShuttingDown("vision service is shutting down")
@@ -204,7 +205,7 @@ class TileBatcher(Generic[TileOutputs]):
             finished = time.perf_counter()
             if self._on_pass is not None:
                 self._on_pass(pass_tiles, finished - started)
-            for (job, start, end), piece in zip(taken, pieces, strict=True):
+            for (job, _, end), piece in zip(taken, pieces, strict=True):
                 if job.first_pass_at is None:
                     job.first_pass_at = started
                 job.outputs.append(piece)

@@ -70,7 +70,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             image.load()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as exc:
         raise InvalidImage(f"cannot decode image: {exc}") from exc
     if image.width < 1 or image.height < 1:
         raise InvalidImage("image has no pixels")
@@ -78,7 +84,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_tensor(images: list[Image.Image], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def _to_tensor(
+    images: list[Image.Image], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # [n, h, w, 3]
     scaled = pixels.astype(np.float32) * np.float32(1 / 255)
     normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)

@@ -114,9 +114,9 @@ async def serve(settings: VisionSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = VisionSettings(
-        _cli_parse_args=sys.argv[1:] if argv is None else argv,  # type: ignore[call-arg]
-        _cli_prog_name="dvd-vision-server",  # type: ignore[call-arg]
+    settings = VisionSettings(  # type: ignore[call-arg]
+        _cli_parse_args=sys.argv[1:] if argv is None else argv,
+        _cli_prog_name="dvd-vision-server",
     )
     logging.basicConfig(
         level=settings.log_level.upper(),

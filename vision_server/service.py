@@ -14,7 +14,13 @@ from protos import codec
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.checkpoints.spec import CheckpointSpec
 from vision_server.engine import EncodedImage, EncoderEngine
-from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages, VisionError, grpc_status
+from vision_server.errors import (
+    InvalidImage,
+    InvalidRequest,
+    TooManyImages,
+    VisionError,
+    grpc_status,
+)
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
 from vision_server.settings import VisionSettings
 
@@ -67,7 +73,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             std=self.spec.image_std,
         )
 
-    async def _prepare(self, request: vision_pb2.EncodeRequest, options: TilingOptions) -> list[PreparedImage]:
+    async def _prepare(
+        self, request: vision_pb2.EncodeRequest, options: TilingOptions
+    ) -> list[PreparedImage]:
         if not request.images:
             raise InvalidRequest("request has no images")
         if len(request.images) > self.settings.max_images_per_request:
@@ -77,7 +85,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             )
         loop = asyncio.get_running_loop()
         jobs = [
-            loop.run_in_executor(self._preprocess_pool, prepare_image, image.data, self.limits, options)
+            loop.run_in_executor(
+                self._preprocess_pool, prepare_image, image.data, self.limits, options
+            )
             for image in request.images
         ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -119,13 +129,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             options = self._tiling_options(request.options)
             images = await self._prepare(request, options)
             # All images queue at once so they can share passes; results stream in order.
-            tasks = [
-                asyncio.create_task(self.engine.encode(image, request_id)) for image in images
-            ]
+            tasks = [asyncio.create_task(self.engine.encode(image, request_id)) for image in images]
             for index, task in enumerate(tasks):
                 encoded = await task
                 yield self._header(index, encoded)
-                for offset, data in codec.encode_chunks(encoded.embeddings, self.settings.chunk_bytes):
+                for offset, data in codec.encode_chunks(
+                    encoded.embeddings, self.settings.chunk_bytes
+                ):
                     yield vision_pb2.EncodeResponse(
                         chunk=vision_pb2.EmbeddingChunk(image_index=index, offset=offset, data=data)
                     )

@@ -26,7 +26,8 @@ class VisionSettings(BaseSettings):
     )
     revision: str | None = Field(None, description="hub revision of --model")
     model_name: str | None = Field(
-        None, description="model id reported to clients (default: --model, or the tiny model's name)"
+        None,
+        description="model id reported to clients (default: --model, or the tiny model's name)",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")

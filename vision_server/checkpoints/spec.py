@@ -172,7 +172,9 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
 
     if layout is Layout.ORIGINAL:
         if config.get("ps_version", "v2") != "v2":
-            raise CheckpointError("only pixel-shuffle version 'v2' (InternVL2 and later) is supported")
+            raise CheckpointError(
+                "only pixel-shuffle version 'v2' (InternVL2 and later) is supported"
+            )
         select_layer = int(config.get("select_layer", -1))
         vision = _vision_from_original(config["vision_config"], select_layer)
         text_config = dict(config["llm_config"])
@@ -181,7 +183,9 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         use_thumbnail = bool(config.get("use_thumbnail", True))
         if not config.get("dynamic_image_size", True):
             min_tiles = max_tiles = 1
-        checkpoint_dtype = str(config.get("torch_dtype") or text_config.get("torch_dtype") or "bfloat16")
+        checkpoint_dtype = str(
+            config.get("torch_dtype") or text_config.get("torch_dtype") or "bfloat16"
+        )
     else:
         if config.get("vision_feature_select_strategy", "default") != "default":
             raise CheckpointError("only vision_feature_select_strategy='default' is supported")
@@ -210,8 +214,8 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         llm_hidden_size=int(text_config["hidden_size"]),
         text_config=text_config,
         image_tokens=image_tokens,
-        image_mean=mean,  # type: ignore[arg-type]
-        image_std=std,  # type: ignore[arg-type]
+        image_mean=mean,
+        image_std=std,
         min_tiles=min_tiles,
         max_tiles=max_tiles,
         use_thumbnail=use_thumbnail,

@@ -37,7 +37,9 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # Tiny widths and depths; everything else keeps InternVL3.5's real geometry.
-VISION_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+VISION_DIMS = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+)
 TEXT_DIMS = dict(
     hidden_size=128,
     intermediate_size=256,
@@ -106,9 +108,7 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             is_text = "language_model" in name or name.startswith("lm_head")
-            if name.endswith("lm_head.weight"):
-                std = 1.0
-            elif name.endswith("embed_tokens.weight"):
+            if name.endswith("lm_head.weight") or name.endswith("embed_tokens.weight"):
                 std = 1.0
             elif is_text and ("q_norm" in name or "k_norm" in name):
                 # Qwen3 normalises q and k per head, which caps attention logits near N(0, 1):

@@ -37,8 +37,8 @@ SPECIAL_TOKENS = [
     "</box>",
 ]
 
-# Chat template: ChatML; an image part renders as the context-image token, which the
-# processor (ours, or transformers' InternVLProcessor) expands to <img> + n x <IMG_CONTEXT> + </img>.
+# Chat template: ChatML. An image part renders as the context-image token, which the processor
+# (ours, or transformers' InternVLProcessor) expands to <img> + n x <IMG_CONTEXT> + </img>.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
@@ -60,20 +60,21 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-_WORDS = (
-    "the a an of to in on at by for with from and or but not is are was were be been has have "
-    "had do does did can could will would should may might must this that these those it its "
-    "image picture photo chart table text page document figure diagram plot graph screen tile "
-    "red green blue yellow black white gray orange purple pink brown dark light bright color "
-    "left right top bottom middle center corner edge side line row column grid cell box circle "
-    "square triangle shape number word letter digit title label caption legend axis value "
-    "what where when which who why how many much there here shows describe read count find "
-    "one two three four five six seven eight nine ten zero first second third last next "
-    "cat dog bird car tree house road sky water cloud sun person people man woman child hand "
-    "small large big little long short tall wide narrow high low full empty open closed "
-    "answer question please thank you yes no maybe true false model vision language token "
-    "stripes pattern flat dense sparse noise texture region area background foreground detail "
-    "user assistant system hello world good bad new old same different other each every all"
+_WORDS = (  # noqa: SIM905 (a word list reads better as text)
+    "the a an of to in on at by for with from and or but not is are was were be been has "
+    "have had do does did can could will would should may might must this that these those "
+    "it its image picture photo chart table text page document figure diagram plot graph "
+    "screen tile red green blue yellow black white gray orange purple pink brown dark light "
+    "bright color left right top bottom middle center corner edge side line row column grid "
+    "cell box circle square triangle shape number word letter digit title label caption "
+    "legend axis value what where when which who why how many much there here shows describe "
+    "read count find one two three four five six seven eight nine ten zero first second "
+    "third last next cat dog bird car tree house road sky water cloud sun person people man "
+    "woman child hand small large big little long short tall wide narrow high low full empty "
+    "open closed answer question please thank you yes no maybe true false model vision "
+    "language token stripes pattern flat dense sparse noise texture region area background "
+    "foreground detail user assistant system hello world good bad new old same different "
+    "other each every all"
 ).split()
 
 

@@ -128,7 +128,9 @@ def _hf_to_canonical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_vision_weights(path: Path, layout: Layout) -> dict[str, torch.Tensor]:
     """The ViT and projector weights under OpenGVLab's names (``vision_model.*``, ``mlp1.*``…)."""
     if layout is Layout.ORIGINAL:
-        return read_tensors(path, keep=("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating."))
+        return read_tensors(
+            path, keep=("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.")
+        )
     hf = read_tensors(
         path,
         keep=(

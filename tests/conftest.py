@@ -1,0 +1,66 @@
+"""Session fixtures: the tiny checkpoints and real servers on 127.0.0.1, started once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ServerProcess, start_vision_server
+
+# Keep vLLM and torch modest on 2-core CI machines, and never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny checkpoint (seed 0) in both layouts: the same weights under two formats."""
+    from vision_server.checkpoints.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        layout: write_tiny_checkpoint(root / f"tiny-{layout}", seed=0, layout=layout)
+        for layout in ("hf", "original")
+    }
+
+
+@pytest.fixture(scope="session")
+def vision_targets(tiny_models: dict[str, Path], log_dir: Path) -> Iterator[dict[str, str]]:
+    """One vision server per layout; yields layout -> 'host:port'."""
+    servers: list[ServerProcess] = []
+    targets: dict[str, str] = {}
+    try:
+        for layout, path in tiny_models.items():
+            # A small batch cap, so that concurrent requests really get split and mixed.
+            server, target = start_vision_server(
+                f"vision-{layout}",
+                path,
+                log_dir,
+                extra_args=["--max-batch-tiles", "8", "--max-wait-ms", "20"],
+            )
+            servers.append(server)
+            targets[layout] = target
+        yield targets
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_models: dict[str, Path]):
+    """transformers' own InternVL and image processor on the hf-layout checkpoint."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    path = tiny_models["hf"]
+    model = InternVLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    processor = GotOcr2ImageProcessorPil.from_pretrained(str(path))
+    return model, processor

@@ -1,0 +1,191 @@
+"""Test support: real server processes on 127.0.0.1, images, and a small gRPC client."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from protos.codec import EmbeddingAssembler
+from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server started as a real process; its output goes to a log file."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None
+    ):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=merged,
+            cwd=REPO_ROOT,
+            start_new_session=True,  # so stop() can signal the whole process group
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(
+                    f"{self.name} exited ({self.proc.returncode}) before {what}:\n{self.log_tail()}"
+                )
+            try:
+                if ready():
+                    return
+            except Exception:  # not up yet
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.name} not {what} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.alive:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def grpc_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def start_vision_server(
+    name: str,
+    model: Path,
+    log_dir: Path,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[ServerProcess, str]:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vision_server.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    server = ServerProcess(name, argv, log_dir, env=env)
+    target = f"127.0.0.1:{port}"
+    server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
+    return server, target
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def gradient_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    colours = rng.uniform(0, 255, (2, 3))
+    pixels = colours[0] * x + colours[1] * y
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+# ---- gRPC client ----------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedReply:
+    header: vision_pb2.ImageHeader
+    embeddings: torch.Tensor
+
+
+def encode_over_grpc(
+    target: str,
+    images: Sequence[bytes],
+    max_tiles: int = 0,
+    vir_mode: int = 0,
+    request_id: str = "test",
+    timeout: float = 60,
+) -> list[EncodedReply]:
+    """Call Encode and reassemble every image's embeddings with the project codec."""
+    request = vision_pb2.EncodeRequest(
+        request_id=request_id,
+        images=[vision_pb2.Image(data=data) for data in images],
+        options=vision_pb2.EncodeOptions(max_tiles=max_tiles, vir_mode=vir_mode),
+    )
+    replies: list[EncodedReply] = []
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        header = None
+        assembler = None
+        for message in stub.Encode(request, timeout=timeout):
+            if message.HasField("header"):
+                header = message.header
+                assembler = EmbeddingAssembler(
+                    (header.num_visual_tokens, header.hidden_size), header.dtype
+                )
+            else:
+                assert assembler is not None and header is not None
+                assert message.chunk.image_index == header.image_index
+                assembler.add(message.chunk.offset, message.chunk.data)
+                if assembler.complete:
+                    replies.append(EncodedReply(header, assembler.tensor()))
+    return replies

@@ -1,0 +1,89 @@
+"""Our InternViT + projector against transformers' InternVL for other InternViT variants.
+
+The served tiny model is InternViT-300M-shaped (LayerNorm, qkv bias, last layer). These
+in-process checks cover the other switches InternVL checkpoints use: InternViT-6B's RMSNorm
+and q/k normalisation without qkv bias, and a feature layer other than the last.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vision_server.checkpoints.spec import Layout, load_checkpoint_spec
+from vision_server.checkpoints.tiny import (
+    _reinitialise,
+    hf_config_to_original,
+    hf_state_dict_to_original,
+)
+from vision_server.model.encoder import VisionEncoder
+
+VARIANTS = {
+    "internvit-6b-style": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
+    "penultimate-layer": dict(norm_type="layer_norm", use_qk_norm=False, attention_bias=True),
+}
+
+
+def build_reference(variant: str, feature_layer: int):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=448,
+            patch_size=14,
+            layer_norm_eps=1e-6,
+            use_mean_pooling=True,
+            **VARIANTS[variant],
+        ),
+        text_config=dict(
+            model_type="qwen3",
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=24,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=63,
+        vision_feature_layer=feature_layer,
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    _reinitialise(model, seed=7)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("variant", "feature_layer"), [("internvit-6b-style", -1), ("penultimate-layer", -2)]
+)
+@pytest.mark.parametrize("layout", [Layout.HF, Layout.ORIGINAL])
+def test_variant_matches_transformers(tmp_path, variant, feature_layer, layout):
+    reference = build_reference(variant, feature_layer)
+    if layout is Layout.HF:
+        reference.save_pretrained(str(tmp_path))
+    else:
+        state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+        save_file(hf_state_dict_to_original(state), str(tmp_path / "model.safetensors"))
+        config = hf_config_to_original(json.loads(reference.config.to_json_string()))
+        (tmp_path / "config.json").write_text(json.dumps(config))
+
+    spec = load_checkpoint_spec(tmp_path)
+    assert spec.layout is layout
+    assert spec.vision.layers_to_run == (3 if feature_layer == -1 else 2)
+    encoder = VisionEncoder.from_checkpoint(spec, "cpu", torch.float32)
+    tiles = torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.model.get_image_features(pixel_values=tiles).pooler_output
+        got = encoder(tiles)
+    assert got.shape == expected.shape == (3, 256, 48)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert expected.std() > 0.1
