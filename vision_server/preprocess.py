@@ -88,7 +88,8 @@ def _to_tensor(
     images: list[Image.Image], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
     pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # [n, h, w, 3]
-    scaled = pixels.astype(np.float32) * np.float32(1 / 255)
+    # Division (not multiplication by 1/255) rounds correctly, as torchvision's ToTensor does.
+    scaled = pixels.astype(np.float32) / np.float32(255)
     normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
 

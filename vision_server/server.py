@@ -14,9 +14,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
-from vision_server.checkpoints.default import TINY_MODEL_NAME, tiny_checkpoint
+from vision_server.checkpoints.default import resolve_model
 from vision_server.checkpoints.spec import load_checkpoint_spec
-from vision_server.checkpoints.weights import resolve_checkpoint
 from vision_server.engine import EncoderEngine, resolve_device, resolve_dtype
 from vision_server.model.encoder import VisionEncoder
 from vision_server.service import VisionServicer
@@ -45,12 +44,9 @@ class RunningServer:
 
 
 def load_engine(settings: VisionSettings) -> tuple[EncoderEngine, VisionServicer]:
-    if settings.model:
-        path = resolve_checkpoint(settings.model, settings.revision)
-        model_id = settings.model_name or settings.model
-    else:
-        path = tiny_checkpoint(Path(settings.cache_dir) if settings.cache_dir else None)
-        model_id = settings.model_name or TINY_MODEL_NAME
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
+    path, model_id = resolve_model(settings.model, settings.revision, cache_dir)
+    model_id = settings.model_name or model_id
     spec = load_checkpoint_spec(path)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -73,6 +74,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             std=self.spec.image_std,
         )
 
+    def _image_options(self, options: TilingOptions, max_tiles: int) -> TilingOptions:
+        if not max_tiles or max_tiles == options.max_tiles:
+            return options
+        if not self.spec.min_tiles <= max_tiles <= self.settings.max_tiles_limit:
+            raise InvalidRequest(
+                f"image max_tiles={max_tiles} is outside [{self.spec.min_tiles}, "
+                f"{self.settings.max_tiles_limit}]"
+            )
+        return dataclasses.replace(options, max_tiles=max_tiles)
+
     async def _prepare(
         self, request: vision_pb2.EncodeRequest, options: TilingOptions
     ) -> list[PreparedImage]:
@@ -86,7 +97,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(
-                self._preprocess_pool, prepare_image, image.data, self.limits, options
+                self._preprocess_pool,
+                prepare_image,
+                image.data,
+                self.limits,
+                self._image_options(options, image.max_tiles),
             )
             for image in request.images
         ]

@@ -35,3 +35,12 @@ def tiny_checkpoint(cache_dir: Path | None = None, *, seed: int = 0, layout: str
 
             write_tiny_checkpoint(target, seed=seed, layout=layout)
     return target
+
+
+def resolve_model(model: str | None, revision: str | None, cache_dir: Path | None) -> tuple[Path, str]:
+    """(local checkpoint folder, model id) for a ``--model`` value; None means the tiny model."""
+    if model:
+        from vision_server.checkpoints.weights import resolve_checkpoint
+
+        return resolve_checkpoint(model, revision), model
+    return tiny_checkpoint(cache_dir), TINY_MODEL_NAME

@@ -30,10 +30,12 @@ VIR_MODE_OFF: VirMode
 VIR_MODE_MAX: VirMode
 
 class Image(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "max_tiles")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    MAX_TILES_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    max_tiles: int
+    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
     __slots__ = ("max_tiles", "vir_mode", "vir_threshold")

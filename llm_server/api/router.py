@@ -1,0 +1,134 @@
+"""HTTP routes (thin): parse, call ``ChatService``, shape the response. No prompt logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
+from llm_server.api.serving import ChatService
+from llm_server.errors import APIError, EngineUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+router = APIRouter()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+def get_chat(request: Request) -> ChatService:
+    chat = getattr(request.app.state, "chat", None)
+    if chat is None:
+        raise EngineUnavailable("the language engine is not running")
+    return chat
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it (aborting vLLM and gRPC calls) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, chat: ChatService = Depends(get_chat)
+) -> Response:
+    request_id = completion_id()
+    headers = {"X-Request-Id": request_id}
+    prepared = await until_disconnected(request, chat.prepare(body, request_id))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = chat.stream(
+            prepared, include_usage=include_usage, return_token_ids=body.return_token_ids
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    response = await until_disconnected(request, chat.complete(prepared, body.return_token_ids))
+    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+
+
+@router.get("/v1/models")
+async def list_models(chat: ChatService = Depends(get_chat)) -> ModelList:
+    return chat.models()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 when the language engine serves; reports the vision service separately, since
+    text-only requests do not need it."""
+    chat: ChatService | None = getattr(request.app.state, "chat", None)
+    if chat is None or chat.engine.errored:
+        return JSONResponse({"status": "unavailable", "engine": "down"}, status_code=503)
+    vision = "serving" if await chat.encoder.ready() else "unavailable"
+    return JSONResponse({"status": "ok", "engine": "serving", "vision": vision})
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
+
+
+def _describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    first_param = None
+    for item in error.errors():
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        path = ".".join(location)
+        first_param = first_param or (location[0] if location else None)
+        problems.append(f"{path}: {item.get('msg')}" if path else str(item.get("msg")))
+    return "; ".join(problems) or "invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error JSON with a meaningful status code."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("%s: %s", type(exc).__name__, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation_error(exc)
+        error = APIError(message, param=param)
+        error.status_code, error.error_type = 400, "invalid_request_error"
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return _error_response(error)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return _error_response(APIError("internal server error"))

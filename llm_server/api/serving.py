@@ -1,0 +1,303 @@
+"""Chat completions: messages + images -> vision embeddings + prompt -> vLLM -> OpenAI replies.
+
+Per request: fetch the image bytes, then in parallel (a) send the images to the image encoder
+and (b) render and tokenize the chat; widen each image placeholder to the number of visual
+tokens the encoder reports; hand vLLM the token ids plus the visual rows; stream tokens back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_server.api.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ImagePart,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from llm_server.engine.language_model import LanguageEngine
+from llm_server.errors import (
+    APIError,
+    BadRequest,
+    ContextLengthExceeded,
+    ModelNotFound,
+    TooManyImages,
+)
+from llm_server.images import ImageLoader
+from llm_server.prompt import ExpandedPrompt, PromptBuilder, TokenizedPrompt, expand_prompt
+from llm_server.settings import LLMSettings
+from llm_server.vision.base import EncodeOptions, ImageEncoder, ImageInput, VisualEmbedding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedChat:
+    """Everything vLLM needs for one request, validated."""
+
+    request_id: str
+    created: int
+    engine_prompt: dict[str, Any]
+    sampling_params: Any
+    num_prompt_tokens: int
+    num_image_tokens: int
+    n: int
+
+
+@dataclass
+class _ChoiceState:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ChatService:
+    """The logic behind ``/v1/chat/completions`` and ``/v1/models`` (no HTTP objects here)."""
+
+    def __init__(
+        self,
+        engine: LanguageEngine,
+        encoder: ImageEncoder,
+        prompts: PromptBuilder,
+        images: ImageLoader,
+        settings: LLMSettings,
+    ) -> None:
+        self.engine = engine
+        self.encoder = encoder
+        self.prompts = prompts
+        self.images = images
+        self.settings = settings
+        self.model_name = engine.model_name
+        self.created = int(time.time())
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.model_name,
+                    created=self.created,
+                    max_model_len=self.engine.max_model_len,
+                )
+            ]
+        )
+
+    # ---- preparation ---------------------------------------------------------------------
+
+    def _validate(self, request: ChatCompletionRequest) -> list[ImagePart]:
+        if request.model != self.model_name:
+            raise ModelNotFound(
+                f"The model {request.model!r} does not exist; this server serves {self.model_name!r}.",
+                param="model",
+            )
+        feature = request.unsupported_feature()
+        if feature:
+            raise BadRequest(f"{feature} is not supported by this server", param=feature)
+        if request.n > self.settings.max_n:
+            raise BadRequest(
+                f"n={request.n} exceeds this server's limit of {self.settings.max_n}", param="n"
+            )
+        image_parts = [
+            part
+            for message in request.messages
+            if isinstance(message.content, list)
+            for part in message.content
+            if isinstance(part, ImagePart)
+        ]
+        if len(image_parts) > self.settings.max_images_per_request:
+            raise TooManyImages(
+                f"{len(image_parts)} images in one request; the limit is {self.settings.max_images_per_request}",
+                param="messages",
+            )
+        return image_parts
+
+    async def _load_images(self, parts: list[ImagePart]) -> list[ImageInput]:
+        async def load(index: int, part: ImagePart) -> ImageInput:
+            try:
+                data = await self.images.load(part.image_url.url)
+            except APIError as exc:
+                exc.message = f"image {index}: {exc.message}"
+                raise
+            max_tiles = 1 if part.image_url.detail == "low" else None
+            return ImageInput(data=data, max_tiles=max_tiles)
+
+        return list(await asyncio.gather(*(load(i, p) for i, p in enumerate(parts))))
+
+    def _sampling_params(self, request: ChatCompletionRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        defaults = self.engine.default_sampling
+
+        def pick(name: str, value: Any, fallback: Any) -> Any:
+            return value if value is not None else defaults.get(name, fallback)
+
+        return SamplingParams(
+            n=request.n,
+            temperature=pick("temperature", request.temperature, 1.0),
+            top_p=pick("top_p", request.top_p, 1.0),
+            top_k=pick("top_k", request.top_k, 0),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=defaults.get("repetition_penalty", 1.0),
+            max_tokens=max_tokens,
+            stop=request.stop_sequences or None,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True,
+        )
+
+    def _completion_budget(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
+        limit = self.engine.max_model_len
+        requested = request.completion_limit
+        if num_prompt_tokens >= limit or (
+            requested is not None and num_prompt_tokens + requested > limit
+        ):
+            asked = f"{num_prompt_tokens + (requested or 1)} tokens ({num_prompt_tokens} in the messages, {requested or 1} in the completion)"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested {asked}. "
+                "Please reduce the length of the messages, the images or max_tokens.",
+                param="messages",
+            )
+        return requested if requested is not None else limit - num_prompt_tokens
+
+    async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedChat:
+        image_parts = self._validate(request)
+        images = await self._load_images(image_parts) if image_parts else []
+        options = EncodeOptions(
+            max_tiles=request.max_tiles or self.settings.max_tiles,
+            vir=request.vir,
+            vir_threshold=request.vir_threshold,
+        )
+        # Tokenizing the chat overlaps with the vision service encoding the images.
+        tokenize = asyncio.ensure_future(asyncio.to_thread(self.prompts.tokenize, request.messages))
+        visuals: list[VisualEmbedding] = []
+        try:
+            if images:
+                visuals = await self.encoder.encode(images, options, request_id)
+        except BaseException:
+            # Nobody will await the tokenizer now; consume its outcome so it is not reported.
+            tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())
+            raise
+        tokenized: TokenizedPrompt = await tokenize
+        expanded: ExpandedPrompt = expand_prompt(tokenized, [v.num_visual_tokens for v in visuals])
+        num_prompt_tokens = len(expanded.token_ids)
+        max_tokens = self._completion_budget(request, num_prompt_tokens)
+        engine_prompt = await asyncio.to_thread(
+            self.engine.build_prompt, expanded, [v.embeddings for v in visuals]
+        )
+        return PreparedChat(
+            request_id=request_id,
+            created=int(time.time()),
+            engine_prompt=engine_prompt,
+            sampling_params=self._sampling_params(request, max_tokens),
+            num_prompt_tokens=num_prompt_tokens,
+            num_image_tokens=expanded.num_image_tokens,
+            n=request.n,
+        )
+
+    def _usage(self, chat: PreparedChat, completion_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=chat.num_prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=chat.num_prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(image_tokens=chat.num_image_tokens),
+        )
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def complete(
+        self, chat: PreparedChat, return_token_ids: bool = False
+    ) -> ChatCompletionResponse:
+        choices = [_ChoiceState() for _ in range(chat.n)]
+        async for output in self.engine.generate(
+            chat.engine_prompt, chat.sampling_params, chat.request_id
+        ):
+            for completion in output.outputs:
+                state = choices[completion.index]
+                state.text.append(completion.text)
+                state.token_ids.extend(completion.token_ids)
+                if completion.finish_reason is not None:
+                    state.finish_reason = completion.finish_reason
+        return ChatCompletionResponse(
+            id=chat.request_id,
+            created=chat.created,
+            model=self.model_name,
+            choices=[
+                Choice(
+                    index=index,
+                    message=AssistantMessage(content="".join(state.text)),
+                    finish_reason=state.finish_reason,
+                    token_ids=state.token_ids if return_token_ids else None,
+                )
+                for index, state in enumerate(choices)
+            ],
+            usage=self._usage(chat, sum(len(state.token_ids) for state in choices)),
+        )
+
+    def _chunk(
+        self, chat: PreparedChat, choices: list[ChunkChoice], usage: Usage | None = None
+    ) -> str:
+        chunk = ChatCompletionChunk(
+            id=chat.request_id,
+            created=chat.created,
+            model=self.model_name,
+            choices=choices,
+            usage=usage,
+        )
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    async def stream(
+        self, chat: PreparedChat, include_usage: bool = False, return_token_ids: bool = False
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        completion_tokens = 0
+        try:
+            yield self._chunk(
+                chat,
+                [
+                    ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                    for i in range(chat.n)
+                ],
+            )
+            async for output in self.engine.generate(
+                chat.engine_prompt, chat.sampling_params, chat.request_id
+            ):
+                choices = []
+                for completion in output.outputs:
+                    completion_tokens += len(completion.token_ids)
+                    if not completion.text and completion.finish_reason is None:
+                        continue
+                    choices.append(
+                        ChunkChoice(
+                            index=completion.index,
+                            delta=Delta(content=completion.text or None),
+                            finish_reason=completion.finish_reason,
+                            token_ids=list(completion.token_ids) if return_token_ids else None,
+                        )
+                    )
+                if choices:
+                    yield self._chunk(chat, choices)
+            if include_usage:
+                yield self._chunk(chat, [], usage=self._usage(chat, completion_tokens))
+        except asyncio.CancelledError:
+            logger.info("request %s: client went away; generation aborted", chat.request_id)
+            raise
+        except Exception as exc:
+            logger.exception("request %s failed while streaming", chat.request_id)
+            error = exc if isinstance(exc, APIError) else APIError("generation failed")
+            yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"

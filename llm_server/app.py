@@ -1,0 +1,73 @@
+"""The FastAPI application: wires settings, the language engine and the image encoder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from llm_server.api.router import install_error_handlers, router
+from llm_server.api.serving import ChatService
+from llm_server.engine.language_model import LanguageEngine
+from llm_server.images import ImageFetchPolicy, ImageLoader
+from llm_server.prompt import PromptBuilder
+from llm_server.settings import LLMSettings
+from llm_server.vision.grpc_client import GrpcImageEncoder
+from vision_server.checkpoints.default import default_cache_dir, resolve_model
+from vision_server.checkpoints.spec import load_checkpoint_spec
+
+logger = logging.getLogger("llm_server")
+
+
+async def build_chat_service(settings: LLMSettings) -> ChatService:
+    """Load the checkpoint description, start vLLM and connect to the vision service."""
+    from transformers import AutoTokenizer
+
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    path, model_id = resolve_model(settings.model, settings.revision, cache_dir)
+    spec = load_checkpoint_spec(path)
+    model_name = settings.served_model_name or model_id
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    prompts = PromptBuilder(tokenizer, spec.image_tokens)
+    engine = LanguageEngine.start(spec, settings, model_name, cache_dir)
+    encoder = GrpcImageEncoder(
+        settings.vision_target,
+        timeout_s=settings.vision_timeout_s,
+        expected_hidden_size=engine.hidden_size,
+    )
+    images = ImageLoader(
+        ImageFetchPolicy(
+            max_bytes=settings.max_image_bytes,
+            allowed_hosts=frozenset(settings.allowed_image_hosts),
+            timeout_s=settings.image_fetch_timeout_s,
+        )
+    )
+    logger.info(
+        "chat template: %s content, image marker %r; vision service at %s",
+        prompts.content_format.value,
+        prompts.marker,
+        settings.vision_target,
+    )
+    return ChatService(engine, encoder, prompts, images, settings)
+
+
+def create_app(settings: LLMSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        chat = await build_chat_service(settings)
+        app.state.chat = chat
+        try:
+            yield
+        finally:
+            app.state.chat = None
+            await chat.encoder.close()
+            await chat.images.close()
+            chat.engine.shutdown()
+
+    app = FastAPI(title="DvD language service", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,115 @@
+"""The language engine: vLLM's ``AsyncLLM``, fed token ids plus visual embedding rows.
+
+Prompts use vLLM's mixed prompt-embeds input: the text positions carry token ids (vLLM embeds
+them with the model's own table, on the accelerator) and the image positions carry the rows
+the vision service produced. The API process never holds the embedding table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_server.engine.model_files import language_model_config_dir
+from llm_server.prompt import ExpandedPrompt
+from llm_server.settings import LLMSettings
+from vision_server.checkpoints.spec import CheckpointSpec
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(requested: str, spec: CheckpointSpec) -> str:
+    """``auto`` means the checkpoint's own dtype (vLLM's ``auto`` would turn float32 into
+    bfloat16, which changes the tiny model's outputs)."""
+    if requested != "auto":
+        return requested
+    name = spec.checkpoint_dtype.removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
+class LanguageEngine:
+    """One vLLM engine serving the checkpoint's language model."""
+
+    def __init__(self, llm: Any, model_name: str) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        model_config = llm.model_config
+        self.max_model_len: int = int(model_config.max_model_len)
+        self.dtype: torch.dtype = model_config.dtype
+        self.hidden_size: int = int(model_config.get_hidden_size())
+        # Sampling defaults the checkpoint's generation_config.json asks for (may be empty).
+        self.default_sampling: dict[str, Any] = dict(model_config.get_diff_sampling_param())
+
+    @classmethod
+    def start(
+        cls, spec: CheckpointSpec, settings: LLMSettings, model_name: str, cache_dir: Path
+    ) -> LanguageEngine:
+        """Start vLLM (spawns its engine process; takes tens of seconds). Blocking."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # vLLM's CPU backend sizes its KV cache from this variable (GiB).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
+        config_dir = language_model_config_dir(spec, cache_dir)
+        args = AsyncEngineArgs(
+            model=str(spec.path),
+            hf_config_path=str(config_dir),
+            tokenizer=str(spec.path),
+            served_model_name=model_name,
+            enable_prompt_embeds=True,
+            dtype=resolve_dtype(settings.dtype, spec),
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+            generation_config="auto",
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        engine = cls(llm, model_name)
+        logger.info(
+            "language engine ready: %s, %s, context %d tokens",
+            model_name,
+            str(engine.dtype).removeprefix("torch."),
+            engine.max_model_len,
+        )
+        return engine
+
+    def build_prompt(
+        self, prompt: ExpandedPrompt, visual_rows: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """vLLM's mixed prompt: token ids everywhere, embedding rows where ``is_text`` is False."""
+        embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self.dtype)
+        for (start, end), rows in zip(prompt.image_spans, visual_rows, strict=True):
+            if rows.shape != (end - start, self.hidden_size):
+                raise ValueError(f"image rows {tuple(rows.shape)} do not fit span {start}:{end}")
+            embeds[start:end] = rows.to(self.dtype)
+        return {
+            "prompt_embeds": embeds,
+            "prompt_token_ids": prompt.token_ids,
+            "prompt_is_token_ids": prompt.is_text,
+        }
+
+    async def generate(
+        self, prompt: dict[str, Any], sampling_params: Any, request_id: str
+    ) -> AsyncIterator[Any]:
+        """vLLM's output stream for one request; closing it aborts the request."""
+        async for output in self.llm.generate(prompt, sampling_params, request_id=request_id):
+            yield output
+
+    @property
+    def errored(self) -> bool:
+        return bool(self.llm.errored)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,107 @@
+"""The language service's error types and, in one place, their HTTP status and OpenAI shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """Base class: an error returned to the client as OpenAI's error JSON."""
+
+    status_code = 500
+    error_type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(APIError):
+    """The request is malformed or asks for something this server does not do."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidImage(BadRequest):
+    """An image cannot be fetched, decoded or accepted."""
+
+    code = "invalid_image"
+
+
+class TooManyImages(BadRequest):
+    code = "too_many_images"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Overloaded(APIError):
+    """Too much work in flight; the client should retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class VisionUnavailable(APIError):
+    """The vision service cannot be reached or did not answer in time."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "vision_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class EngineUnavailable(APIError):
+    """The language engine is not running (starting, stopping or dead)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}

@@ -1,0 +1,162 @@
+"""Chat messages -> prompt token ids, with one placeholder position per image.
+
+The checkpoint's own chat template renders the conversation. Templates that understand
+OpenAI-style content lists render an image part as a marker (the context-image token for
+transformers-format InternVL, ``<image>`` for some others); templates that only take strings
+get InternVL's convention, ``<image>\\n`` in front of the text. Each marker becomes
+``<img><IMG_CONTEXT></img>``; the single ``<IMG_CONTEXT>`` is later widened to the number of
+visual tokens the vision service reports for that image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from llm_server.api.protocol import ChatMessage, ImagePart, TextPart
+from llm_server.errors import BadRequest
+from vision_server.checkpoints.spec import ImageTokens
+
+_PROBE_TEXT = "dvd-template-probe"
+STRING_IMAGE_MARKER = "<image>"
+
+
+class ContentFormat(StrEnum):
+    OPENAI = "openai"  # the template iterates over content parts
+    STRING = "string"  # the template expects plain string content
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """Prompt token ids with one context-image token per image, at ``image_positions``."""
+
+    token_ids: list[int]
+    image_positions: list[int]
+
+
+@dataclass(frozen=True)
+class ExpandedPrompt:
+    """Prompt token ids with each image's placeholder widened to its visual token count."""
+
+    token_ids: list[int]
+    is_text: list[bool]  # False where a visual embedding row goes
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's rows
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(end - start for start, end in self.image_spans)
+
+
+class PromptBuilder:
+    """Renders chats with the checkpoint's template and tokenizes them."""
+
+    def __init__(self, tokenizer: Any, image_tokens: ImageTokens) -> None:
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        vocab = tokenizer.get_vocab()
+        missing = [
+            t
+            for t in (image_tokens.start, image_tokens.context, image_tokens.end)
+            if t not in vocab
+        ]
+        if missing:
+            raise ValueError(f"tokenizer lacks InternVL image tokens {missing}")
+        self.context_id = int(vocab[image_tokens.context])
+        self.content_format, self.marker = self._detect_template()
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def _detect_template(self) -> tuple[ContentFormat, str]:
+        probe = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE_TEXT}]}
+        ]
+        try:
+            rendered = self._render(probe)
+        except Exception:  # template cannot iterate content parts
+            return ContentFormat.STRING, STRING_IMAGE_MARKER
+        if _PROBE_TEXT in rendered:
+            for marker in (self.image_tokens.context, STRING_IMAGE_MARKER):
+                if marker in rendered:
+                    return ContentFormat.OPENAI, marker
+        return ContentFormat.STRING, STRING_IMAGE_MARKER
+
+    def template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """OpenAI messages in the shape the chat template expects."""
+        out: list[dict[str, Any]] = []
+        for message in messages:
+            role = "system" if message.role == "developer" else message.role
+            content = message.content if message.content is not None else ""
+            if isinstance(content, list):
+                if self.content_format is ContentFormat.OPENAI:
+                    content = [
+                        {"type": "text", "text": part.text}
+                        if isinstance(part, TextPart)
+                        else {"type": "image"}
+                        for part in content
+                    ]
+                else:
+                    content = "".join(
+                        part.text if isinstance(part, TextPart) else f"{self.marker}\n"
+                        for part in content
+                    )
+            out.append({"role": role, "content": content})
+        return out
+
+    def tokenize(self, messages: list[ChatMessage]) -> TokenizedPrompt:
+        """Token ids of the rendered chat, one context-image token per image part."""
+        num_images = sum(
+            isinstance(part, ImagePart)
+            for message in messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
+        try:
+            text = self._render(self.template_messages(messages))
+        except Exception as exc:  # a template may raise on conversations it does not accept
+            raise BadRequest(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from exc
+        if text.count(self.marker) != num_images:
+            raise BadRequest(
+                f"message text must not contain the image placeholder {self.marker!r}",
+                param="messages",
+            )
+        framed = self.image_tokens.start + self.image_tokens.context + self.image_tokens.end
+        token_ids = list(
+            self.tokenizer.encode(text.replace(self.marker, framed), add_special_tokens=False)
+        )
+        positions = [i for i, token in enumerate(token_ids) if token == self.context_id]
+        if len(positions) != num_images:
+            raise BadRequest(
+                f"message text must not contain the image token {self.image_tokens.context!r}",
+                param="messages",
+            )
+        return TokenizedPrompt(token_ids, positions)
+
+
+def expand_prompt(prompt: TokenizedPrompt, visual_token_counts: list[int]) -> ExpandedPrompt:
+    """Widen each image's single placeholder to its number of visual tokens."""
+    if len(visual_token_counts) != len(prompt.image_positions):
+        raise ValueError("one visual token count per image is required")
+    token_ids: list[int] = []
+    is_text: list[bool] = []
+    spans: list[tuple[int, int]] = []
+    previous = 0
+    for position, count in zip(prompt.image_positions, visual_token_counts, strict=True):
+        text_ids = prompt.token_ids[previous:position]
+        token_ids.extend(text_ids)
+        is_text.extend([True] * len(text_ids))
+        start = len(token_ids)
+        token_ids.extend([prompt.token_ids[position]] * count)
+        is_text.extend([False] * count)
+        spans.append((start, start + count))
+        previous = position + 1
+    tail = prompt.token_ids[previous:]
+    token_ids.extend(tail)
+    is_text.extend([True] * len(tail))
+    return ExpandedPrompt(token_ids, is_text, spans)

@@ -1,0 +1,84 @@
+"""Settings of the language service: command-line flags and ``DVD_*`` variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LLMSettings(BaseSettings):
+    """``dvd-llm-server`` settings. Each field is a ``--kebab-case`` flag and a ``DVD_*``
+    environment variable (flags win)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DVD_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    # ---- model ----
+    model: str | None = Field(
+        None,
+        description="InternVL checkpoint: a local folder or a hub id (safetensors only). "
+        "Unset: the generated tiny checkpoint.",
+    )
+    revision: str | None = Field(None, description="hub revision of --model")
+    served_model_name: str | None = Field(
+        None, description="model id in the API (default: --model, or the tiny model's name)"
+    )
+    cache_dir: str | None = Field(
+        None, description="DvD's cache: tiny checkpoint, language-model config views"
+    )
+
+    # ---- HTTP ----
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+
+    # ---- vision service ----
+    vision_target: str = Field(
+        "127.0.0.1:50051",
+        description="gRPC target of the vision service: host:port, or dns:///name:port to "
+        "spread requests over every address the name resolves to",
+    )
+    vision_timeout_s: float = Field(
+        120.0, gt=0, description="deadline of one Encode call (all images of a request)"
+    )
+    max_tiles: int | None = Field(
+        None, ge=1, description="default max tiles per image (unset: the checkpoint's)"
+    )
+
+    # ---- language engine (vLLM) ----
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="LLM dtype (auto: the checkpoint's)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length (unset: the model's)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallelism")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use"
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="most sequences vLLM runs at once")
+    enforce_eager: bool = Field(
+        False, description="skip CUDA graphs / compilation (faster start, slower decode)"
+    )
+    cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="KV-cache size on CPU (GiB; sets VLLM_CPU_KVCACHE_SPACE)"
+    )
+    seed: int = Field(0, description="engine seed")
+
+    # ---- request limits ----
+    max_images_per_request: int = Field(16, ge=0, description="images in one request")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="encoded size of one image")
+    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    allowed_image_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts from which http(s) image URLs may be fetched; empty: only data: URLs",
+    )
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one image download")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -1,0 +1,56 @@
+"""The one interface the language service uses to turn images into embedding rows.
+
+Two implementations: ``GrpcImageEncoder`` (DvD: a remote vision service) and, for the
+coupled baseline, an in-process encoder. The rest of the language service does not know which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+VirMode = Literal["auto", "off", "max"]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request: its encoded bytes and optional per-image tile cap."""
+
+    data: bytes
+    max_tiles: int | None = None
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    max_tiles: int | None = None
+    vir: VirMode | None = None
+    vir_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class VisualEmbedding:
+    """The rows that replace one image's placeholders in the prompt."""
+
+    embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden]
+    tokens_per_tile: list[int]
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class ImageEncoder(Protocol):
+    async def encode(
+        self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
+    ) -> list[VisualEmbedding]:
+        """Embeddings of ``images``, in order; raises ``llm_server.errors.APIError`` types."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the encoder can serve now (for health reporting)."""
+        ...
+
+    async def close(self) -> None: ...
