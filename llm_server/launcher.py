@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     exit_code = 0
     while not stopping:
-        for process in processes:
+        for name, process in zip(("vision service", "language service"), processes, strict=True):
             code = process.poll()
             if code is not None:
-                print(f"dvd-serve: {' '.join(process.args[1:3])} exited with {code}", flush=True)  # type: ignore[index]
+                print(f"dvd-serve: the {name} exited with {code}", flush=True)
                 exit_code = code or 1
                 stopping = True
         time.sleep(0.2)

@@ -90,20 +90,21 @@ class PromptBuilder:
         out: list[dict[str, Any]] = []
         for message in messages:
             role = "system" if message.role == "developer" else message.role
-            content = message.content if message.content is not None else ""
-            if isinstance(content, list):
-                if self.content_format is ContentFormat.OPENAI:
-                    content = [
-                        {"type": "text", "text": part.text}
-                        if isinstance(part, TextPart)
-                        else {"type": "image"}
-                        for part in content
-                    ]
-                else:
-                    content = "".join(
-                        part.text if isinstance(part, TextPart) else f"{self.marker}\n"
-                        for part in content
-                    )
+            content: str | list[dict[str, str]] = ""
+            if isinstance(message.content, str):
+                content = message.content
+            elif message.content is not None and self.content_format is ContentFormat.OPENAI:
+                content = [
+                    {"type": "text", "text": part.text}
+                    if isinstance(part, TextPart)
+                    else {"type": "image"}
+                    for part in message.content
+                ]
+            elif message.content is not None:
+                content = "".join(
+                    part.text if isinstance(part, TextPart) else f"{self.marker}\n"
+                    for part in message.content
+                )
             out.append({"role": role, "content": content})
         return out
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -14,6 +16,17 @@ from llm_server.settings import LLMSettings
 GRACEFUL_SHUTDOWN_S = 30
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port before the engine starts: vLLM opens many ephemeral ports while
+    starting, and one of them must not take ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = LLMSettings(  # type: ignore[call-arg]
         _cli_parse_args=sys.argv[1:] if argv is None else argv,
@@ -23,13 +36,13 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvicorn.run(
+    sock = bind_socket(settings.host, settings.port)
+    config = uvicorn.Config(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess, start_vision_server
+from helpers import ServerProcess, Stack, start_stacks, start_vision_server
 
 # Keep vLLM and torch modest on 2-core CI machines, and never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,3 +64,14 @@ def oracle(tiny_models: dict[str, Path]):
     model = InternVLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     processor = GotOcr2ImageProcessorPil.from_pretrained(str(path))
     return model, processor
+
+
+@pytest.fixture(scope="session")
+def stacks(tiny_models: dict[str, Path], log_dir: Path) -> Iterator[dict[str, Stack]]:
+    """A vision server and a language server per checkpoint layout, as real processes."""
+    running = start_stacks(tiny_models, log_dir)
+    try:
+        yield running
+    finally:
+        for stack in running.values():
+            stack.stop()

@@ -189,3 +189,106 @@ def encode_over_grpc(
                 if assembler.complete:
                     replies.append(EncodedReply(header, assembler.tensor()))
     return replies
+
+
+def http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+@dataclass
+class Stack:
+    """A vision server and a language server wired together, as in a deployment."""
+
+    vision: ServerProcess
+    llm: ServerProcess
+    vision_target: str
+    base_url: str  # http://127.0.0.1:PORT
+
+    def stop(self) -> None:
+        self.llm.stop()
+        self.vision.stop()
+
+
+SERVED_MODEL_NAME = "dvd-tiny-internvl"
+
+
+def llm_server_argv(
+    model: Path, port: int, vision_target: str, extra_args: Sequence[str] = ()
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llm_server.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--vision-target",
+        vision_target,
+        "--enforce-eager",
+        "--served-model-name",
+        SERVED_MODEL_NAME,
+        *extra_args,
+    ]
+
+
+# vLLM's CPU backend pins its worker to core 0 by default; tests run several engines at once.
+LLM_TEST_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def start_stacks(
+    models: dict[str, Path],
+    log_dir: Path,
+    llm_args: Sequence[str] = (),
+    vision_args: Sequence[str] = (),
+) -> dict[str, Stack]:
+    """Start one vision + one language server per model, all at once, and wait for them."""
+    pending = []
+    for name, model in models.items():
+        vision_port, http_port = free_port(), free_port()
+        vision_target = f"127.0.0.1:{vision_port}"
+        vision = ServerProcess(
+            f"{name}-vision",
+            [
+                sys.executable,
+                "-m",
+                "vision_server.server",
+                "--model",
+                str(model),
+                "--port",
+                str(vision_port),
+                *vision_args,
+            ],
+            log_dir,
+        )
+        llm = ServerProcess(
+            f"{name}-llm",
+            llm_server_argv(model, http_port, vision_target, llm_args),
+            log_dir,
+            env=LLM_TEST_ENV,
+        )
+        pending.append((name, Stack(vision, llm, vision_target, f"http://127.0.0.1:{http_port}")))
+    stacks: dict[str, Stack] = {}
+    try:
+        for name, stack in pending:
+            stack.vision.wait_until(
+                lambda s=stack: grpc_serving(s.vision_target), 120, "serving gRPC"
+            )
+            stack.llm.wait_until(
+                lambda s=stack: http_ok(f"{s.base_url}/health"), 300, "serving HTTP"
+            )
+            stacks[name] = stack
+    except BaseException:
+        for _, stack in pending:
+            stack.stop()
+        raise
+    return stacks
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    import base64
+
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
+    return f"data:{mime};base64,{base64.b64encode(encode_image(image, fmt)).decode()}"

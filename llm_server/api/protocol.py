@@ -46,9 +46,11 @@ class ChatMessage(BaseModel):
     def _check_content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        if self.role != "user" and isinstance(self.content, list):
-            if any(isinstance(part, ImagePart) for part in self.content):
-                raise ValueError(f"images are only accepted in user messages, not {self.role}")
+        has_image = isinstance(self.content, list) and any(
+            isinstance(part, ImagePart) for part in self.content
+        )
+        if has_image and self.role != "user":
+            raise ValueError(f"images are only accepted in user messages, not {self.role}")
         return self
 
 
@@ -58,8 +60,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's fields, plus DvD's extensions (``vir``, ``vir_threshold``, ``max_tiles``,
-    ``top_k``, ``return_token_ids``). Unknown fields are ignored; known OpenAI features this
-    server does not implement are refused rather than silently dropped."""
+    ``top_k``, ``min_tokens``, ``return_token_ids``). Unknown fields are ignored; known OpenAI
+    features this server does not implement are refused rather than silently dropped."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -94,6 +96,7 @@ class ChatCompletionRequest(BaseModel):
     )
     max_tiles: int | None = Field(None, ge=1, description="max tiles per image")
     top_k: int | None = Field(None, ge=-1)
+    min_tokens: int = Field(0, ge=0, description="tokens generated before EOS may end the answer")
     return_token_ids: bool = Field(False, description="add the generated token ids per choice")
 
     @field_validator("stop")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
@@ -34,6 +35,9 @@ def get_chat(request: Request) -> ChatService:
     return chat
 
 
+ChatDependency = Annotated[ChatService, Depends(get_chat)]
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; cancel it (aborting vLLM and gRPC calls) if the client disconnects."""
     task = asyncio.ensure_future(work)
@@ -55,7 +59,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, chat: ChatService = Depends(get_chat)
+    body: ChatCompletionRequest, request: Request, chat: ChatDependency
 ) -> Response:
     request_id = completion_id()
     headers = {"X-Request-Id": request_id}
@@ -71,7 +75,7 @@ async def create_chat_completion(
 
 
 @router.get("/v1/models")
-async def list_models(chat: ChatService = Depends(get_chat)) -> ModelList:
+async def list_models(chat: ChatDependency) -> ModelList:
     return chat.models()
 
 
@@ -84,6 +88,12 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "engine": "down"}, status_code=503)
     vision = "serving" if await chat.encoder.ready() else "unavailable"
     return JSONResponse({"status": "ok", "engine": "serving", "vision": vision})
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus exposition: vLLM's engine series (``vllm:*``) and DvD's own (``dvd:*``)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _error_response(error: APIError) -> JSONResponse:

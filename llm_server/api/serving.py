@@ -100,7 +100,8 @@ class ChatService:
     def _validate(self, request: ChatCompletionRequest) -> list[ImagePart]:
         if request.model != self.model_name:
             raise ModelNotFound(
-                f"The model {request.model!r} does not exist; this server serves {self.model_name!r}.",
+                f"The model {request.model!r} does not exist; "
+                f"this server serves {self.model_name!r}.",
                 param="model",
             )
         feature = request.unsupported_feature()
@@ -118,8 +119,9 @@ class ChatService:
             if isinstance(part, ImagePart)
         ]
         if len(image_parts) > self.settings.max_images_per_request:
+            limit = self.settings.max_images_per_request
             raise TooManyImages(
-                f"{len(image_parts)} images in one request; the limit is {self.settings.max_images_per_request}",
+                f"{len(image_parts)} images in one request; the limit is {limit}",
                 param="messages",
             )
         return image_parts
@@ -154,6 +156,7 @@ class ChatService:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=defaults.get("repetition_penalty", 1.0),
             max_tokens=max_tokens,
+            min_tokens=min(request.min_tokens, max_tokens),
             stop=request.stop_sequences or None,
             seed=request.seed,
             output_kind=RequestOutputKind.DELTA,
@@ -166,10 +169,12 @@ class ChatService:
         if num_prompt_tokens >= limit or (
             requested is not None and num_prompt_tokens + requested > limit
         ):
-            asked = f"{num_prompt_tokens + (requested or 1)} tokens ({num_prompt_tokens} in the messages, {requested or 1} in the completion)"
+            completion = requested or 1
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, you requested {asked}. "
-                "Please reduce the length of the messages, the images or max_tokens.",
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the messages, "
+                f"{completion} in the completion). Please reduce the length of the messages, "
+                "the images or max_tokens.",
                 param="messages",
             )
         return requested if requested is not None else limit - num_prompt_tokens

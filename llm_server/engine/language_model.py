@@ -62,8 +62,8 @@ class LanguageEngine:
             tokenizer=str(spec.path),
             served_model_name=model_name,
             enable_prompt_embeds=True,
-            dtype=resolve_dtype(settings.dtype, spec),
-            max_model_len=settings.max_model_len,
+            dtype=resolve_dtype(settings.dtype, spec),  # type: ignore[arg-type]
+            max_model_len=settings.max_model_len,  # type: ignore[arg-type]
             tensor_parallel_size=settings.tensor_parallel_size,
             pipeline_parallel_size=settings.pipeline_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -37,7 +37,9 @@ def tiny_checkpoint(cache_dir: Path | None = None, *, seed: int = 0, layout: str
     return target
 
 
-def resolve_model(model: str | None, revision: str | None, cache_dir: Path | None) -> tuple[Path, str]:
+def resolve_model(
+    model: str | None, revision: str | None, cache_dir: Path | None
+) -> tuple[Path, str]:
     """(local checkpoint folder, model id) for a ``--model`` value; None means the tiny model."""
     if model:
         from vision_server.checkpoints.weights import resolve_checkpoint

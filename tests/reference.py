@@ -1,0 +1,102 @@
+"""The independent oracle: transformers' own InternVL pipeline on the same checkpoint.
+
+Chat template (transformers), tiling and normalisation (``GotOcr2ImageProcessorPil``), prompt
+expansion (``InternVLProcessor``), and greedy decoding (``InternVLForConditionalGeneration``).
+Nothing here imports DvD code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class OracleAnswer:
+    token_ids: list[int]
+    text: str
+    num_image_tokens: int
+    num_prompt_tokens: int
+    margins: list[float]  # top-1 minus top-2 logit at each generated step
+
+
+class TransformersOracle:
+    def __init__(self, checkpoint: Path) -> None:
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration, InternVLProcessor
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
+
+        self.model = InternVLForConditionalGeneration.from_pretrained(
+            str(checkpoint), dtype=torch.float32
+        ).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(str(checkpoint))
+
+        # InternVLProcessor insists on checking a video processor class, which needs torchvision;
+        # we give it none, so skip that type check (only the check, not the processing).
+        class _Processor(InternVLProcessor):
+            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> None:
+                return None
+
+        self.processor = _Processor(
+            image_processor=image_processor,
+            tokenizer=self.tokenizer,
+            image_seq_length=256,
+            chat_template=self.tokenizer.chat_template,
+        )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+
+    def generate(
+        self, messages: list[dict[str, Any]], images: list[Image.Image], max_new_tokens: int
+    ) -> OracleAnswer:
+        """Greedy answer; {"type": "image"} parts in ``messages`` match ``images`` in order."""
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        token_ids = out.sequences[0, prompt_len:].tolist()
+        margins = []
+        for scores in out.scores:
+            top2 = scores[0].topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+        return OracleAnswer(
+            token_ids=token_ids,
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            num_image_tokens=int((inputs["input_ids"] == self.image_token_id).sum()),
+            num_prompt_tokens=prompt_len,
+            margins=margins,
+        )
+
+
+def to_oracle_messages(
+    messages: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """OpenAI messages whose image parts hold PIL images (key ``pil``) -> oracle form."""
+    converted, images = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part["type"] == "image_url":
+                    parts.append({"type": "image"})
+                    images.append(part["pil"])
+                else:
+                    parts.append({"type": "text", "text": part["text"]})
+            content = parts
+        converted.append({"role": message["role"], "content": content})
+    return converted, images

@@ -1,0 +1,454 @@
+"""End to end: real vision + language servers (processes on 127.0.0.1), talked to over HTTP,
+compared with transformers' InternVL on the same tiny checkpoint, for both layouts."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from helpers import data_url, encode_image, encode_over_grpc, gradient_image, noise_image
+from reference import OracleAnswer, TransformersOracle, to_oracle_messages
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+LAYOUTS = ["hf", "original"]
+
+
+def image_part(image) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_url(image)}, "pil": image}
+
+
+def wire(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop the test-only PIL handles before sending."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{k: v for k, v in part.items() if k != "pil"} for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+IMAGE_A = noise_image(700, 300, seed=1)  # 5x2 grid + thumbnail
+IMAGE_B = gradient_image(448, 448, seed=2)  # one tile
+IMAGE_C = noise_image(300, 600, seed=3)
+IMAGE_D = noise_image(896, 448, seed=4)
+IMAGE_E = noise_image(700, 300, seed=5)  # same size as A, different content
+
+CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
+    "one_image": [
+        {
+            "role": "user",
+            "content": [
+                image_part(IMAGE_A),
+                {"type": "text", "text": "What is shown in this picture?"},
+            ],
+        }
+    ],
+    "two_images": [
+        {
+            "role": "user",
+            "content": [
+                image_part(IMAGE_B),
+                image_part(IMAGE_C),
+                {"type": "text", "text": "Compare the two images."},
+            ],
+        }
+    ],
+    "multi_turn": [
+        {
+            "role": "user",
+            "content": [image_part(IMAGE_D), {"type": "text", "text": "Describe the image."}],
+        },
+        {"role": "assistant", "content": "It shows a dense pattern of small coloured dots."},
+        {"role": "user", "content": "Which colour is the most common?"},
+    ],
+    "text_only": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Tell me about the sky at night."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_models) -> TransformersOracle:
+    return TransformersOracle(tiny_models["hf"])
+
+
+@pytest.fixture(scope="module")
+def oracle_answers(oracle) -> dict[str, OracleAnswer]:
+    answers = {}
+    for name, messages in CONVERSATIONS.items():
+        converted, images = to_oracle_messages(messages)
+        answers[name] = oracle.generate(converted, images, MAX_TOKENS)
+    return answers
+
+
+def chat(base_url: str, messages, timeout: float = 120, **params) -> dict[str, Any]:
+    body = {"model": "dvd-tiny-internvl", "messages": wire(messages), **params}
+    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def greedy(base_url: str, messages, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    return chat(base_url, messages, temperature=0, max_tokens=max_tokens, return_token_ids=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_greedy_answer_equals_transformers(stacks, oracle_answers, layout, conversation):
+    expected = oracle_answers[conversation]
+    # The comparison is sharp: at least 16 tokens, varied, with clear logit margins.
+    assert len(expected.token_ids) >= 16
+    assert len(set(expected.token_ids)) > len(expected.token_ids) // 2
+    assert min(expected.margins) > 1e-2
+
+    reply = greedy(stacks[layout].base_url, CONVERSATIONS[conversation])
+    choice = reply["choices"][0]
+    assert choice["token_ids"] == expected.token_ids
+    assert choice["message"]["content"] == expected.text
+    assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
+    assert reply["usage"]["completion_tokens"] == len(expected.token_ids)
+
+
+def test_a_different_image_gives_a_different_answer(stacks, oracle):
+    question = {"type": "text", "text": "What is shown in this picture?"}
+    first = [{"role": "user", "content": [image_part(IMAGE_A), question]}]
+    second = [{"role": "user", "content": [image_part(IMAGE_E), question]}]
+    answers = [greedy(stacks["hf"].base_url, m)["choices"][0]["token_ids"] for m in (first, second)]
+    assert answers[0] != answers[1]
+    converted, images = to_oracle_messages(second)
+    assert answers[1] == oracle.generate(converted, images, MAX_TOKENS).token_ids
+
+
+def test_image_tokens_equal_what_the_vision_service_sent(stacks):
+    messages = CONVERSATIONS["two_images"]
+    reply = greedy(stacks["original"].base_url, messages, max_tokens=2)
+    sent = encode_over_grpc(
+        stacks["original"].vision_target, [encode_image(IMAGE_B), encode_image(IMAGE_C)]
+    )
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == sum(
+        r.header.num_visual_tokens for r in sent
+    )
+
+
+def test_official_openai_client(stacks):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stacks['hf'].base_url}/v1", api_key="unused")
+    messages = wire(CONVERSATIONS["one_image"])
+    response = client.chat.completions.create(
+        model="dvd-tiny-internvl", messages=messages, temperature=0, max_tokens=MAX_TOKENS
+    )
+    text = response.choices[0].message.content
+    assert text and response.choices[0].finish_reason in ("length", "stop")
+    assert response.usage.prompt_tokens_details.image_tokens == 11 * 256  # type: ignore[union-attr]
+
+    stream = client.chat.completions.create(
+        model="dvd-tiny-internvl",
+        messages=messages,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == text
+    assert finish == response.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == response.usage.completion_tokens
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["dvd-tiny-internvl"]
+
+
+def test_stream_ends_with_done(stacks):
+    body = {
+        "model": "dvd-tiny-internvl",
+        "messages": wire(CONVERSATIONS["text_only"]),
+        "stream": True,
+        "max_tokens": 5,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST", f"{stacks['hf'].base_url}/v1/chat/completions", json=body, timeout=60
+    ) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][len("data: ") :])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_sixteen_concurrent_requests_get_their_own_answers(stacks):
+    base_url = stacks["hf"].base_url
+    images = [
+        noise_image(448 + 16 * i, 448, seed=200 + i)
+        if i % 2
+        else gradient_image(448, 448, seed=200 + i)
+        for i in range(16)
+    ]
+    conversations = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    image_part(image),
+                    {"type": "text", "text": f"Question {i}: what is this?"},
+                ],
+            }
+        ]
+        for i, image in enumerate(images)
+    ]
+    alone = [greedy(base_url, c, max_tokens=16)["choices"][0]["token_ids"] for c in conversations]
+    assert len({tuple(a) for a in alone}) == 16  # all different
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        together = list(
+            pool.map(
+                lambda c: greedy(base_url, c, max_tokens=16)["choices"][0]["token_ids"],
+                conversations,
+            )
+        )
+    assert together == alone
+
+
+def test_sampling_parameters(stacks):
+    base_url = stacks["hf"].base_url
+    messages = CONVERSATIONS["text_only"]
+    seeded = [
+        chat(base_url, messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=12)["choices"][0][
+            "message"
+        ]["content"]
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+    several = chat(base_url, messages, temperature=1.0, n=3, max_tokens=8, seed=3)
+    assert [c["index"] for c in several["choices"]] == [0, 1, 2]
+    assert several["usage"]["completion_tokens"] == 24
+    limited = chat(
+        base_url, messages, temperature=0, max_completion_tokens=3, return_token_ids=True
+    )
+    assert (
+        len(limited["choices"][0]["token_ids"]) == 3
+        and limited["choices"][0]["finish_reason"] == "length"
+    )
+    full = greedy(base_url, messages)["choices"][0]["message"]["content"]
+    stop_word = full.split()[2] if len(full.split()) > 3 else full[5:8]
+    stopped = chat(base_url, messages, temperature=0, max_tokens=MAX_TOKENS, stop=[stop_word])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stop_word not in stopped["choices"][0]["message"]["content"]
+    assert full.startswith(stopped["choices"][0]["message"]["content"])
+    penalised = chat(
+        base_url,
+        messages,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+    )
+    assert penalised["choices"][0]["message"]["content"] != ""
+
+
+def _metric(base_url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.match(r"^([\w:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        label_text = match.group(2) or ""
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(match.group(3))
+    return total
+
+
+def test_client_disconnect_aborts_the_request(stacks):
+    """A stream that would run for thousands of tokens stops in the engine when the client goes."""
+    base_url = stacks["hf"].base_url
+    body = {
+        "model": "dvd-tiny-internvl",
+        "messages": wire(CONVERSATIONS["one_image"]),
+        "stream": True,
+        "max_tokens": 5000,
+        "min_tokens": 5000,  # no early EOS: without the abort this runs for a long time
+        "temperature": 0,
+    }
+    tokens_before = _metric(base_url, "vllm:generation_tokens_total")
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()  # held, so that the connection stays open
+        received = [next(lines) for _ in range(6)]  # events are separated by blank lines
+        assert sum(line.startswith("data: ") for line in received) == 3
+        # The engine reports the request as running (its gauges update every step).
+        deadline = time.monotonic() + 10
+        while (running := _metric(base_url, "vllm:num_requests_running")) != 1:
+            assert time.monotonic() < deadline, (
+                f"the request never showed up as running ({running})"
+            )
+            time.sleep(0.1)
+        reply.close()
+    # The connection is closed mid-stream.
+    deadline = time.monotonic() + 10
+    while _metric(base_url, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, (
+            "request still running in the engine after the client left"
+        )
+        time.sleep(0.1)
+    generated = _metric(base_url, "vllm:generation_tokens_total")
+    time.sleep(1.0)
+    assert (
+        _metric(base_url, "vllm:generation_tokens_total") == generated
+    )  # nothing more is produced
+    assert generated - tokens_before < 5000
+
+
+ERROR_CASES = [
+    ({"model": "other-model"}, 404, "does not exist"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
+    ({"max_tokens": 100000}, 400, "maximum context length is 8192"),
+    ({"n": 100}, 400, "n=100"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    ],
+                }
+            ]
+        },
+        400,
+        "cannot decode image",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
+                    ],
+                }
+            ]
+        },
+        400,
+        "remote image URLs are disabled",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+                }
+            ]
+        },
+        400,
+        "scheme",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    ],
+                }
+            ]
+        },
+        400,
+        "only accepted in user messages",
+    ),
+    ({"messages": [{"role": "user", "content": "look: <IMG_CONTEXT>"}]}, 400, "must not contain"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "status", "fragment"), ERROR_CASES, ids=[c[2][:24] for c in ERROR_CASES]
+)
+def test_bad_requests_get_openai_errors(stacks, override, status, fragment):
+    base_url = stacks["hf"].base_url
+    body = {
+        "model": "dvd-tiny-internvl",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        **override,
+    }
+    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"]
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models, log_dir):
+    """Stops the original-layout stack's vision service, then brings it back on the same port."""
+    from helpers import ServerProcess, grpc_serving
+
+    stack = stacks["original"]
+    stack.vision.stop()
+    messages = CONVERSATIONS["one_image"]
+    started = time.monotonic()
+    reply = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": "dvd-tiny-internvl", "messages": wire(messages), "max_tokens": 4},
+        timeout=60,
+    )
+    assert reply.status_code == 503, reply.text
+    assert time.monotonic() - started < 10
+    assert "Retry-After" in reply.headers
+    assert reply.json()["error"]["code"] == "vision_unavailable"
+    assert httpx.get(f"{stack.base_url}/health", timeout=10).json()["vision"] == "unavailable"
+    assert greedy(stack.base_url, CONVERSATIONS["text_only"])["choices"][0]["token_ids"]
+
+    port = stack.vision_target.rsplit(":", 1)[1]
+    import sys
+
+    stack.vision = ServerProcess(
+        "original-vision-restarted",
+        [
+            sys.executable,
+            "-m",
+            "vision_server.server",
+            "--model",
+            str(tiny_models["original"]),
+            "--port",
+            port,
+        ],
+        log_dir,
+    )
+    stack.vision.wait_until(lambda: grpc_serving(stack.vision_target), 120, "serving again")
+    deadline = time.monotonic() + 30
+    while True:  # the language service reconnects by itself (bounded backoff)
+        reply = httpx.post(
+            f"{stack.base_url}/v1/chat/completions",
+            json={"model": "dvd-tiny-internvl", "messages": wire(messages), "max_tokens": 4},
+            timeout=60,
+        )
+        if reply.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert reply.status_code == 200, reply.text
