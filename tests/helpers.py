@@ -99,6 +99,21 @@ def grpc_serving(target: str) -> bool:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def vision_server_argv(model: Path, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vision_server.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        *extra_args,
+    ]
+
+
 def start_vision_server(
     name: str,
     model: Path,
@@ -107,16 +122,7 @@ def start_vision_server(
     env: dict[str, str] | None = None,
 ) -> tuple[ServerProcess, str]:
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "vision_server.server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        *extra_args,
-    ]
+    argv = vision_server_argv(model, port, extra_args)
     server = ServerProcess(name, argv, log_dir, env=env)
     target = f"127.0.0.1:{port}"
     server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
@@ -250,18 +256,7 @@ def start_stacks(
         vision_port, http_port = free_port(), free_port()
         vision_target = f"127.0.0.1:{vision_port}"
         vision = ServerProcess(
-            f"{name}-vision",
-            [
-                sys.executable,
-                "-m",
-                "vision_server.server",
-                "--model",
-                str(model),
-                "--port",
-                str(vision_port),
-                *vision_args,
-            ],
-            log_dir,
+            f"{name}-vision", vision_server_argv(model, vision_port, vision_args), log_dir
         )
         llm = ServerProcess(
             f"{name}-llm",

@@ -406,7 +406,7 @@ def test_bad_requests_get_openai_errors(stacks, override, status, fragment):
 
 def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models, log_dir):
     """Stops the original-layout stack's vision service, then brings it back on the same port."""
-    from helpers import ServerProcess, grpc_serving
+    from helpers import ServerProcess, grpc_serving, vision_server_argv
 
     stack = stacks["original"]
     stack.vision.stop()
@@ -424,21 +424,9 @@ def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models,
     assert httpx.get(f"{stack.base_url}/health", timeout=10).json()["vision"] == "unavailable"
     assert greedy(stack.base_url, CONVERSATIONS["text_only"])["choices"][0]["token_ids"]
 
-    port = stack.vision_target.rsplit(":", 1)[1]
-    import sys
-
+    port = int(stack.vision_target.rsplit(":", 1)[1])
     stack.vision = ServerProcess(
-        "original-vision-restarted",
-        [
-            sys.executable,
-            "-m",
-            "vision_server.server",
-            "--model",
-            str(tiny_models["original"]),
-            "--port",
-            port,
-        ],
-        log_dir,
+        "original-vision-restarted", vision_server_argv(tiny_models["original"], port), log_dir
     )
     stack.vision.wait_until(lambda: grpc_serving(stack.vision_target), 120, "serving again")
     deadline = time.monotonic() + 30

@@ -8,7 +8,11 @@ import sys
 import pytest
 from helpers import REPO_ROOT
 
-PATHS = ["vision_server", "llm_server", "protos", "clients", "tests"]
+PATHS = [
+    name
+    for name in ("vision_server", "llm_server", "protos", "clients", "tests")
+    if (REPO_ROOT / name).is_dir()
+]
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:

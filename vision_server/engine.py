@@ -1,4 +1,4 @@
-"""The vision engine: one encoder model, fed by the tile batcher.
+"""The vision engine: one encoder model, fed by the tile batcher, plus per-image routing.
 
 The gRPC layer hands it prepared images and gets embeddings back; it knows nothing of gRPC.
 """
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from vision_server import metrics
 from vision_server.batching import BatchStats, TileBatcher
-from vision_server.model.encoder import VisionEncoder
+from vision_server.model.encoder import TileEmbeddings, VisionEncoder
 from vision_server.preprocess import PreparedImage
+from vision_server.routing import VirMode, route_tiles
 from vision_server.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ class EncodedImage:
     tokens_per_tile: list[int]
     grid: TileGrid
     stats: BatchStats
+    vir_mode: VirMode | None  # None: the checkpoint has no router
 
     @property
     def num_visual_tokens(self) -> int:
@@ -45,7 +48,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _split_rows(outputs: torch.Tensor, sizes: list[int]) -> list[object]:
+def _split(outputs: TileEmbeddings, sizes: list[int]) -> list[object]:
     return list(outputs.split(sizes))
 
 
@@ -63,22 +66,32 @@ class EncoderEngine:
         max_queued_tiles: int,
     ) -> None:
         self.encoder = encoder
+        self.spec = encoder.spec
         self.device = device
         self.dtype = dtype
         self.hidden_size = encoder.spec.llm_hidden_size
-        self.batcher: TileBatcher[torch.Tensor] = TileBatcher(
+        self.batcher: TileBatcher[TileEmbeddings] = TileBatcher(
             self._run_pass,
-            _split_rows,
+            _split,
             max_batch_tiles=max_batch_tiles,
             max_wait_ms=max_wait_ms,
             max_queued_tiles=max_queued_tiles,
+            on_pass=metrics.observe_pass,
         )
 
-    def _run_pass(self, tiles: torch.Tensor) -> torch.Tensor:
-        # Runs on the batcher's thread: [n, 3, 448, 448] -> [n, 256, hidden] on CPU.
+    @property
+    def has_router(self) -> bool:
+        return self.encoder.has_router
+
+    def _run_pass(self, tiles: torch.Tensor) -> TileEmbeddings:
+        # Runs on the batcher's thread: [n, 3, 448, 448] -> per-tile embeddings on the CPU.
         with torch.inference_mode():
             out = self.encoder(tiles.to(self.device, self.dtype, non_blocking=True))
-            return out.to("cpu")
+            return TileEmbeddings(
+                out.full.to("cpu"),
+                out.compressed.to("cpu") if out.compressed is not None else None,
+                out.compress_prob.float().to("cpu") if out.compress_prob is not None else None,
+            )
 
     def warmup(self) -> None:
         """One forward pass so the first request does not pay for lazy initialisation."""
@@ -91,14 +104,38 @@ class EncoderEngine:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    async def encode(self, image: PreparedImage, request_id: str = "") -> EncodedImage:
-        """Embeddings of one prepared image: ``[tiles * tokens_per_tile, hidden]``."""
+    async def encode(
+        self,
+        image: PreparedImage,
+        request_id: str = "",
+        vir_mode: VirMode = VirMode.AUTO,
+        absolute_threshold: float | None = None,
+    ) -> EncodedImage:
+        """Embeddings of one prepared image: each tile's 256 rows, or 64 where routed."""
         pieces, stats = await self.batcher.submit(image.tiles, request_id)
-        per_tile = torch.cat([p for p in pieces if isinstance(p, torch.Tensor)])
-        tokens = [int(per_tile.shape[1])] * int(per_tile.shape[0])
-        return EncodedImage(
-            embeddings=per_tile.reshape(-1, self.hidden_size),
-            tokens_per_tile=tokens,
-            grid=image.grid,
-            stats=stats,
+        tiles = TileEmbeddings.concat([p for p in pieces if isinstance(p, TileEmbeddings)])
+        flash = self.spec.flash
+        if flash is None or tiles.compressed is None or tiles.compress_prob is None:
+            compress = [False] * int(tiles.full.shape[0])
+            applied: VirMode | None = None
+        else:
+            threshold = (
+                flash.absolute_threshold if absolute_threshold is None else absolute_threshold
+            )
+            compress = route_tiles(
+                tiles.compress_prob, vir_mode, flash.relative_threshold, threshold
+            )
+            applied = vir_mode
+        rows = [
+            tiles.compressed[i] if flag and tiles.compressed is not None else tiles.full[i]
+            for i, flag in enumerate(compress)
+        ]
+        embeddings = torch.cat(rows)  # [sum of tokens per tile, hidden]
+        tokens = [int(row.shape[0]) for row in rows]
+        metrics.observe_routing(
+            kept=compress.count(False),
+            compressed=compress.count(True),
+            full_tokens=self.spec.tokens_per_tile,
+            compressed_tokens=self.spec.compressed_tokens_per_tile,
         )
+        return EncodedImage(embeddings, tokens, image.grid, stats, applied)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
 
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.checkpoints.default import resolve_model
@@ -89,11 +90,18 @@ async def start_server(settings: VisionSettings) -> RunningServer:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
     engine.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("vision service listening on %s:%d", settings.host, port)
+    logger.info(
+        "vision service listening on %s:%d (metrics on :%d)",
+        settings.host,
+        port,
+        settings.metrics_port,
+    )
     return RunningServer(server, servicer, engine, health_servicer, port)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import grpc
 
 from protos import codec
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+from vision_server import metrics
 from vision_server.checkpoints.spec import CheckpointSpec
 from vision_server.engine import EncodedImage, EncoderEngine
 from vision_server.errors import (
@@ -23,9 +25,18 @@ from vision_server.errors import (
     grpc_status,
 )
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
+from vision_server.routing import VirMode
 from vision_server.settings import VisionSettings
 
 logger = logging.getLogger(__name__)
+
+
+_WIRE_VIR = {
+    None: vision_pb2.VIR_MODE_UNSPECIFIED,
+    VirMode.AUTO: vision_pb2.VIR_MODE_AUTO,
+    VirMode.OFF: vision_pb2.VIR_MODE_OFF,
+    VirMode.MAX: vision_pb2.VIR_MODE_MAX,
+}
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -51,6 +62,21 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- validation -------------------------------------------------------------------------
+
+    def _vir_mode(self, options: vision_pb2.EncodeOptions) -> VirMode:
+        """The router mode to apply; refuses what the checkpoint cannot do."""
+        requested = options.vir_mode
+        if requested == vision_pb2.VIR_MODE_MAX and not self.engine.has_router:
+            raise InvalidRequest(
+                "vir='max' needs a Visual Resolution Router, and this checkpoint has none "
+                "(not an InternVL3.5-Flash checkpoint); use 'auto' or 'off'"
+            )
+        return {
+            vision_pb2.VIR_MODE_UNSPECIFIED: VirMode.AUTO,
+            vision_pb2.VIR_MODE_AUTO: VirMode.AUTO,
+            vision_pb2.VIR_MODE_OFF: VirMode.OFF,
+            vision_pb2.VIR_MODE_MAX: VirMode.MAX,
+        }[requested]
 
     def _tiling_options(self, options: vision_pb2.EncodeOptions) -> TilingOptions:
         max_tiles = options.max_tiles or self.spec.max_tiles
@@ -132,6 +158,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 has_thumbnail=encoded.grid.thumbnail,
                 queue_ms=encoded.stats.queue_ms,
                 encode_ms=encoded.stats.encode_ms,
+                vir_mode=_WIRE_VIR[encoded.vir_mode],
             )
         )
 
@@ -139,34 +166,52 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         request_id = request.request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        status = grpc.StatusCode.OK
         tasks: list[asyncio.Task[EncodedImage]] = []
         try:
             options = self._tiling_options(request.options)
+            vir_mode = self._vir_mode(request.options)
+            threshold = (
+                request.options.vir_threshold if request.options.HasField("vir_threshold") else None
+            )
             images = await self._prepare(request, options)
             # All images queue at once so they can share passes; results stream in order.
-            tasks = [asyncio.create_task(self.engine.encode(image, request_id)) for image in images]
+            tasks = [
+                asyncio.create_task(self.engine.encode(image, request_id, vir_mode, threshold))
+                for image in images
+            ]
             for index, task in enumerate(tasks):
                 encoded = await task
+                metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
                 yield self._header(index, encoded)
                 for offset, data in codec.encode_chunks(
                     encoded.embeddings, self.settings.chunk_bytes
                 ):
+                    metrics.embedding_bytes.inc(len(data))
                     yield vision_pb2.EncodeResponse(
                         chunk=vision_pb2.EmbeddingChunk(image_index=index, offset=offset, data=data)
                     )
+                metrics.images.inc()
+                metrics.visual_tokens.inc(encoded.num_visual_tokens)
             logger.debug("request %s: %d images encoded", request_id, len(images))
         except VisionError as exc:
+            status = grpc_status(exc)
             logger.info("request %s refused: %s", request_id, exc)
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(status, str(exc))
         except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
             logger.info("request %s cancelled by the client", request_id)
             raise
         except Exception:
+            status = grpc.StatusCode.INTERNAL
             logger.exception("request %s failed", request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the vision service")
+            await context.abort(status, "internal error in the vision service")
         finally:
             for task in tasks:
                 task.cancel()
+            metrics.requests.labels(status=status.name).inc()
+            metrics.request_seconds.observe(time.perf_counter() - started)
 
     async def GetModelInfo(  # noqa: N802 (gRPC method name)
         self, request: vision_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -179,11 +224,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             dtype=codec.wire_dtype(self.engine.dtype),
             tile_size=spec.vision.image_size,
             tokens_per_tile=spec.tokens_per_tile,
-            compressed_tokens_per_tile=0,
+            compressed_tokens_per_tile=spec.compressed_tokens_per_tile if spec.flash else 0,
             default_max_tiles=spec.max_tiles,
             max_tiles_limit=self.settings.max_tiles_limit,
             use_thumbnail=spec.use_thumbnail,
-            vir_available=False,
+            vir_available=spec.flash is not None,
             image_start_token=spec.image_tokens.start,
             image_context_token=spec.image_tokens.context,
             image_end_token=spec.image_tokens.end,

@@ -31,6 +31,9 @@ class VisionSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(
+        9400, ge=0, le=65535, description="HTTP port of the Prometheus /metrics page (0: off)"
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute and wire dtype (auto: bfloat16 on CUDA, float32 on CPU)"

@@ -22,10 +22,14 @@ def default_cache_dir() -> Path:
     return base / "dvd"
 
 
-def tiny_checkpoint(cache_dir: Path | None = None, *, seed: int = 0, layout: str = "hf") -> Path:
-    """Path of the cached tiny checkpoint, generating it on first use (safe across processes)."""
+def tiny_checkpoint(
+    cache_dir: Path | None = None, *, seed: int = 0, layout: str = "hf", flash: bool = True
+) -> Path:
+    """Path of the cached tiny checkpoint (a Flash one by default, so the router is on),
+    generating it on first use (safe across processes)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"{TINY_MODEL_NAME}-v{TINY_GENERATOR_VERSION}-seed{seed}-{layout}"
+    kind = "-flash" if flash else ""
+    target = cache_dir / f"{TINY_MODEL_NAME}-v{TINY_GENERATOR_VERSION}-seed{seed}-{layout}{kind}"
     if (target / "config.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +37,7 @@ def tiny_checkpoint(cache_dir: Path | None = None, *, seed: int = 0, layout: str
         if not (target / "config.json").exists():
             from vision_server.checkpoints.tiny import write_tiny_checkpoint
 
-            write_tiny_checkpoint(target, seed=seed, layout=layout)
+            write_tiny_checkpoint(target, seed=seed, layout=layout, flash=flash)
     return target
 
 

@@ -62,6 +62,18 @@ class VisionTowerSpec(BaseModel):
         return self.select_layer
 
 
+class FlashSpec(BaseModel):
+    """InternVL3.5-Flash's Visual Resolution Router settings (``flash_*`` config keys)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    relative_threshold: float
+    absolute_threshold: float
+    # Fixed by the published architecture.
+    pooling_heads: int = 16
+    gating_expansion: int = 4
+
+
 class ImageTokens(BaseModel):
     """The text tokens that frame an image's embedding rows in the prompt."""
 
@@ -90,10 +102,17 @@ class CheckpointSpec(BaseModel):
     max_tiles: int = 12
     use_thumbnail: bool = True
     checkpoint_dtype: str = "bfloat16"
+    flash: FlashSpec | None = None
 
     @property
     def tokens_per_tile(self) -> int:
         side = int(self.vision.patches_per_side * self.downsample_ratio)
+        return side * side
+
+    @property
+    def compressed_tokens_per_tile(self) -> int:
+        """Tokens of a tile the router compresses (pixel shuffle at downsample_ratio squared)."""
+        side = int(self.vision.patches_per_side * self.downsample_ratio**2)
         return side * side
 
 
@@ -199,6 +218,12 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         use_thumbnail = True
         checkpoint_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
 
+    flash = None
+    if config.get("flash_mode"):
+        flash = FlashSpec(
+            relative_threshold=float(config["flash_relative_threshold"]),
+            absolute_threshold=float(config["flash_absolute_threshold"]),
+        )
     image_tokens = ImageTokens(
         start=tokenizer_config.get("start_image_token", "<img>"),
         context=tokenizer_config.get("context_image_token", "<IMG_CONTEXT>"),
@@ -220,4 +245,5 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         max_tiles=max_tiles,
         use_thumbnail=use_thumbnail,
         checkpoint_dtype=checkpoint_dtype,
+        flash=flash,
     )

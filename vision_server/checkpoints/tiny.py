@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vision_server.checkpoints import tokenizer as tiny_tokenizer
 
@@ -131,6 +131,79 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
             else:
                 std = 0.08
             param.copy_(std * torch.randn(param.shape, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# InternVL3.5-Flash: the Visual Resolution Router and the 64-token projector.
+# ---------------------------------------------------------------------------------------------
+
+# Router thresholds of the tiny Flash checkpoint: about half of an image's tiles are compressed.
+TINY_FLASH_RELATIVE_THRESHOLD = 0.5
+TINY_FLASH_ABSOLUTE_THRESHOLD = 0.05
+
+
+def flash_tensor_shapes(vit_width: int, llm_width: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the Flash tensors, as OpenGVLab's checkpoints store them.
+
+    ``mlp2``: LayerNorm, Linear(16·vit → 2·llm), GELU, Dropout, Linear(2·llm → 2·llm), GELU,
+    Dropout, Linear(2·llm → llm). ``pooling_before_gating``: a query token and four
+    ``nn.MultiheadAttention`` + LayerNorm stages. ``gating``: four residual blocks (Linear 4x,
+    GELU, Dropout, Linear back, Dropout, LayerNorm) and LayerNorm + Linear(→ 2).
+    """
+    v, wide, out = vit_width, 2 * llm_width, llm_width
+    shapes: dict[str, tuple[int, ...]] = {
+        "mlp2.0.weight": (16 * v,),
+        "mlp2.0.bias": (16 * v,),
+        "mlp2.1.weight": (wide, 16 * v),
+        "mlp2.1.bias": (wide,),
+        "mlp2.4.weight": (wide, wide),
+        "mlp2.4.bias": (wide,),
+        "mlp2.7.weight": (out, wide),
+        "mlp2.7.bias": (out,),
+        "pooling_before_gating.query_token": (1, v),
+        "gating.gate.0.weight": (v,),
+        "gating.gate.0.bias": (v,),
+        "gating.gate.1.weight": (2, v),
+        "gating.gate.1.bias": (2,),
+    }
+    for i in range(1, 5):
+        prefix = f"pooling_before_gating.attn{i}"
+        shapes |= {
+            f"{prefix}.in_proj_weight": (3 * v, v),
+            f"{prefix}.in_proj_bias": (3 * v,),
+            f"{prefix}.out_proj.weight": (v, v),
+            f"{prefix}.out_proj.bias": (v,),
+            f"pooling_before_gating.norm{i}.weight": (v,),
+            f"pooling_before_gating.norm{i}.bias": (v,),
+        }
+        block = f"gating.block{i}"
+        shapes |= {
+            f"{block}.0.weight": (4 * v, v),
+            f"{block}.0.bias": (4 * v,),
+            f"{block}.3.weight": (v, 4 * v),
+            f"{block}.3.bias": (v,),
+            f"{block}.5.weight": (v,),
+            f"{block}.5.bias": (v,),
+        }
+    return shapes
+
+
+def build_flash_tensors(seed: int, vit_width: int, llm_width: int) -> dict[str, torch.Tensor]:
+    """Seeded Flash tensors; their own generator leaves the shared weights untouched, so a
+    Flash checkpoint and a plain one of the same seed differ only by these tensors."""
+    generator = torch.Generator().manual_seed(seed * 7919 + 17)
+    tensors = {}
+    for name, shape in sorted(flash_tensor_shapes(vit_width, llm_width).items()):
+        if name.endswith("bias"):
+            value = 0.05 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:  # LayerNorm gains
+            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif name == "gating.gate.1.weight":
+            value = 0.15 * torch.randn(shape, generator=generator)  # p0 spread, not saturated
+        else:
+            value = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+        tensors[name] = value
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +345,29 @@ def _write_common_files(out_dir: Path, tokenizer: Any, eos_ids: list[int]) -> No
     )
 
 
-def write_tiny_checkpoint(out_dir: Path, *, seed: int = 0, layout: str = "hf") -> Path:
-    """Write the tiny checkpoint in ``layout`` ('hf' or 'original') to ``out_dir``."""
+def _flash_config() -> dict[str, Any]:
+    return {
+        "flash_mode": True,
+        "flash_relative_threshold": TINY_FLASH_RELATIVE_THRESHOLD,
+        "flash_absolute_threshold": TINY_FLASH_ABSOLUTE_THRESHOLD,
+    }
+
+
+def write_tiny_checkpoint(
+    out_dir: Path, *, seed: int = 0, layout: str = "hf", flash: bool = False
+) -> Path:
+    """Write the tiny checkpoint in ``layout`` ('hf' or 'original') to ``out_dir``; with
+    ``flash``, an InternVL3.5-Flash checkpoint (router + 64-token projector added)."""
     if layout not in ("hf", "original"):
         raise ValueError(f"unknown layout {layout!r}; expected 'hf' or 'original'")
     model, tokenizer = build_hf_model(seed)
+    flash_tensors = (
+        build_flash_tensors(
+            seed, model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+        )
+        if flash
+        else {}
+    )
     vocab = tokenizer.get_vocab()
     eos_ids = [vocab[tiny_tokenizer.IM_END], vocab[tiny_tokenizer.END_OF_TEXT]]
     out_dir = Path(out_dir)
@@ -288,23 +379,34 @@ def write_tiny_checkpoint(out_dir: Path, *, seed: int = 0, layout: str = "hf") -
         if layout == "hf":
             model.save_pretrained(str(staging), safe_serialization=True)
             # transformers writes its own generation config; ours carries both stop tokens.
+            if flash:
+                # transformers has no Flash format; the extra tensors keep OpenGVLab's names.
+                weights = staging / "model.safetensors"
+                save_file(load_file(str(weights)) | flash_tensors, str(weights), {"format": "pt"})
+                config = json.loads((staging / "config.json").read_text())
+                (staging / "config.json").write_text(json.dumps(config | _flash_config(), indent=2))
         else:
             hf_config = json.loads(model.config.to_json_string())
             original = hf_state_dict_to_original(
                 {k: v.contiguous() for k, v in model.state_dict().items()}
             )
-            save_file(original, str(staging / "model.safetensors"), metadata={"format": "pt"})
-            (staging / "config.json").write_text(
-                json.dumps(hf_config_to_original(hf_config), indent=2)
+            save_file(
+                original | flash_tensors, str(staging / "model.safetensors"), {"format": "pt"}
             )
+            config = hf_config_to_original(hf_config) | (_flash_config() if flash else {})
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
         _write_common_files(staging, tokenizer, eos_ids)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        staging.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote tiny %s checkpoint (seed %d) to %s", layout, seed, out_dir)
+    kind = "Flash " if flash else ""
+    logger.info("wrote tiny %s%s checkpoint (seed %d) to %s", kind, layout, seed, out_dir)
     return out_dir
 
 
@@ -326,9 +428,14 @@ def main(argv: list[str] | None = None) -> None:
         help="hf: transformers' InternVLForConditionalGeneration; "
         "original: OpenGVLab's InternVLChatModel (default: hf)",
     )
+    parser.add_argument(
+        "--flash",
+        action="store_true",
+        help="InternVL3.5-Flash: add the Visual Resolution Router and the 64-token projector",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout)
+    write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, flash=args.flash)
 
 
 if __name__ == "__main__":

@@ -125,12 +125,19 @@ def _hf_to_canonical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# InternVL3.5-Flash: the 64-token projector and the Visual Resolution Router.
+FLASH_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
+
+
+def _is_flash_tensor(name: str) -> bool:
+    return name.removeprefix("model.").startswith(FLASH_PREFIXES)
+
+
 def load_vision_weights(path: Path, layout: Layout) -> dict[str, torch.Tensor]:
-    """The ViT and projector weights under OpenGVLab's names (``vision_model.*``, ``mlp1.*``…)."""
+    """The ViT, projector and router weights under OpenGVLab's names (``vision_model.*``,
+    ``mlp1.*``, ``mlp2.*``, ``pooling_before_gating.*``, ``gating.*``)."""
     if layout is Layout.ORIGINAL:
-        return read_tensors(
-            path, keep=("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.")
-        )
+        return read_tensors(path, keep=("vision_model.", "mlp1.", *FLASH_PREFIXES))
     hf = read_tensors(
         path,
         keep=(
@@ -138,6 +145,12 @@ def load_vision_weights(path: Path, layout: Layout) -> dict[str, torch.Tensor]:
             "model.vision_tower.",
             "multi_modal_projector.",
             "model.multi_modal_projector.",
+            *FLASH_PREFIXES,
+            *(f"model.{prefix}" for prefix in FLASH_PREFIXES),
         ),
     )
-    return _hf_to_canonical(hf)
+    # transformers has no Flash format yet: DvD's hf-layout Flash checkpoints keep the router
+    # and mlp2 under their original names (optionally behind "model.").
+    flash = {k.removeprefix("model."): v for k, v in hf.items() if _is_flash_tensor(k)}
+    rest = {k: v for k, v in hf.items() if not _is_flash_tensor(k)}
+    return _hf_to_canonical(rest) | flash

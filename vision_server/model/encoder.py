@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,36 +11,90 @@ from torch import nn
 from vision_server.checkpoints.spec import CheckpointError, CheckpointSpec
 from vision_server.checkpoints.weights import load_vision_weights
 from vision_server.model.intern_vit import InternViT
-from vision_server.model.projector import MLPProjector, pixel_shuffle
+from vision_server.model.projector import CompressedProjector, MLPProjector, pixel_shuffle
+from vision_server.model.router import CrossAttentionPooling, Gating
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TileEmbeddings:
+    """Per-tile outputs of one forward pass (all tensors have the tiles as first axis)."""
+
+    full: torch.Tensor  # [tiles, 256, llm_hidden]
+    compressed: torch.Tensor | None = None  # [tiles, 64, llm_hidden] (Flash only)
+    compress_prob: torch.Tensor | None = None  # [tiles] router p0 (Flash only)
+
+    def split(self, sizes: list[int]) -> list[TileEmbeddings]:
+        """One ``TileEmbeddings`` per consecutive group of ``sizes`` tiles."""
+        full = self.full.split(sizes)
+        compressed = self.compressed.split(sizes) if self.compressed is not None else None
+        prob = self.compress_prob.split(sizes) if self.compress_prob is not None else None
+        return [
+            TileEmbeddings(
+                full[i],
+                compressed[i] if compressed is not None else None,
+                prob[i] if prob is not None else None,
+            )
+            for i in range(len(sizes))
+        ]
+
+    @staticmethod
+    def concat(parts: list[TileEmbeddings]) -> TileEmbeddings:
+        first = parts[0]
+        return TileEmbeddings(
+            torch.cat([p.full for p in parts]),
+            torch.cat([p.compressed for p in parts if p.compressed is not None])
+            if first.compressed is not None
+            else None,
+            torch.cat([p.compress_prob for p in parts if p.compress_prob is not None])
+            if first.compress_prob is not None
+            else None,
+        )
 
 
 class VisionEncoder(nn.Module):
     """Normalised tiles in, LLM-width visual embeddings out.
 
-    ``forward``: ``[tiles, 3, 448, 448] -> [tiles, tokens_per_tile, llm_hidden]``.
-    Parameter names follow OpenGVLab's checkpoints (``vision_model.*``, ``mlp1.*``).
+    ``forward``: ``[tiles, 3, 448, 448]`` -> ``TileEmbeddings``: 256 tokens per tile through
+    ``mlp1`` and, on Flash checkpoints, 64 tokens per tile through ``mlp2`` plus the router's
+    compress probability. Parameter names follow OpenGVLab's checkpoints (``vision_model.*``,
+    ``mlp1.*``, ``mlp2.*``, ``pooling_before_gating.*``, ``gating.*``).
     """
 
     def __init__(self, spec: CheckpointSpec) -> None:
         super().__init__()
         self.spec = spec
         self.vision_model = InternViT(spec.vision)
+        width = spec.vision.hidden_size
         fold = int(round(1 / spec.downsample_ratio)) ** 2
-        self.mlp1 = MLPProjector(spec.vision.hidden_size * fold, spec.llm_hidden_size)
+        self.mlp1 = MLPProjector(width * fold, spec.llm_hidden_size)
+        self.has_router = spec.flash is not None
+        if spec.flash is not None:
+            self.mlp2 = CompressedProjector(width * fold * fold, spec.llm_hidden_size)
+            self.pooling_before_gating = CrossAttentionPooling(width, spec.flash.pooling_heads)
+            self.gating = Gating(width, spec.flash.gating_expansion)
 
     @property
     def tokens_per_tile(self) -> int:
         return self.spec.tokens_per_tile
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+    def _project(self, grid: torch.Tensor, scale: float, projector: nn.Module) -> torch.Tensor:
+        shuffled = pixel_shuffle(grid, scale)  # [n, side*scale, side*scale, width/scale^2]
+        return projector(shuffled.reshape(grid.shape[0], -1, shuffled.shape[-1]))
+
+    def forward(self, tiles: torch.Tensor) -> TileEmbeddings:
         features = self.vision_model(tiles)  # [n, 1024, vit_width]
         n, patches, width = features.shape
         side = int(patches**0.5)
         grid = features.reshape(n, side, side, width)
-        shuffled = pixel_shuffle(grid, self.spec.downsample_ratio)  # [n, 16, 16, 4 * vit_width]
-        return self.mlp1(shuffled.reshape(n, -1, shuffled.shape[-1]))  # [n, 256, llm_hidden]
+        ratio = self.spec.downsample_ratio
+        full = self._project(grid, ratio, self.mlp1)  # [n, 256, llm_hidden]
+        if not self.has_router:
+            return TileEmbeddings(full)
+        compressed = self._project(grid, ratio * ratio, self.mlp2)  # [n, 64, llm_hidden]
+        compress_prob = self.gating(self.pooling_before_gating(features))[:, 0]  # [n]
+        return TileEmbeddings(full, compressed, compress_prob)
 
     @classmethod
     def from_checkpoint(

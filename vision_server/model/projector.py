@@ -33,3 +33,21 @@ class MLPProjector(nn.Sequential):
             nn.GELU(),
             nn.Linear(llm_width, llm_width),
         )
+
+
+class CompressedProjector(nn.Sequential):
+    """InternVL3.5-Flash's ``mlp2`` for 64-token tiles (pixel shuffle 0.25, 16x ViT width):
+    LayerNorm, Linear to 2x LLM width, GELU, Linear, GELU, Linear to the LLM width.
+    Indices 0, 1, 4, 7 hold weights, as in the checkpoints (dropouts in between)."""
+
+    def __init__(self, in_width: int, llm_width: int) -> None:
+        super().__init__(
+            nn.LayerNorm(in_width),
+            nn.Linear(in_width, 2 * llm_width),
+            nn.GELU(),
+            nn.Identity(),
+            nn.Linear(2 * llm_width, 2 * llm_width),
+            nn.GELU(),
+            nn.Identity(),
+            nn.Linear(2 * llm_width, llm_width),
+        )

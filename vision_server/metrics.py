@@ -1,0 +1,57 @@
+"""Prometheus series of the vision service (served on ``--metrics-port``), named like vLLM's."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+requests = Counter(
+    "dvd:vision_requests",
+    "Encode calls, by outcome (gRPC status code name).",
+    ["status"],
+)
+images = Counter("dvd:vision_images", "Images encoded.")
+tiles = Counter(
+    "dvd:vision_tiles",
+    "Tiles encoded, by Visual Resolution Router decision (keep: 256 tokens, compress: 64).",
+    ["route"],
+)
+visual_tokens = Counter("dvd:vision_visual_tokens", "Visual tokens produced (embedding rows sent).")
+tokens_saved = Counter(
+    "dvd:vision_tokens_saved",
+    "Visual tokens removed by the router (256 - 64 for every compressed tile).",
+)
+embedding_bytes = Counter("dvd:vision_embedding_bytes", "Embedding bytes streamed to clients.")
+queue_wait = Histogram(
+    "dvd:vision_queue_wait_seconds",
+    "Time an image's tiles waited for their first forward pass.",
+    buckets=_LATENCY_BUCKETS,
+)
+request_seconds = Histogram(
+    "dvd:vision_request_seconds",
+    "Encode call duration, from request to last embedding byte.",
+    buckets=_LATENCY_BUCKETS,
+)
+batch_seconds = Histogram(
+    "dvd:vision_batch_seconds", "Duration of one ViT forward pass.", buckets=_LATENCY_BUCKETS
+)
+batch_tiles = Histogram(
+    "dvd:vision_batch_tiles",
+    "Tiles in one ViT forward pass.",
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256),
+)
+queued_tiles = Gauge("dvd:vision_queued_tiles", "Tiles waiting for a forward pass.")
+
+
+def observe_pass(num_tiles: int, seconds: float) -> None:
+    batch_tiles.observe(num_tiles)
+    batch_seconds.observe(seconds)
+
+
+def observe_routing(kept: int, compressed: int, full_tokens: int, compressed_tokens: int) -> None:
+    tiles.labels(route="keep").inc(kept)
+    tiles.labels(route="compress").inc(compressed)
+    tokens_saved.inc(compressed * (full_tokens - compressed_tokens))
