@@ -32,6 +32,40 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_flash_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """InternVL3.5-Flash variants of the same seed: the tiny weights plus router and mlp2."""
+    from vision_server.checkpoints.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("flash-models")
+    return {
+        layout: write_tiny_checkpoint(
+            root / f"tiny-flash-{layout}", seed=0, layout=layout, flash=True
+        )
+        for layout in ("hf", "original")
+    }
+
+
+@pytest.fixture(scope="session")
+def flash_vision(
+    tiny_flash_models: dict[str, Path], log_dir: Path
+) -> Iterator[dict[str, tuple[str, str]]]:
+    """One vision server per Flash checkpoint layout; layout -> (gRPC target, metrics URL)."""
+    servers: list[ServerProcess] = []
+    running: dict[str, tuple[str, str]] = {}
+    try:
+        for layout, path in tiny_flash_models.items():
+            server, target = start_vision_server(
+                f"flash-vision-{layout}", path, log_dir, extra_args=["--max-batch-tiles", "8"]
+            )
+            servers.append(server)
+            running[layout] = (target, str(server.metrics_url))
+        yield running
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
 def vision_targets(tiny_models: dict[str, Path], log_dir: Path) -> Iterator[dict[str, str]]:
     """One vision server per layout; yields layout -> 'host:port'."""
     servers: list[ServerProcess] = []
@@ -67,9 +101,12 @@ def oracle(tiny_models: dict[str, Path]):
 
 
 @pytest.fixture(scope="session")
-def stacks(tiny_models: dict[str, Path], log_dir: Path) -> Iterator[dict[str, Stack]]:
-    """A vision server and a language server per checkpoint layout, as real processes."""
-    running = start_stacks(tiny_models, log_dir)
+def stacks(
+    tiny_models: dict[str, Path], tiny_flash_models: dict[str, Path], log_dir: Path
+) -> Iterator[dict[str, Stack]]:
+    """A vision server and a language server per checkpoint layout ("hf", "original"), and
+    one on the Flash checkpoint ("flash"), as real processes."""
+    running = start_stacks({**tiny_models, "flash": tiny_flash_models["hf"]}, log_dir)
     try:
         yield running
     finally:

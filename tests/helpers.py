@@ -38,6 +38,7 @@ class ServerProcess:
         self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None
     ):
         self.name = name
+        self.metrics_url: str | None = None
         self.log_path = log_dir / f"{name}.log"
         merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
@@ -99,7 +100,9 @@ def grpc_serving(target: str) -> bool:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def vision_server_argv(model: Path, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+def vision_server_argv(
+    model: Path, port: int, extra_args: Sequence[str] = (), metrics_port: int | None = None
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -109,7 +112,7 @@ def vision_server_argv(model: Path, port: int, extra_args: Sequence[str] = ()) -
         "--port",
         str(port),
         "--metrics-port",
-        str(free_port()),
+        str(metrics_port or free_port()),
         *extra_args,
     ]
 
@@ -121,9 +124,10 @@ def start_vision_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> tuple[ServerProcess, str]:
-    port = free_port()
-    argv = vision_server_argv(model, port, extra_args)
+    port, metrics_port = free_port(), free_port()
+    argv = vision_server_argv(model, port, extra_args, metrics_port)
     server = ServerProcess(name, argv, log_dir, env=env)
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     target = f"127.0.0.1:{port}"
     server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
     return server, target
@@ -168,12 +172,15 @@ def encode_over_grpc(
     vir_mode: int = 0,
     request_id: str = "test",
     timeout: float = 60,
+    vir_threshold: float | None = None,
 ) -> list[EncodedReply]:
     """Call Encode and reassemble every image's embeddings with the project codec."""
     request = vision_pb2.EncodeRequest(
         request_id=request_id,
         images=[vision_pb2.Image(data=data) for data in images],
-        options=vision_pb2.EncodeOptions(max_tiles=max_tiles, vir_mode=vir_mode),
+        options=vision_pb2.EncodeOptions(
+            max_tiles=max_tiles, vir_mode=vir_mode, vir_threshold=vir_threshold
+        ),
     )
     replies: list[EncodedReply] = []
     with grpc.insecure_channel(

@@ -440,3 +440,90 @@ def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models,
             break
         time.sleep(0.5)
     assert reply.status_code == 200, reply.text
+
+
+# ---- InternVL3.5-Flash: the Visual Resolution Router through the whole stack -------------
+
+
+def test_flash_checkpoint_with_vir_off_equals_transformers(stacks, oracle_answers):
+    expected = oracle_answers["one_image"]
+    reply = chat(
+        stacks["flash"].base_url,
+        CONVERSATIONS["one_image"],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        return_token_ids=True,
+        vir="off",
+    )
+    assert reply["choices"][0]["token_ids"] == expected.token_ids
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
+    assert reply["vision"] == {
+        "images": 1,
+        "tiles": 11,
+        "compressed_tiles": 0,
+        "image_tokens": 11 * 256,
+        "vir": "off",
+    }
+
+
+def test_flash_router_reports_the_real_image_tokens(stacks):
+    from protos.dvd.v1 import vision_pb2
+
+    stack = stacks["flash"]
+    image = noise_image(900, 600, seed=9)
+    messages = [
+        {"role": "user", "content": [image_part(image), {"type": "text", "text": "What is this?"}]}
+    ]
+    reply = chat(stack.base_url, messages, temperature=0, max_tokens=4)  # vir defaults to auto
+    (sent,) = encode_over_grpc(
+        stack.vision_target, [encode_image(image)], vir_mode=vision_pb2.VIR_MODE_AUTO
+    )
+    tokens = list(sent.header.tokens_per_tile)
+    compressed = tokens.count(64)
+    assert 0 < compressed < len(tokens)
+    assert (
+        reply["usage"]["prompt_tokens_details"]["image_tokens"] == sum(tokens) < 256 * len(tokens)
+    )
+    assert reply["vision"] == {
+        "images": 1,
+        "tiles": len(tokens),
+        "compressed_tiles": compressed,
+        "image_tokens": sum(tokens),
+        "vir": "auto",
+    }
+    maxed = chat(stack.base_url, messages, temperature=0, max_tokens=4, vir="max")
+    assert maxed["usage"]["prompt_tokens_details"]["image_tokens"] == 64 * len(tokens)
+    # Fewer prompt tokens with the router, by exactly the rows it removed.
+    off = chat(stack.base_url, messages, temperature=0, max_tokens=4, vir="off")
+    assert off["usage"]["prompt_tokens"] - reply["usage"]["prompt_tokens"] == compressed * 192
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"vir": "medium"}, "vir"),
+        ({"vir_threshold": 1.5}, "vir_threshold"),
+        ({"max_tiles": 0}, "max_tiles"),
+    ],
+)
+def test_invalid_vir_options_are_400(stacks, override, fragment):
+    body = {
+        "model": "dvd-tiny-internvl",
+        "messages": wire(CONVERSATIONS["one_image"]),
+        "max_tokens": 2,
+        **override,
+    }
+    reply = httpx.post(f"{stacks['flash'].base_url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400
+    assert fragment in reply.json()["error"]["message"]
+
+
+def test_vir_on_a_non_flash_checkpoint(stacks):
+    messages = CONVERSATIONS["one_image"]
+    auto = chat(stacks["hf"].base_url, messages, temperature=0, max_tokens=2, vir="auto")
+    assert auto["vision"]["vir"] == "unavailable"
+    assert auto["vision"]["compressed_tiles"] == 0
+    body = {"model": "dvd-tiny-internvl", "messages": wire(messages), "max_tokens": 2, "vir": "max"}
+    reply = httpx.post(f"{stacks['hf'].base_url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400
+    assert "InternVL3.5-Flash" in reply.json()["error"]["message"]

@@ -149,6 +149,18 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class VisionSummary(BaseModel):
+    """DvD extension: what the vision service did with the request's images."""
+
+    images: int
+    tiles: int
+    compressed_tiles: int
+    image_tokens: int
+    # Router mode applied: auto / off / max, or "unavailable" when the checkpoint has no
+    # Visual Resolution Router (not InternVL3.5-Flash): then every tile keeps 256 tokens.
+    vir: Literal["auto", "off", "max", "unavailable"]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -169,6 +181,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    vision: VisionSummary | None = None
 
 
 class Delta(BaseModel):
@@ -191,6 +204,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    vision: VisionSummary | None = None
 
 
 # ---- models and errors --------------------------------------------------------------------

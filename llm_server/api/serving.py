@@ -28,6 +28,7 @@ from llm_server.api.protocol import (
     ModelList,
     PromptTokensDetails,
     Usage,
+    VisionSummary,
 )
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.errors import (
@@ -56,6 +57,7 @@ class PreparedChat:
     num_prompt_tokens: int
     num_image_tokens: int
     n: int
+    vision: VisionSummary | None = None
 
 
 @dataclass
@@ -63,6 +65,18 @@ class _ChoiceState:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
+    if not visuals:
+        return None
+    return VisionSummary(
+        images=len(visuals),
+        tiles=sum(len(v.tokens_per_tile) for v in visuals),
+        compressed_tiles=sum(v.num_compressed_tiles for v in visuals),
+        image_tokens=sum(v.num_visual_tokens for v in visuals),
+        vir=visuals[0].vir or "unavailable",
+    )
 
 
 class ChatService:
@@ -212,6 +226,7 @@ class ChatService:
             num_prompt_tokens=num_prompt_tokens,
             num_image_tokens=expanded.num_image_tokens,
             n=request.n,
+            vision=_vision_summary(visuals),
         )
 
     def _usage(self, chat: PreparedChat, completion_tokens: int) -> Usage:
@@ -251,10 +266,15 @@ class ChatService:
                 for index, state in enumerate(choices)
             ],
             usage=self._usage(chat, sum(len(state.token_ids) for state in choices)),
+            vision=chat.vision,
         )
 
     def _chunk(
-        self, chat: PreparedChat, choices: list[ChunkChoice], usage: Usage | None = None
+        self,
+        chat: PreparedChat,
+        choices: list[ChunkChoice],
+        usage: Usage | None = None,
+        vision: VisionSummary | None = None,
     ) -> str:
         chunk = ChatCompletionChunk(
             id=chat.request_id,
@@ -262,6 +282,7 @@ class ChatService:
             model=self.model_name,
             choices=choices,
             usage=usage,
+            vision=vision,
         )
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
@@ -297,7 +318,8 @@ class ChatService:
                 if choices:
                     yield self._chunk(chat, choices)
             if include_usage:
-                yield self._chunk(chat, [], usage=self._usage(chat, completion_tokens))
+                usage = self._usage(chat, completion_tokens)
+                yield self._chunk(chat, [], usage=usage, vision=chat.vision)
         except asyncio.CancelledError:
             logger.info("request %s: client went away; generation aborted", chat.request_id)
             raise

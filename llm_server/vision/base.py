@@ -36,10 +36,16 @@ class VisualEmbedding:
 
     embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden]
     tokens_per_tile: list[int]
+    vir: VirMode | None = None  # router mode applied; None: the checkpoint has no router
 
     @property
     def num_visual_tokens(self) -> int:
         return int(self.embeddings.shape[0])
+
+    @property
+    def num_compressed_tiles(self) -> int:
+        full = max(self.tokens_per_tile, default=0)
+        return sum(1 for tokens in self.tokens_per_tile if tokens < full) if self.vir else 0
 
 
 class ImageEncoder(Protocol):

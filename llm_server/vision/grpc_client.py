@@ -13,17 +13,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_server.errors import APIError, BadRequest, InvalidImage, Overloaded, VisionUnavailable
-from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
+from llm_server.vision.base import EncodeOptions, ImageInput, VirMode, VisualEmbedding
 from protos import codec
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-_VIR_MODES = {
+_VIR_MODES: dict[VirMode | None, vision_pb2.VirMode] = {
     None: vision_pb2.VIR_MODE_UNSPECIFIED,
     "auto": vision_pb2.VIR_MODE_AUTO,
     "off": vision_pb2.VIR_MODE_OFF,
     "max": vision_pb2.VIR_MODE_MAX,
+}
+_APPLIED_VIR: dict[int, VirMode | None] = {
+    vision_pb2.VIR_MODE_UNSPECIFIED: None,
+    vision_pb2.VIR_MODE_AUTO: "auto",
+    vision_pb2.VIR_MODE_OFF: "off",
+    vision_pb2.VIR_MODE_MAX: "max",
 }
 
 
@@ -126,7 +132,11 @@ class GrpcImageEncoder:
                 assembler.add(message.chunk.offset, message.chunk.data)
                 if assembler.complete:
                     results.append(
-                        VisualEmbedding(assembler.tensor(), list(header.tokens_per_tile))
+                        VisualEmbedding(
+                            assembler.tensor(),
+                            list(header.tokens_per_tile),
+                            _APPLIED_VIR.get(header.vir_mode),
+                        )
                     )
                     assembler = None
         except grpc.aio.AioRpcError as exc:
