@@ -9,15 +9,19 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from llm_server.api.middleware import RequestMetricsMiddleware
 from llm_server.api.router import install_error_handlers, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.images import ImageFetchPolicy, ImageLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
+from llm_server.vision.base import ImageEncoder
 from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.inprocess import InProcessImageEncoder
 from vision_server.checkpoints.default import default_cache_dir, resolve_model
 from vision_server.checkpoints.spec import load_checkpoint_spec
+from vision_server.settings import VisionSettings
 
 logger = logging.getLogger("llm_server")
 
@@ -33,11 +37,18 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = PromptBuilder(tokenizer, spec.image_tokens)
     engine = LanguageEngine.start(spec, settings, model_name, cache_dir)
-    encoder = GrpcImageEncoder(
-        settings.vision_target,
-        timeout_s=settings.vision_timeout_s,
-        expected_hidden_size=engine.hidden_size,
-    )
+    encoder: ImageEncoder
+    if settings.vision == "inprocess":
+        vision_settings = VisionSettings(  # type: ignore[call-arg]
+            model=str(path), cache_dir=str(cache_dir), device=settings.vision_device
+        )
+        encoder = await InProcessImageEncoder.start(vision_settings)
+    else:
+        encoder = GrpcImageEncoder(
+            settings.vision_target,
+            timeout_s=settings.vision_timeout_s,
+            expected_hidden_size=engine.hidden_size,
+        )
     images = ImageLoader(
         ImageFetchPolicy(
             max_bytes=settings.max_image_bytes,
@@ -46,10 +57,10 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
         )
     )
     logger.info(
-        "chat template: %s content, image marker %r; vision service at %s",
+        "chat template: %s content, image marker %r; vision: %s",
         prompts.content_format.value,
         prompts.marker,
-        settings.vision_target,
+        "in this process" if settings.vision == "inprocess" else settings.vision_target,
     )
     return ChatService(engine, encoder, prompts, images, settings)
 
@@ -70,4 +81,5 @@ def create_app(settings: LLMSettings) -> FastAPI:
     app = FastAPI(title="DvD language service", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
     return app

@@ -37,7 +37,15 @@ class LLMSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
 
-    # ---- vision service ----
+    # ---- vision ----
+    vision: Literal["grpc", "inprocess"] = Field(
+        "grpc",
+        description="grpc: the vision service (DvD); inprocess: encode images in this process "
+        "before prefill (the coupled baseline, single-process deployment)",
+    )
+    vision_device: str = Field(
+        "auto", description="torch device of the in-process encoder (--vision inprocess)"
+    )
     vision_target: str = Field(
         "127.0.0.1:50051",
         description="gRPC target of the vision service: host:port, or dns:///name:port to "

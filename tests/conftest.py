@@ -104,9 +104,11 @@ def oracle(tiny_models: dict[str, Path]):
 def stacks(
     tiny_models: dict[str, Path], tiny_flash_models: dict[str, Path], log_dir: Path
 ) -> Iterator[dict[str, Stack]]:
-    """A vision server and a language server per checkpoint layout ("hf", "original"), and
-    one on the Flash checkpoint ("flash"), as real processes."""
-    running = start_stacks({**tiny_models, "flash": tiny_flash_models["hf"]}, log_dir)
+    """A vision server and a language server per checkpoint layout ("hf", "original"), one
+    pair on the Flash checkpoint ("flash"), and the coupled baseline ("coupled": one language
+    server encoding images in-process, on the Flash checkpoint), as real processes."""
+    models = {**tiny_models, "flash": tiny_flash_models["hf"], "coupled": tiny_flash_models["hf"]}
+    running = start_stacks(models, log_dir, coupled=frozenset({"coupled"}))
     try:
         yield running
     finally:

@@ -212,16 +212,18 @@ def http_ok(url: str) -> bool:
 
 @dataclass
 class Stack:
-    """A vision server and a language server wired together, as in a deployment."""
+    """A vision server and a language server wired together, as in a deployment; or, for
+    the coupled baseline, a language server encoding images in its own process."""
 
-    vision: ServerProcess
+    vision: ServerProcess | None
     llm: ServerProcess
     vision_target: str
     base_url: str  # http://127.0.0.1:PORT
 
     def stop(self) -> None:
         self.llm.stop()
-        self.vision.stop()
+        if self.vision is not None:
+            self.vision.stop()
 
 
 SERVED_MODEL_NAME = "dvd-tiny-internvl"
@@ -256,18 +258,23 @@ def start_stacks(
     log_dir: Path,
     llm_args: Sequence[str] = (),
     vision_args: Sequence[str] = (),
+    coupled: frozenset[str] = frozenset(),
 ) -> dict[str, Stack]:
-    """Start one vision + one language server per model, all at once, and wait for them."""
+    """Start one vision + one language server per model (just a language server with
+    ``--vision inprocess`` for names in ``coupled``), all at once, and wait for them."""
     pending = []
     for name, model in models.items():
         vision_port, http_port = free_port(), free_port()
         vision_target = f"127.0.0.1:{vision_port}"
-        vision = ServerProcess(
-            f"{name}-vision", vision_server_argv(model, vision_port, vision_args), log_dir
-        )
+        vision = None
+        extra = [*llm_args, "--vision", "inprocess"] if name in coupled else llm_args
+        if name not in coupled:
+            vision = ServerProcess(
+                f"{name}-vision", vision_server_argv(model, vision_port, vision_args), log_dir
+            )
         llm = ServerProcess(
             f"{name}-llm",
-            llm_server_argv(model, http_port, vision_target, llm_args),
+            llm_server_argv(model, http_port, vision_target, extra),
             log_dir,
             env=LLM_TEST_ENV,
         )
@@ -275,9 +282,10 @@ def start_stacks(
     stacks: dict[str, Stack] = {}
     try:
         for name, stack in pending:
-            stack.vision.wait_until(
-                lambda s=stack: grpc_serving(s.vision_target), 120, "serving gRPC"
-            )
+            if stack.vision is not None:
+                stack.vision.wait_until(
+                    lambda s=stack: grpc_serving(s.vision_target), 120, "serving gRPC"
+                )
             stack.llm.wait_until(
                 lambda s=stack: http_ok(f"{s.base_url}/health"), 300, "serving HTTP"
             )

@@ -409,6 +409,7 @@ def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models,
     from helpers import ServerProcess, grpc_serving, vision_server_argv
 
     stack = stacks["original"]
+    assert stack.vision is not None
     stack.vision.stop()
     messages = CONVERSATIONS["one_image"]
     started = time.monotonic()

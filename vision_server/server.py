@@ -19,6 +19,7 @@ from vision_server.checkpoints.default import resolve_model
 from vision_server.checkpoints.spec import load_checkpoint_spec
 from vision_server.engine import EncoderEngine, resolve_device, resolve_dtype
 from vision_server.model.encoder import VisionEncoder
+from vision_server.pipeline import VisionPipeline
 from vision_server.service import VisionServicer
 from vision_server.settings import VisionSettings
 
@@ -44,7 +45,8 @@ class RunningServer:
         self.servicer.close()
 
 
-def load_engine(settings: VisionSettings) -> tuple[EncoderEngine, VisionServicer]:
+def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
+    """Load the checkpoint's vision half and wrap it in a ready pipeline (blocking)."""
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     path, model_id = resolve_model(settings.model, settings.revision, cache_dir)
     model_id = settings.model_name or model_id
@@ -64,9 +66,10 @@ def load_engine(settings: VisionSettings) -> tuple[EncoderEngine, VisionServicer
     )
     engine.warmup()
     logger.info(
-        "loaded %s (%s layout) on %s as %s: ViT %dx%d, %d tokens/tile, LLM width %d",
+        "loaded %s (%s layout%s) on %s as %s: ViT %dx%d, %d tokens/tile, LLM width %d",
         model_id,
         spec.layout.value,
+        ", Flash: Visual Resolution Router on" if spec.flash else "",
         device,
         str(dtype).removeprefix("torch."),
         spec.vision.num_layers,
@@ -74,12 +77,13 @@ def load_engine(settings: VisionSettings) -> tuple[EncoderEngine, VisionServicer
         spec.tokens_per_tile,
         spec.llm_hidden_size,
     )
-    return engine, VisionServicer(engine, spec, settings, model_id)
+    return VisionPipeline(engine, spec, settings), model_id
 
 
 async def start_server(settings: VisionSettings) -> RunningServer:
     """Load the model and start serving; returns once the port is open and healthy."""
-    engine, servicer = await asyncio.to_thread(load_engine, settings)
+    pipeline, model_id = await asyncio.to_thread(build_pipeline, settings)
+    engine, servicer = pipeline.engine, VisionServicer(pipeline, model_id)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),

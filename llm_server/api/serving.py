@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_server import metrics
 from llm_server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -57,7 +58,9 @@ class PreparedChat:
     num_prompt_tokens: int
     num_image_tokens: int
     n: int
+    arrived: float  # perf_counter() when the request arrived
     vision: VisionSummary | None = None
+    vision_tokens_saved: int = 0
 
 
 @dataclass
@@ -194,6 +197,25 @@ class ChatService:
         return requested if requested is not None else limit - num_prompt_tokens
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedChat:
+        """Validate, fetch and encode images, build the engine prompt. Counts the request as
+        in flight until ``complete``/``stream`` finishes (or this raises)."""
+        arrived = time.perf_counter()
+        metrics.requests_in_flight.inc()
+        try:
+            chat = await self._prepare(request, request_id, arrived)
+        except BaseException:
+            metrics.requests_in_flight.dec()
+            raise
+        metrics.prompt_tokens.inc(chat.num_prompt_tokens)
+        if chat.vision is not None:
+            metrics.images.inc(chat.vision.images)
+            metrics.image_tokens.inc(chat.vision.image_tokens)
+            metrics.vir_tokens_saved.inc(chat.vision_tokens_saved)
+        return chat
+
+    async def _prepare(
+        self, request: ChatCompletionRequest, request_id: str, arrived: float
+    ) -> PreparedChat:
         image_parts = self._validate(request)
         images = await self._load_images(image_parts) if image_parts else []
         options = EncodeOptions(
@@ -206,7 +228,9 @@ class ChatService:
         visuals: list[VisualEmbedding] = []
         try:
             if images:
+                started = time.perf_counter()
                 visuals = await self.encoder.encode(images, options, request_id)
+                metrics.vision_seconds.observe(time.perf_counter() - started)
         except BaseException:
             # Nobody will await the tokenizer now; consume its outcome so it is not reported.
             tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -226,7 +250,9 @@ class ChatService:
             num_prompt_tokens=num_prompt_tokens,
             num_image_tokens=expanded.num_image_tokens,
             n=request.n,
+            arrived=arrived,
             vision=_vision_summary(visuals),
+            vision_tokens_saved=sum(v.tokens_saved for v in visuals),
         )
 
     def _usage(self, chat: PreparedChat, completion_tokens: int) -> Usage:
@@ -239,13 +265,30 @@ class ChatService:
 
     # ---- generation ------------------------------------------------------------------------
 
+    async def _generate(self, chat: PreparedChat) -> AsyncIterator[Any]:
+        """vLLM's outputs for one prepared chat, with latency and token accounting."""
+        first_token_at: float | None = None
+        generated = 0
+        try:
+            async for output in self.engine.generate(
+                chat.engine_prompt, chat.sampling_params, chat.request_id
+            ):
+                produced = sum(len(completion.token_ids) for completion in output.outputs)
+                if produced and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    metrics.time_to_first_token.observe(first_token_at - chat.arrived)
+                generated += produced
+                yield output
+            metrics.e2e_request_latency.observe(time.perf_counter() - chat.arrived)
+        finally:
+            metrics.generation_tokens.inc(generated)
+            metrics.requests_in_flight.dec()
+
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False
     ) -> ChatCompletionResponse:
         choices = [_ChoiceState() for _ in range(chat.n)]
-        async for output in self.engine.generate(
-            chat.engine_prompt, chat.sampling_params, chat.request_id
-        ):
+        async for output in self._generate(chat):
             for completion in output.outputs:
                 state = choices[completion.index]
                 state.text.append(completion.text)
@@ -298,10 +341,9 @@ class ChatService:
                     ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                     for i in range(chat.n)
                 ],
+                vision=chat.vision,
             )
-            async for output in self.engine.generate(
-                chat.engine_prompt, chat.sampling_params, chat.request_id
-            ):
+            async for output in self._generate(chat):
                 choices = []
                 for completion in output.outputs:
                     completion_tokens += len(completion.token_ids)

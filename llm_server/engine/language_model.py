@@ -85,7 +85,10 @@ class LanguageEngine:
     def build_prompt(
         self, prompt: ExpandedPrompt, visual_rows: list[torch.Tensor]
     ) -> dict[str, Any]:
-        """vLLM's mixed prompt: token ids everywhere, embedding rows where ``is_text`` is False."""
+        """vLLM's mixed prompt: token ids everywhere, embedding rows where ``is_text`` is False.
+        A text-only prompt is plain token ids, the path ``vllm serve`` takes."""
+        if not prompt.image_spans:
+            return {"prompt_token_ids": prompt.token_ids}
         embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self.dtype)
         for (start, end), rows in zip(prompt.image_spans, visual_rows, strict=True):
             if rows.shape != (end - start, self.hidden_size):

@@ -36,6 +36,7 @@ class VisualEmbedding:
 
     embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden]
     tokens_per_tile: list[int]
+    full_tokens_per_tile: int  # tokens of an uncompressed tile (256)
     vir: VirMode | None = None  # router mode applied; None: the checkpoint has no router
 
     @property
@@ -44,8 +45,12 @@ class VisualEmbedding:
 
     @property
     def num_compressed_tiles(self) -> int:
-        full = max(self.tokens_per_tile, default=0)
-        return sum(1 for tokens in self.tokens_per_tile if tokens < full) if self.vir else 0
+        return sum(1 for tokens in self.tokens_per_tile if tokens < self.full_tokens_per_tile)
+
+    @property
+    def tokens_saved(self) -> int:
+        """Rows the router removed from this image."""
+        return len(self.tokens_per_tile) * self.full_tokens_per_tile - self.num_visual_tokens
 
 
 class ImageEncoder(Protocol):

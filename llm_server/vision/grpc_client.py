@@ -7,11 +7,13 @@ address the name resolves to (several vision replicas behind one Compose/Kuberne
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llm_server import metrics
 from llm_server.errors import APIError, BadRequest, InvalidImage, Overloaded, VisionUnavailable
 from llm_server.vision.base import EncodeOptions, ImageInput, VirMode, VisualEmbedding
 from protos import codec
@@ -113,12 +115,16 @@ class GrpcImageEncoder:
         results: list[VisualEmbedding] = []
         header: vision_pb2.ImageHeader | None = None
         assembler: codec.EmbeddingAssembler | None = None
+        header_at = 0.0
         try:
             # Cancelling this coroutine (client gone) cancels the call on the vision service.
             async for message in call:
                 if message.HasField("header"):
                     header = message.header
                     self._check_header(header, len(results))
+                    header_at = time.perf_counter()
+                    metrics.vision_queue_wait.observe(header.queue_ms / 1000)
+                    metrics.vision_encode.observe(header.encode_ms / 1000)
                     assembler = codec.EmbeddingAssembler(
                         (header.num_visual_tokens, header.hidden_size), header.dtype
                     )
@@ -130,11 +136,14 @@ class GrpcImageEncoder:
                 ):
                     raise APIError("vision service sent embedding bytes without a matching header")
                 assembler.add(message.chunk.offset, message.chunk.data)
+                metrics.embedding_bytes.inc(len(message.chunk.data))
                 if assembler.complete:
+                    metrics.vision_transfer.observe(time.perf_counter() - header_at)
                     results.append(
                         VisualEmbedding(
                             assembler.tensor(),
                             list(header.tokens_per_tile),
+                            header.full_tokens_per_tile or max(header.tokens_per_tile),
                             _APPLIED_VIR.get(header.vir_mode),
                         )
                     )

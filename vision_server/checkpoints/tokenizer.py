@@ -60,7 +60,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-_WORDS = (  # noqa: SIM905 (a word list reads better as text)
+_WORDS = (
     "the a an of to in on at by for with from and or but not is are was were be been has "
     "have had do does did can could will would should may might must this that these those "
     "it its image picture photo chart table text page document figure diagram plot graph "

@@ -58,7 +58,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode")
+    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_TILES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class ImageHeader(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     VIR_MODE_FIELD_NUMBER: _ClassVar[int]
+    FULL_TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     image_index: int
     num_tiles: int
     tokens_per_tile: _containers.RepeatedScalarFieldContainer[int]
@@ -85,7 +86,8 @@ class ImageHeader(_message.Message):
     queue_ms: float
     encode_ms: float
     vir_mode: VirMode
-    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ...) -> None: ...
+    full_tokens_per_tile: int
+    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
     __slots__ = ("image_index", "offset", "data")

@@ -1,0 +1,437 @@
+"""Load generator for OpenAI-compatible chat endpoints (DvD in either mode, or `vllm serve`).
+
+    python clients/benchmark.py run --base-url http://127.0.0.1:8000 --model dvd-tiny-internvl \\
+        --num-requests 64 --concurrency 8 --output results.json --plot results.png
+    python clients/benchmark.py compare coupled.json dvd.json --plot compare.png
+
+It speaks only the public HTTP API (streaming chat completions) and measures what
+``vllm bench serve`` measures: time to first token (TTFT), time per output token (TPOT),
+inter-token latency (ITL), end-to-end latency (E2EL) — mean, median, p90, p99 — request
+throughput, output and total token throughput, completed/failed counts, plus the image
+tokens per request that the server reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+try:  # `python clients/benchmark.py` from a checkout, or the installed `dvd-bench`
+    from clients import datasets
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from clients import datasets
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestResult:
+    success: bool
+    error: str = ""
+    ttft_s: float = 0.0
+    e2el_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)  # gaps between streamed chunks
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    started_s: float = 0.0  # since the benchmark started
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+# ---- one request ------------------------------------------------------------------------
+
+
+async def send(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    request: datasets.BenchRequest,
+    ignore_eos: bool,
+    extra_body: dict[str, Any],
+    origin: float,
+) -> RequestResult:
+    """Stream one chat completion and time its chunks."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": request.messages,
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra_body,
+    }
+    if ignore_eos:  # fixed output lengths, as `vllm bench serve --ignore-eos` (vLLM extension)
+        body["min_tokens"] = request.max_tokens
+    result = RequestResult(success=False)
+    started = time.perf_counter()
+    result.started_s = started - origin
+    last = started
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("message", chunk["error"]))
+                    return result
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    result.output_tokens = usage.get("completion_tokens", 0)
+                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.image_tokens = details.get("image_tokens") or 0
+                choices = chunk.get("choices") or []
+                if any((c.get("delta") or {}).get("content") for c in choices):
+                    now = time.perf_counter()
+                    if result.ttft_s == 0.0:
+                        result.ttft_s = now - started
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+        result.e2el_s = time.perf_counter() - started
+        result.success = result.ttft_s > 0.0
+        if not result.success:
+            result.error = "no tokens received"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Gaps between request arrivals: Poisson (burstiness 1) or gamma-distributed; rate inf
+    sends everything at once (the concurrency limit still applies)."""
+    if math.isinf(rate):
+        return [0.0] * count
+    rng = np.random.default_rng(seed)
+    theta = 1.0 / (rate * burstiness)
+    return list(rng.gamma(shape=burstiness, scale=theta, size=count))
+
+
+async def run_load(
+    args: argparse.Namespace, requests: list[datasets.BenchRequest]
+) -> tuple[list[RequestResult], float]:
+    url = f"{args.base_url.rstrip('/')}/v1/chat/completions"
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    extra = json.loads(args.extra_body) if args.extra_body else {}
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=headers) as client:
+        for request in requests[: args.warmup]:  # not measured
+            await send(
+                client, url, args.model, request, args.ignore_eos, extra, time.perf_counter()
+            )
+        semaphore = asyncio.Semaphore(args.concurrency)
+        progress = _progress(len(requests) - args.warmup, args.quiet)
+        origin = time.perf_counter()
+
+        async def one(request: datasets.BenchRequest) -> RequestResult:
+            async with semaphore:
+                result = await send(
+                    client, url, args.model, request, args.ignore_eos, extra, origin
+                )
+            progress.update(1)
+            return result
+
+        measured = requests[args.warmup :]
+        tasks = []
+        for request, gap in zip(
+            measured,
+            arrival_gaps(len(measured), args.request_rate, args.burstiness, args.seed),
+            strict=True,
+        ):
+            tasks.append(asyncio.create_task(one(request)))
+            if gap:
+                await asyncio.sleep(gap)
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - origin
+        progress.close()
+    return list(results), duration
+
+
+def _progress(total: int, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=quiet, desc="requests", unit="req")
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+
+def summarize(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    """mean/median/p90/p99/std of ``values`` (seconds), in milliseconds by default."""
+    if not values:
+        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0, "std": 0.0}
+    array = np.asarray(values, dtype=np.float64) * scale
+    return {
+        "mean": float(array.mean()),
+        "median": float(np.percentile(array, 50)),
+        "p90": float(np.percentile(array, 90)),
+        "p99": float(np.percentile(array, 99)),
+        "std": float(array.std()),
+    }
+
+
+def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str, Any]:
+    done = [r for r in results if r.success]
+    output_tokens = sum(r.output_tokens for r in done)
+    prompt_tokens = sum(r.prompt_tokens for r in done)
+    tpots = [t for r in done if (t := r.tpot_s) is not None]
+    return {
+        "duration_s": duration_s,
+        "num_requests": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "request_throughput": len(done) / duration_s if duration_s else 0.0,
+        "output_throughput": output_tokens / duration_s if duration_s else 0.0,
+        "total_token_throughput": (prompt_tokens + output_tokens) / duration_s
+        if duration_s
+        else 0.0,
+        "total_output_tokens": output_tokens,
+        "total_prompt_tokens": prompt_tokens,
+        "ttft_ms": summarize([r.ttft_s for r in done]),
+        "tpot_ms": summarize(tpots),
+        "itl_ms": summarize([gap for r in done for gap in r.itl_s]),
+        "e2el_ms": summarize([r.e2el_s for r in done]),
+        "image_tokens_per_request": summarize([float(r.image_tokens) for r in done], scale=1.0),
+        "errors": sorted({r.error for r in results if not r.success})[:10],
+    }
+
+
+def print_report(label: str, metrics: dict[str, Any]) -> None:
+    lines = [
+        f"=== {label} ===",
+        f"completed / failed       {metrics['completed']} / {metrics['failed']}",
+        f"duration (s)             {metrics['duration_s']:.2f}",
+        f"request throughput (/s)  {metrics['request_throughput']:.3f}",
+        f"output tokens (/s)       {metrics['output_throughput']:.1f}",
+        f"total tokens (/s)        {metrics['total_token_throughput']:.1f}",
+    ]
+    for key, title in (
+        ("ttft_ms", "TTFT"),
+        ("tpot_ms", "TPOT"),
+        ("itl_ms", "ITL"),
+        ("e2el_ms", "E2EL"),
+    ):
+        m = metrics[key]
+        lines.append(
+            f"{title:<5} ms  mean {m['mean']:8.1f}  median {m['median']:8.1f}  "
+            f"p90 {m['p90']:8.1f}  p99 {m['p99']:8.1f}"
+        )
+    lines.append(f"image tokens / request   {metrics['image_tokens_per_request']['mean']:.0f}")
+    for error in metrics["errors"]:
+        lines.append(f"error: {error}")
+    print("\n".join(lines))
+
+
+# ---- plots ------------------------------------------------------------------------------
+
+
+def _cdf(ax: Any, values: list[float], label: str) -> None:
+    if not values:
+        return
+    data = np.sort(np.asarray(values) * 1000)
+    ax.plot(data, np.arange(1, len(data) + 1) / len(data), label=label)
+
+
+def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    """Latency CDFs (TTFT, E2EL) for each run; throughput vs concurrency when runs differ in it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrencies = {run["config"]["concurrency"] for run in runs}
+    panels = 3 if len(concurrencies) > 1 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    for run in runs:
+        label = run["config"]["label"]
+        requests = [r for r in run["requests"] if r["success"]]
+        _cdf(axes[0], [r["ttft_s"] for r in requests], label)
+        _cdf(axes[1], [r["e2el_s"] for r in requests], label)
+    for ax, title in zip(axes[:2], ("TTFT", "End-to-end latency"), strict=True):
+        ax.set_title(f"{title} CDF")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if panels == 3:
+        by_label: dict[str, list[tuple[int, float]]] = {}
+        for run in runs:
+            by_label.setdefault(run["config"]["label"], []).append(
+                (run["config"]["concurrency"], run["metrics"]["request_throughput"])
+            )
+        for label, points in by_label.items():
+            points.sort()
+            axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axes[2].set_title("Request throughput vs concurrency")
+        axes[2].set_xlabel("concurrency")
+        axes[2].set_ylabel("requests / s")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def command_run(args: argparse.Namespace) -> int:
+    options = datasets.SyntheticOptions(
+        num_requests=args.num_requests + args.warmup,
+        images_per_request=args.images_per_request,
+        min_tiles=args.min_tiles,
+        max_tiles=args.max_tiles,
+        dense_fraction=args.dense_fraction,
+        prompt_words=args.prompt_len,
+        output_len=args.output_len,
+        seed=args.seed,
+    )
+    requests = datasets.load(args.dataset, options)
+    warm, measured = requests[: args.warmup], requests[args.warmup :]
+    random.Random(args.seed).shuffle(measured)
+    results, duration = asyncio.run(run_load(args, warm + measured))
+    metrics = compute_metrics(results, duration)
+    label = args.label or f"{args.model}@{args.base_url}"
+    print_report(label, metrics)
+    record = {
+        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "label": label},
+        "metrics": metrics,
+        "requests": [{k: v for k, v in asdict(r).items() if k != "itl_s"} for r in results],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if args.output:
+        Path(args.output).write_text(json.dumps(record, indent=2, default=str))
+    if args.plot:
+        plot_runs([record], Path(args.plot))
+    return 0 if metrics["completed"] else 1
+
+
+def compare_table(runs: list[dict[str, Any]]) -> str:
+    """Runs side by side; ratios are relative to the first run."""
+    base = runs[0]["metrics"]
+    rows = [
+        ("request throughput (/s)", "request_throughput", None, True),
+        ("output tokens (/s)", "output_throughput", None, True),
+        ("total tokens (/s)", "total_token_throughput", None, True),
+        ("TTFT mean (ms)", "ttft_ms", "mean", False),
+        ("TTFT p50 (ms)", "ttft_ms", "median", False),
+        ("TTFT p99 (ms)", "ttft_ms", "p99", False),
+        ("TPOT mean (ms)", "tpot_ms", "mean", False),
+        ("ITL p99 (ms)", "itl_ms", "p99", False),
+        ("E2EL p50 (ms)", "e2el_ms", "median", False),
+        ("E2EL p99 (ms)", "e2el_ms", "p99", False),
+        ("image tokens / request", "image_tokens_per_request", "mean", None),
+        ("completed", "completed", None, None),
+        ("failed", "failed", None, None),
+    ]
+    labels = [run["config"]["label"] for run in runs]
+    header = "| metric | " + " | ".join(labels) + " |"
+    out = [header, "|" + "---|" * (len(labels) + 1)]
+    for title, key, sub, _higher_is_better in rows:
+        cells = []
+        for index, run in enumerate(runs):
+            value = run["metrics"][key] if sub is None else run["metrics"][key][sub]
+            reference = base[key] if sub is None else base[key][sub]
+            cell = (
+                f"{value:.3f}"
+                if isinstance(value, float) and value < 100
+                else f"{value:.0f}"
+                if isinstance(value, float)
+                else str(value)
+            )
+            if index and isinstance(value, float) and reference:
+                cell += f" ({value / reference:.2f}x)"
+            cells.append(cell)
+        out.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    runs = [json.loads(Path(path).read_text()) for path in args.results]
+    print(compare_table(runs))
+    if args.plot:
+        plot_runs(runs, Path(args.plot))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="send a workload and measure it")
+    run.add_argument("--base-url", default="http://127.0.0.1:8000")
+    run.add_argument("--model", default="dvd-tiny-internvl")
+    run.add_argument("--api-key", default=None)
+    run.add_argument("--label", default=None, help="name of this run in reports and plots")
+    run.add_argument("--num-requests", type=int, default=64)
+    run.add_argument("--concurrency", type=int, default=8, help="most requests in flight")
+    run.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)"
+    )
+    run.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1: Poisson)"
+    )
+    run.add_argument("--dataset", default="synthetic", help="synthetic | folder:PATH | jsonl:PATH")
+    run.add_argument("--images-per-request", type=int, default=1)
+    run.add_argument("--min-tiles", type=int, default=1, help="synthetic images: fewest tiles")
+    run.add_argument("--max-tiles", type=int, default=12, help="synthetic images: most tiles")
+    run.add_argument(
+        "--dense-fraction", type=float, default=0.5, help="synthetic: share of text-like regions"
+    )
+    run.add_argument("--prompt-len", type=int, default=32, help="words of text per prompt")
+    run.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
+    run.add_argument("--ignore-eos", action="store_true", help="fixed output lengths (min_tokens)")
+    run.add_argument(
+        "--extra-body", default=None, help='JSON merged into each request, e.g. \'{"vir": "off"}\''
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    run.add_argument("--timeout", type=float, default=600.0)
+    run.add_argument("--output", default=None, help="write results JSON here")
+    run.add_argument("--plot", default=None, help="write latency plots (PNG) here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=command_run)
+
+    compare = commands.add_parser("compare", help="put result files side by side")
+    compare.add_argument("results", nargs="+", help="results JSON files; ratios are vs the first")
+    compare.add_argument("--plot", default=None, help="write comparison plots (PNG) here")
+    compare.set_defaults(func=command_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The benchmark and chat clients: pure pieces, then as real processes against the servers."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO_ROOT, noise_image
+from PIL import Image
+
+from clients import benchmark, datasets
+from vision_server.tiling import plan_tiles
+
+
+def test_synthetic_images_tile_exactly_as_asked():
+    for tiles in range(1, 13):
+        image = datasets.synthetic_image(tiles, dense_fraction=0.5, seed=tiles)
+        plan = plan_tiles(image.width, image.height)
+        assert plan.grid_tiles == tiles
+
+
+def test_synthetic_dataset_is_deterministic_and_mixed():
+    options = datasets.SyntheticOptions(num_requests=6, min_tiles=1, max_tiles=4, seed=3)
+    first, second = datasets.synthetic(options), datasets.synthetic(options)
+    assert [r.messages for r in first] == [r.messages for r in second]
+    other = datasets.synthetic(datasets.SyntheticOptions(num_requests=6, max_tiles=4, seed=4))
+    assert [r.messages for r in first] != [r.messages for r in other]
+
+    def detail(image: Image.Image) -> float:  # mean horizontal gradient: text is busy, flat is not
+        return float(np.abs(np.diff(np.asarray(image, dtype=np.float32), axis=1)).mean())
+
+    dense = datasets.synthetic_image(4, dense_fraction=1.0, seed=1)
+    flat = datasets.synthetic_image(4, dense_fraction=0.0, seed=1)
+    assert detail(dense) > 20 * detail(flat)
+
+
+def test_folder_and_jsonl_datasets(tmp_path):
+    for i in range(2):
+        noise_image(64, 64, seed=i).save(tmp_path / f"img{i}.png")
+    options = datasets.SyntheticOptions(num_requests=3, images_per_request=1)
+    folder = datasets.load(f"folder:{tmp_path}", options)
+    assert len(folder) == 3 and all(r.num_images == 1 for r in folder)
+    lines = [{"prompt": "hi", "images": ["img0.png"], "max_tokens": 5}, {"prompt": "text only"}]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    records = datasets.load(f"jsonl:{tmp_path / 'set.jsonl'}", options)
+    assert [r.num_images for r in records] == [1, 0, 1]
+    assert records[0].max_tokens == 5
+    with pytest.raises(ValueError):
+        datasets.load("nonsense", options)
+
+
+def test_metrics_are_consistent():
+    results = [
+        benchmark.RequestResult(
+            True,
+            ttft_s=0.1 * i,
+            e2el_s=0.5 + 0.1 * i,
+            itl_s=[0.01, 0.02],
+            output_tokens=10,
+            prompt_tokens=100,
+            image_tokens=64,
+        )
+        for i in range(1, 11)
+    ] + [benchmark.RequestResult(False, error="HTTP 503")]
+    metrics = benchmark.compute_metrics(results, duration_s=5.0)
+    assert (metrics["completed"], metrics["failed"]) == (10, 1)
+    assert metrics["request_throughput"] == pytest.approx(2.0)
+    assert metrics["output_throughput"] == pytest.approx(20.0)
+    assert metrics["total_token_throughput"] == pytest.approx(220.0)
+    ttft = metrics["ttft_ms"]
+    assert ttft["median"] <= ttft["p90"] <= ttft["p99"]
+    assert ttft["mean"] == pytest.approx(550.0)
+    assert metrics["tpot_ms"]["mean"] == pytest.approx(500 / 9)
+    assert metrics["errors"] == ["HTTP 503"]
+
+
+def test_arrivals():
+    assert benchmark.arrival_gaps(5, float("inf"), 1.0, 0) == [0.0] * 5
+    gaps = benchmark.arrival_gaps(4000, 10.0, 1.0, 0)
+    assert np.mean(gaps) == pytest.approx(0.1, rel=0.1)  # Poisson at 10 requests/s
+    bursty = benchmark.arrival_gaps(4000, 10.0, 0.25, 0)
+    assert np.mean(bursty) == pytest.approx(0.1, rel=0.15) and np.std(bursty) > 1.5 * np.std(gaps)
+
+
+def run_client(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_benchmark_against_the_served_model(stacks, tmp_path):
+    outputs = []
+    for name in ("flash", "coupled"):
+        output = tmp_path / f"{name}.json"
+        result = run_client(
+            "clients/benchmark.py", "run",
+            "--base-url", stacks[name].base_url,
+            "--model", "dvd-tiny-internvl",
+            "--num-requests", "24", "--concurrency", "4",
+            "--max-tiles", "2", "--output-len", "8", "--ignore-eos",
+            "--label", name, "--output", str(output),
+            "--plot", str(tmp_path / f"{name}.png"), "--quiet",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr + result.stdout
+        outputs.append(output)
+        record = json.loads(output.read_text())
+        metrics = record["metrics"]
+        assert metrics["completed"] == 24 and metrics["failed"] == 0
+        assert metrics["completed"] + metrics["failed"] == len(record["requests"]) == 24
+        assert metrics["request_throughput"] == pytest.approx(
+            metrics["completed"] / metrics["duration_s"]
+        )
+        assert metrics["output_throughput"] == pytest.approx(
+            metrics["total_output_tokens"] / metrics["duration_s"]
+        )
+        assert metrics["total_output_tokens"] == 24 * 8  # fixed lengths
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            summary = metrics[key]
+            assert 0 < summary["median"] <= summary["p90"] <= summary["p99"], key
+        assert metrics["ttft_ms"]["mean"] < metrics["e2el_ms"]["mean"]
+        assert metrics["image_tokens_per_request"]["mean"] > 0
+        with Image.open(io.BytesIO((tmp_path / f"{name}.png").read_bytes())) as plot:
+            assert plot.width > 100
+    compared = run_client(
+        "clients/benchmark.py", "compare", *map(str, outputs), "--plot", str(tmp_path / "cmp.png")
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "| request throughput (/s) |" in compared.stdout and "x)" in compared.stdout
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_chat_client_streams_an_answer(stacks, tmp_path):
+    image = tmp_path / "photo.png"
+    noise_image(300, 200, seed=5).save(image)
+    result = run_client(
+        "clients/chat.py", "--base-url", f"{stacks['hf'].base_url}/v1", "--image", str(image),
+        "--max-tokens", "8", "What is in this picture?",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

@@ -1,0 +1,151 @@
+"""One encode request, end to end, without any transport: validate, prepare, encode, route.
+
+Used by the gRPC servicer (DvD) and, in-process, by the language service's coupled mode, so
+both run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from vision_server import metrics
+from vision_server.checkpoints.spec import CheckpointSpec
+from vision_server.engine import EncodedImage, EncoderEngine
+from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages
+from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
+from vision_server.routing import VirMode
+from vision_server.settings import VisionSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    data: bytes  # the encoded file
+    max_tiles: int = 0  # 0: the request's
+
+
+@dataclass(frozen=True)
+class EncodeCall:
+    images: Sequence[ImagePayload]
+    max_tiles: int = 0  # 0: the checkpoint's
+    vir_mode: VirMode | None = None  # None: the default (auto)
+    vir_threshold: float | None = None
+    request_id: str = ""
+
+
+class VisionPipeline:
+    """Validates and runs encode calls against one ``EncoderEngine``."""
+
+    def __init__(
+        self, engine: EncoderEngine, spec: CheckpointSpec, settings: VisionSettings
+    ) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.settings = settings
+        self.limits = ImageLimits(
+            max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+        self._preprocess_pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
+        )
+
+    def close(self) -> None:
+        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def _vir_mode(self, requested: VirMode | None) -> VirMode:
+        """The router mode to apply; refuses what the checkpoint cannot do."""
+        if requested is VirMode.MAX and not self.engine.has_router:
+            raise InvalidRequest(
+                "vir='max' needs a Visual Resolution Router, and this checkpoint has none "
+                "(not an InternVL3.5-Flash checkpoint); use 'auto' or 'off'"
+            )
+        return requested or VirMode.AUTO
+
+    def _tiling_options(self, call: EncodeCall) -> TilingOptions:
+        max_tiles = call.max_tiles or self.spec.max_tiles
+        if max_tiles > self.settings.max_tiles_limit:
+            raise InvalidRequest(
+                f"max_tiles={max_tiles} exceeds this service's limit of "
+                f"{self.settings.max_tiles_limit}"
+            )
+        if max_tiles < self.spec.min_tiles:
+            raise InvalidRequest(f"max_tiles must be at least {self.spec.min_tiles}")
+        if call.vir_threshold is not None and not 0.0 <= call.vir_threshold <= 1.0:
+            raise InvalidRequest(f"vir_threshold must be in [0, 1], got {call.vir_threshold}")
+        return TilingOptions(
+            min_tiles=self.spec.min_tiles,
+            max_tiles=max_tiles,
+            use_thumbnail=self.spec.use_thumbnail,
+            tile_size=self.spec.vision.image_size,
+            mean=self.spec.image_mean,
+            std=self.spec.image_std,
+        )
+
+    def _image_options(self, options: TilingOptions, max_tiles: int) -> TilingOptions:
+        if not max_tiles or max_tiles == options.max_tiles:
+            return options
+        if not self.spec.min_tiles <= max_tiles <= self.settings.max_tiles_limit:
+            raise InvalidRequest(
+                f"image max_tiles={max_tiles} is outside [{self.spec.min_tiles}, "
+                f"{self.settings.max_tiles_limit}]"
+            )
+        return dataclasses.replace(options, max_tiles=max_tiles)
+
+    async def _prepare(self, call: EncodeCall, options: TilingOptions) -> list[PreparedImage]:
+        if not call.images:
+            raise InvalidRequest("request has no images")
+        if len(call.images) > self.settings.max_images_per_request:
+            raise TooManyImages(
+                f"{len(call.images)} images in one request; the limit is "
+                f"{self.settings.max_images_per_request}"
+            )
+        per_image = [self._image_options(options, image.max_tiles) for image in call.images]
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(
+                self._preprocess_pool, prepare_image, image.data, self.limits, opts
+            )
+            for image, opts in zip(call.images, per_image, strict=True)
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        prepared: list[PreparedImage] = []
+        for index, result in enumerate(results):
+            if isinstance(result, InvalidImage):
+                raise InvalidImage(f"image {index}: {result}")
+            if isinstance(result, BaseException):
+                raise result
+            prepared.append(result)
+        return prepared
+
+    # ---- encoding ---------------------------------------------------------------------------
+
+    async def encode(self, call: EncodeCall) -> AsyncGenerator[EncodedImage, None]:
+        """Encoded images in request order; raises ``VisionError`` types for bad requests."""
+        options = self._tiling_options(call)
+        vir_mode = self._vir_mode(call.vir_mode)
+        images = await self._prepare(call, options)
+        # All images queue at once so they can share forward passes; results come in order.
+        tasks = [
+            asyncio.create_task(
+                self.engine.encode(image, call.request_id, vir_mode, call.vir_threshold)
+            )
+            for image in images
+        ]
+        try:
+            for task in tasks:
+                encoded = await task
+                metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
+                metrics.images.inc()
+                metrics.visual_tokens.inc(encoded.num_visual_tokens)
+                yield encoded
+        finally:
+            for task in tasks:
+                task.cancel()
