@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from protos.dvd.v1 import vision_pb2
@@ -98,7 +99,9 @@ class EmbeddingAssembler:
                 raise CodecError(f"negative dimension in shape {shape}")
             count *= dim
         self.num_bytes = count * torch.empty((), dtype=self.dtype).element_size()
-        self._buffer = bytearray(self.num_bytes)
+        # Uninitialised (every byte is written exactly once), unlike a zero-filled bytearray.
+        self._buffer = torch.empty(self.num_bytes, dtype=torch.uint8)
+        self._bytes = self._buffer.numpy()
         self._received = 0
         self._next_offset = 0
 
@@ -106,7 +109,7 @@ class EmbeddingAssembler:
     def complete(self) -> bool:
         return self._received == self.num_bytes
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> None:
         """Place one chunk. Chunks must arrive in order (gRPC streams preserve it)."""
         if offset != self._next_offset:
             raise CodecError(f"chunk at offset {offset}, expected {self._next_offset}")
@@ -115,7 +118,7 @@ class EmbeddingAssembler:
             raise CodecError(f"chunk ends at byte {end}, tensor has {self.num_bytes}")
         if len(data) > MAX_CHUNK_BYTES:
             raise CodecError(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
-        self._buffer[offset:end] = data
+        self._bytes[offset:end] = np.frombuffer(data, dtype=np.uint8)
         self._received += len(data)
         self._next_offset = end
 
@@ -125,7 +128,7 @@ class EmbeddingAssembler:
             raise CodecError(f"received {self._received} of {self.num_bytes} embedding bytes")
         if self.num_bytes == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        flat = torch.frombuffer(self._buffer, dtype=self.dtype)
+        flat = self._buffer.view(self.dtype)
         if sys.byteorder != "little":
             flat = swap_bytes(flat)
         return flat.reshape(self.shape)
@@ -137,3 +140,97 @@ def decode_tensor(data: bytes, shape: tuple[int, ...], wire: int) -> torch.Tenso
     for offset in range(0, len(data), MAX_CHUNK_BYTES):
         assembler.add(offset, data[offset : offset + MAX_CHUNK_BYTES])
     return assembler.tensor()
+
+
+# ---- Encode stream messages on the wire ----------------------------------------------------
+#
+# Embedding chunks dominate the stream's bytes. Building them as protobuf objects costs three
+# extra copies of every chunk (into the message, into the serialized string, out again on the
+# receiving side). These two functions write and read exactly the protobuf wire format of
+# ``EncodeResponse{chunk: EmbeddingChunk{image_index, offset, data}}`` with a single copy on
+# each side; any protobuf implementation reads what they write, and vice versa.
+
+_RESPONSE_CHUNK_TAG = 0x12  # EncodeResponse.chunk: field 2, length-delimited
+_CHUNK_INDEX_TAG = 0x08  # EmbeddingChunk.image_index: field 1, varint
+_CHUNK_OFFSET_TAG = 0x10  # EmbeddingChunk.offset: field 2, varint
+_CHUNK_DATA_TAG = 0x1A  # EmbeddingChunk.data: field 3, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+        shift += 7
+
+
+def chunk_message(image_index: int, offset: int, data: bytes | memoryview) -> bytes:
+    """Serialized ``EncodeResponse`` carrying one embedding chunk (one copy of ``data``)."""
+    fields = bytearray()
+    if image_index:
+        fields += bytes([_CHUNK_INDEX_TAG]) + _varint(image_index)
+    if offset:
+        fields += bytes([_CHUNK_OFFSET_TAG]) + _varint(offset)
+    fields += bytes([_CHUNK_DATA_TAG]) + _varint(len(data))
+    size = len(fields) + len(data)
+    return b"".join((bytes([_RESPONSE_CHUNK_TAG]), _varint(size), fields, data))
+
+
+def encode_chunk_messages(
+    tensor: torch.Tensor, image_index: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """The serialized chunk messages of one image's embeddings."""
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+    wire_dtype(tensor.dtype)
+    raw = _as_little_endian_bytes(tensor)
+    for offset in range(0, len(raw), chunk_bytes):
+        yield chunk_message(image_index, offset, raw[offset : offset + chunk_bytes])
+
+
+def parse_response(raw: bytes) -> vision_pb2.ImageHeader | tuple[int, int, memoryview]:
+    """A serialized ``EncodeResponse``: its ``ImageHeader``, or ``(image_index, offset, data)``
+    for a chunk, ``data`` being a view into ``raw`` (no copy)."""
+    view = memoryview(raw)
+    if not view or view[0] != _RESPONSE_CHUNK_TAG:
+        message = vision_pb2.EncodeResponse.FromString(raw)
+        if not message.HasField("header"):
+            raise CodecError("stream message is neither a header nor a chunk")
+        return message.header
+    size, position = _read_varint(view, 1)
+    end = position + size
+    if end != len(view):
+        raise CodecError("malformed chunk message")
+    image_index = offset = 0
+    data = view[0:0]
+    while position < end:
+        tag = view[position]
+        position += 1
+        if tag == _CHUNK_INDEX_TAG:
+            image_index, position = _read_varint(view, position)
+        elif tag == _CHUNK_OFFSET_TAG:
+            offset, position = _read_varint(view, position)
+        elif tag == _CHUNK_DATA_TAG:
+            length, position = _read_varint(view, position)
+            data = view[position : position + length]
+            position += length
+        else:
+            raise CodecError(f"unexpected field tag {tag} in a chunk message")
+    if position != end:
+        raise CodecError("malformed chunk message")
+    return image_index, offset, data

@@ -80,3 +80,43 @@ def test_unknown_dtypes_are_refused():
         codec.EmbeddingAssembler((1,), vision_pb2.DTYPE_UNSPECIFIED)
     with pytest.raises(codec.CodecError):
         list(codec.encode_chunks(torch.zeros(2), chunk_bytes=codec.MAX_CHUNK_BYTES + 1))
+
+
+@pytest.mark.parametrize(("index", "offset"), [(0, 0), (3, 0), (0, 4096), (7, 2**33 + 5)])
+def test_fast_chunk_messages_are_plain_protobuf(index, offset):
+    data = bytes(range(256)) * 37
+    raw = codec.chunk_message(index, offset, data)
+    parsed = vision_pb2.EncodeResponse.FromString(raw)  # any protobuf reader understands it
+    assert parsed.WhichOneof("payload") == "chunk"
+    assert (parsed.chunk.image_index, parsed.chunk.offset, parsed.chunk.data) == (
+        index,
+        offset,
+        data,
+    )
+    # ...and the fast reader understands protobuf's own serialization.
+    official = vision_pb2.EncodeResponse(
+        chunk=vision_pb2.EmbeddingChunk(image_index=index, offset=offset, data=data)
+    ).SerializeToString()
+    got_index, got_offset, view = codec.parse_response(official)
+    assert (got_index, got_offset, bytes(view)) == (index, offset, data)
+    assert isinstance(view, memoryview)  # no copy of the payload
+
+
+def test_parse_response_returns_headers():
+    header = vision_pb2.ImageHeader(image_index=2, num_tiles=3, tokens_per_tile=[256, 64, 256])
+    raw = vision_pb2.EncodeResponse(header=header).SerializeToString()
+    assert codec.parse_response(raw) == header
+    with pytest.raises(codec.CodecError):
+        codec.parse_response(vision_pb2.EncodeResponse().SerializeToString())
+    with pytest.raises(codec.CodecError):
+        codec.parse_response(codec.chunk_message(1, 2, b"abc")[:-1])
+
+
+def test_chunk_messages_reassemble_a_tensor():
+    tensor = torch.randn(300, 64).to(torch.bfloat16)
+    assembler = codec.EmbeddingAssembler(tuple(tensor.shape), vision_pb2.DTYPE_BFLOAT16)
+    for raw in codec.encode_chunk_messages(tensor, image_index=1, chunk_bytes=10_000):
+        index, offset, data = codec.parse_response(raw)
+        assert index == 1
+        assembler.add(offset, data)
+    assert torch.equal(assembler.tensor(), tensor)

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -29,6 +29,7 @@ from vision_server.errors import Overloaded, ShuttingDown
 logger = logging.getLogger(__name__)
 
 TileOutputs = TypeVar("TileOutputs")
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -139,6 +140,11 @@ class TileBatcher(Generic[TileOutputs]):
                 self._pending.remove(job)
                 self._queued_tiles -= job.remaining
             raise
+
+    async def run_on_worker(self, function: Callable[..., Result], *args: Any) -> Result:
+        """Run ``function`` on the batcher's thread, between forward passes (device work that
+        belongs to one image, such as its routing)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _take_pass(self) -> list[tuple[_Job, int, int]]:
         """Pop up to max_batch_tiles tiles from the head of the queue: (job, start, end)."""

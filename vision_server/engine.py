@@ -84,14 +84,35 @@ class EncoderEngine:
         return self.encoder.has_router
 
     def _run_pass(self, tiles: torch.Tensor) -> TileEmbeddings:
-        # Runs on the batcher's thread: [n, 3, 448, 448] -> per-tile embeddings on the CPU.
+        # Runs on the batcher's thread: [n, 3, 448, 448] -> per-tile embeddings on the CPU
+        # (the router's ViT features stay on the device until their image is complete).
         with torch.inference_mode():
             out = self.encoder(tiles.to(self.device, self.dtype, non_blocking=True))
             return TileEmbeddings(
                 out.full.to("cpu"),
                 out.compressed.to("cpu") if out.compressed is not None else None,
-                out.compress_prob.float().to("cpu") if out.compress_prob is not None else None,
+                out.features,
             )
+
+    def _finalize(
+        self, pieces: list[TileEmbeddings], vir_mode: VirMode, absolute_threshold: float | None
+    ) -> tuple[torch.Tensor, list[bool], VirMode | None]:
+        """On the batcher's thread: route the image's tiles and assemble its rows."""
+        tiles = TileEmbeddings.concat(pieces)
+        flash = self.spec.flash
+        if flash is None or tiles.compressed is None or tiles.features is None:
+            return tiles.full.reshape(-1, self.hidden_size), [False] * len(tiles.full), None
+        if vir_mode is VirMode.AUTO:
+            with torch.inference_mode():
+                p0 = self.encoder.compress_prob(tiles.features).float().to("cpu")
+        else:
+            p0 = torch.zeros(len(tiles.full))  # not needed: every tile goes the same way
+        threshold = flash.absolute_threshold if absolute_threshold is None else absolute_threshold
+        compress = route_tiles(p0, vir_mode, flash.relative_threshold, threshold)
+        rows = [
+            tiles.compressed[i] if squeeze else tiles.full[i] for i, squeeze in enumerate(compress)
+        ]
+        return torch.cat(rows), compress, vir_mode
 
     def warmup(self) -> None:
         """One forward pass so the first request does not pay for lazy initialisation."""
@@ -113,25 +134,14 @@ class EncoderEngine:
     ) -> EncodedImage:
         """Embeddings of one prepared image: each tile's 256 rows, or 64 where routed."""
         pieces, stats = await self.batcher.submit(image.tiles, request_id)
-        tiles = TileEmbeddings.concat([p for p in pieces if isinstance(p, TileEmbeddings)])
-        flash = self.spec.flash
-        if flash is None or tiles.compressed is None or tiles.compress_prob is None:
-            compress = [False] * int(tiles.full.shape[0])
-            applied: VirMode | None = None
-        else:
-            threshold = (
-                flash.absolute_threshold if absolute_threshold is None else absolute_threshold
-            )
-            compress = route_tiles(
-                tiles.compress_prob, vir_mode, flash.relative_threshold, threshold
-            )
-            applied = vir_mode
-        rows = [
-            tiles.compressed[i] if flag and tiles.compressed is not None else tiles.full[i]
-            for i, flag in enumerate(compress)
+        parts = [p for p in pieces if isinstance(p, TileEmbeddings)]
+        embeddings, compress, applied = await self.batcher.run_on_worker(
+            self._finalize, parts, vir_mode, absolute_threshold
+        )
+        tokens = [
+            self.spec.compressed_tokens_per_tile if squeeze else self.spec.tokens_per_tile
+            for squeeze in compress
         ]
-        embeddings = torch.cat(rows)  # [sum of tokens per tile, hidden]
-        tokens = [int(row.shape[0]) for row in rows]
         metrics.observe_routing(
             kept=compress.count(False),
             compressed=compress.count(True),

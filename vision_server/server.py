@@ -14,18 +14,16 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.checkpoints.default import resolve_model
 from vision_server.checkpoints.spec import load_checkpoint_spec
 from vision_server.engine import EncoderEngine, resolve_device, resolve_dtype
 from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
-from vision_server.service import VisionServicer
+from vision_server.service import SERVICE_NAME, VisionServicer, add_vision_service
 from vision_server.settings import VisionSettings
 
 logger = logging.getLogger("vision_server")
 
-SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -90,7 +88,7 @@ async def start_server(settings: VisionSettings) -> RunningServer:
             ("grpc.max_send_message_length", 8 * 1024 * 1024),
         ]
     )
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+    add_vision_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -87,7 +87,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def Encode(  # noqa: N802 (gRPC method name)
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+    ) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         request_id = request.request_id or uuid.uuid4().hex
         started = time.perf_counter()
         status = grpc.StatusCode.OK
@@ -98,14 +98,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             async with contextlib.aclosing(stream) as encoded_images:
                 async for encoded in encoded_images:
                     yield self._header(count, encoded)
-                    chunks = codec.encode_chunks(encoded.embeddings, self.settings.chunk_bytes)
-                    for offset, data in chunks:
-                        metrics.embedding_bytes.inc(len(data))
-                        yield vision_pb2.EncodeResponse(
-                            chunk=vision_pb2.EmbeddingChunk(
-                                image_index=count, offset=offset, data=data
-                            )
-                        )
+                    # Chunks go out pre-serialized (see add_vision_service): one copy each.
+                    for message in codec.encode_chunk_messages(
+                        encoded.embeddings, count, self.settings.chunk_bytes
+                    ):
+                        yield message
+                    metrics.embedding_bytes.inc(
+                        encoded.embeddings.numel() * encoded.embeddings.element_size()
+                    )
                     count += 1
             logger.debug("request %s: %d images encoded", request_id, count)
         except VisionError as exc:
@@ -145,3 +145,28 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             image_end_token=spec.image_tokens.end,
             device=str(self.engine.device),
         )
+
+
+def _serialize_response(message: vision_pb2.EncodeResponse | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_vision_service(servicer: VisionServicer, server: grpc.aio.Server) -> None:
+    """Register ``dvd.v1.VisionService`` like the generated helper does, except that Encode
+    may yield already-serialized ``EncodeResponse`` bytes (the embedding chunks)."""
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            servicer.Encode,
+            request_deserializer=vision_pb2.EncodeRequest.FromString,
+            response_serializer=_serialize_response,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=vision_pb2.GetModelInfoRequest.FromString,
+            response_serializer=vision_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name

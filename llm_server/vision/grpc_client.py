@@ -79,6 +79,13 @@ class GrpcImageEncoder:
             ],
         )
         self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+        # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
+        # copying them through protobuf objects.
+        self._encode = self._channel.unary_stream(
+            "/dvd.v1.VisionService/Encode",
+            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def model_info(self, timeout_s: float = 5.0) -> vision_pb2.ModelInfo:
@@ -111,16 +118,17 @@ class GrpcImageEncoder:
                 vir_threshold=options.vir_threshold,
             ),
         )
-        call = self._stub.Encode(request, timeout=self.timeout_s)
+        call = self._encode(request, timeout=self.timeout_s)
         results: list[VisualEmbedding] = []
         header: vision_pb2.ImageHeader | None = None
         assembler: codec.EmbeddingAssembler | None = None
         header_at = 0.0
         try:
             # Cancelling this coroutine (client gone) cancels the call on the vision service.
-            async for message in call:
-                if message.HasField("header"):
-                    header = message.header
+            async for raw in call:
+                message = codec.parse_response(raw)
+                if isinstance(message, vision_pb2.ImageHeader):
+                    header = message
                     self._check_header(header, len(results))
                     header_at = time.perf_counter()
                     metrics.vision_queue_wait.observe(header.queue_ms / 1000)
@@ -129,14 +137,11 @@ class GrpcImageEncoder:
                         (header.num_visual_tokens, header.hidden_size), header.dtype
                     )
                     continue
-                if (
-                    assembler is None
-                    or header is None
-                    or message.chunk.image_index != header.image_index
-                ):
+                image_index, offset, data = message
+                if assembler is None or header is None or image_index != header.image_index:
                     raise APIError("vision service sent embedding bytes without a matching header")
-                assembler.add(message.chunk.offset, message.chunk.data)
-                metrics.embedding_bytes.inc(len(message.chunk.data))
+                assembler.add(offset, data)
+                metrics.embedding_bytes.inc(len(data))
                 if assembler.complete:
                     metrics.vision_transfer.observe(time.perf_counter() - header_at)
                     results.append(

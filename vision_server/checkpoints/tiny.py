@@ -36,32 +36,49 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-# Tiny widths and depths; everything else keeps InternVL3.5's real geometry.
-VISION_DIMS = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
-)
-TEXT_DIMS = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-)
+# Widths and depths per preset; everything else keeps InternVL3.5's real geometry.
+# "tiny": the test and default model. "bench": InternVL3.5-1B (InternViT-300M + Qwen3-0.6B)
+# scaled down 4x in width, with depths chosen so that a tile's ViT work stays about 3x the
+# LLM's prefill work for its 256 tokens, as in the real model (see docs/benchmarks.md).
+PRESETS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    "tiny": (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        ),
+    ),
+    "bench": (
+        dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024),
+        dict(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=13,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+        ),
+    ),
+}
 MAX_CONTEXT = 8192
 
 
-def build_hf_model(seed: int) -> Any:
-    """Build a transformers InternVLForConditionalGeneration with this project's tiny shape."""
+def build_hf_model(seed: int, preset: str = "tiny") -> Any:
+    """Build a transformers InternVLForConditionalGeneration of one of the ``PRESETS``."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+    vision_dims, text_dims = PRESETS[preset]
     tokenizer = tiny_tokenizer.train_tokenizer()
     vocab = tokenizer.get_vocab()
     end_of_text = vocab[tiny_tokenizer.END_OF_TEXT]
     im_end = vocab[tiny_tokenizer.IM_END]
     config = InternVLConfig(
         vision_config=dict(
-            **VISION_DIMS,
+            **vision_dims,
             image_size=448,
             patch_size=14,
             attention_bias=True,
@@ -74,7 +91,7 @@ def build_hf_model(seed: int) -> Any:
         text_config=dict(
             model_type="qwen3",
             vocab_size=tokenizer.get_vocab_size(),
-            **TEXT_DIMS,
+            **text_dims,
             max_position_embeddings=MAX_CONTEXT,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
@@ -354,13 +371,13 @@ def _flash_config() -> dict[str, Any]:
 
 
 def write_tiny_checkpoint(
-    out_dir: Path, *, seed: int = 0, layout: str = "hf", flash: bool = False
+    out_dir: Path, *, seed: int = 0, layout: str = "hf", flash: bool = False, preset: str = "tiny"
 ) -> Path:
     """Write the tiny checkpoint in ``layout`` ('hf' or 'original') to ``out_dir``; with
     ``flash``, an InternVL3.5-Flash checkpoint (router + 64-token projector added)."""
     if layout not in ("hf", "original"):
         raise ValueError(f"unknown layout {layout!r}; expected 'hf' or 'original'")
-    model, tokenizer = build_hf_model(seed)
+    model, tokenizer = build_hf_model(seed, preset)
     flash_tensors = (
         build_flash_tensors(
             seed, model.config.vision_config.hidden_size, model.config.text_config.hidden_size
@@ -429,13 +446,21 @@ def main(argv: list[str] | None = None) -> None:
         "original: OpenGVLab's InternVLChatModel (default: hf)",
     )
     parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="tiny: the test model; bench: InternVL3.5-1B's ViT:LLM compute ratio, scaled down",
+    )
+    parser.add_argument(
         "--flash",
         action="store_true",
         help="InternVL3.5-Flash: add the Visual Resolution Router and the 64-token projector",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, flash=args.flash)
+    write_tiny_checkpoint(
+        args.out, seed=args.seed, layout=args.layout, flash=args.flash, preset=args.preset
+    )
 
 
 if __name__ == "__main__":

@@ -23,33 +23,33 @@ class TileEmbeddings:
 
     full: torch.Tensor  # [tiles, 256, llm_hidden]
     compressed: torch.Tensor | None = None  # [tiles, 64, llm_hidden] (Flash only)
-    compress_prob: torch.Tensor | None = None  # [tiles] router p0 (Flash only)
+    # ViT features the router reads, kept until the whole image is encoded (Flash only).
+    features: torch.Tensor | None = None  # [tiles, 1024, vit_width]
 
     def split(self, sizes: list[int]) -> list[TileEmbeddings]:
         """One ``TileEmbeddings`` per consecutive group of ``sizes`` tiles."""
         full = self.full.split(sizes)
         compressed = self.compressed.split(sizes) if self.compressed is not None else None
-        prob = self.compress_prob.split(sizes) if self.compress_prob is not None else None
+        features = self.features.split(sizes) if self.features is not None else None
         return [
             TileEmbeddings(
                 full[i],
                 compressed[i] if compressed is not None else None,
-                prob[i] if prob is not None else None,
+                features[i] if features is not None else None,
             )
             for i in range(len(sizes))
         ]
 
     @staticmethod
     def concat(parts: list[TileEmbeddings]) -> TileEmbeddings:
-        first = parts[0]
+        if len(parts) == 1:
+            return parts[0]
+        compressed = [p.compressed for p in parts if p.compressed is not None]
+        features = [p.features for p in parts if p.features is not None]
         return TileEmbeddings(
             torch.cat([p.full for p in parts]),
-            torch.cat([p.compressed for p in parts if p.compressed is not None])
-            if first.compressed is not None
-            else None,
-            torch.cat([p.compress_prob for p in parts if p.compress_prob is not None])
-            if first.compress_prob is not None
-            else None,
+            torch.cat(compressed) if compressed else None,
+            torch.cat(features) if features else None,
         )
 
 
@@ -57,9 +57,10 @@ class VisionEncoder(nn.Module):
     """Normalised tiles in, LLM-width visual embeddings out.
 
     ``forward``: ``[tiles, 3, 448, 448]`` -> ``TileEmbeddings``: 256 tokens per tile through
-    ``mlp1`` and, on Flash checkpoints, 64 tokens per tile through ``mlp2`` plus the router's
-    compress probability. Parameter names follow OpenGVLab's checkpoints (``vision_model.*``,
-    ``mlp1.*``, ``mlp2.*``, ``pooling_before_gating.*``, ``gating.*``).
+    ``mlp1`` and, on Flash checkpoints, 64 tokens per tile through ``mlp2`` plus the ViT
+    features that ``compress_prob`` (the router) reads once the image is complete. Parameter
+    names follow OpenGVLab's checkpoints (``vision_model.*``, ``mlp1.*``, ``mlp2.*``,
+    ``pooling_before_gating.*``, ``gating.*``).
     """
 
     def __init__(self, spec: CheckpointSpec) -> None:
@@ -93,8 +94,12 @@ class VisionEncoder(nn.Module):
         if not self.has_router:
             return TileEmbeddings(full)
         compressed = self._project(grid, ratio * ratio, self.mlp2)  # [n, 64, llm_hidden]
-        compress_prob = self.gating(self.pooling_before_gating(features))[:, 0]  # [n]
-        return TileEmbeddings(full, compressed, compress_prob)
+        return TileEmbeddings(full, compressed, features)
+
+    def compress_prob(self, features: torch.Tensor) -> torch.Tensor:
+        """Router p0 per tile: ``[tiles, 1024, vit_width] -> [tiles]``. Run on one image's
+        tiles at a time, so the decision never depends on what shared the ViT's batch."""
+        return self.gating(self.pooling_before_gating(features))[:, 0]
 
     @classmethod
     def from_checkpoint(
