@@ -273,6 +273,8 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for run in runs:
         label = run["config"]["label"]
+        if panels == 3:
+            label += f" c={run['config']['concurrency']}"
         requests = [r for r in run["requests"] if r["success"]]
         _cdf(axes[0], [r["ttft_s"] for r in requests], label)
         _cdf(axes[1], [r["e2el_s"] for r in requests], label)

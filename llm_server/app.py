@@ -9,8 +9,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from llm_server.api.middleware import RequestMetricsMiddleware
-from llm_server.api.router import install_error_handlers, router
+from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.images import ImageFetchPolicy, ImageLoader
@@ -54,6 +54,7 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             max_bytes=settings.max_image_bytes,
             allowed_hosts=frozenset(settings.allowed_image_hosts),
             timeout_s=settings.image_fetch_timeout_s,
+            allowed_networks=ImageFetchPolicy.networks(settings.allowed_image_networks),
         )
     )
     logger.info(
@@ -79,7 +80,10 @@ def create_app(settings: LLMSettings) -> FastAPI:
             chat.engine.shutdown()
 
     app = FastAPI(title="DvD language service", version="0.1.0", lifespan=lifespan)
+    app.state.api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.include_router(router)
+    app.include_router(ops_router)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     return app

@@ -54,10 +54,19 @@ class ContextLengthExceeded(BadRequest):
     code = "context_length_exceeded"
 
 
+class RequestTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class Unauthorized(APIError):
     status_code = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class ModelNotFound(APIError):

@@ -13,7 +13,7 @@ import binascii
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -27,6 +27,12 @@ class ImageFetchPolicy:
     max_bytes: int
     allowed_hosts: frozenset[str]
     timeout_s: float
+    # Private networks that allow-listed hosts may still resolve to (an internal image store).
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @staticmethod
+    def networks(cidrs: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
@@ -66,10 +72,17 @@ def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
     return False
 
 
-def is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_public_address(address: str) -> bool:
+    """False for private, loopback, link-local (cloud metadata), multicast, reserved and
+    unspecified addresses, IPv4-mapped IPv6 included."""
+    ip = _ip(address)
     return not (
         ip.is_private
         or ip.is_loopback
@@ -80,7 +93,13 @@ def is_public_address(address: str) -> bool:
     )
 
 
-async def _check_url(url: str, policy: ImageFetchPolicy) -> None:
+def address_allowed(address: str, policy: ImageFetchPolicy) -> bool:
+    ip = _ip(address)
+    return is_public_address(address) or any(ip in network for network in policy.allowed_networks)
+
+
+async def _resolve(url: str, policy: ImageFetchPolicy) -> tuple[str, int, str]:
+    """Check ``url`` against the policy; return (host, port, the address to connect to)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InvalidImage(
@@ -95,18 +114,33 @@ async def _check_url(url: str, policy: ImageFetchPolicy) -> None:
         )
     if not _host_allowed(host, policy.allowed_hosts):
         raise InvalidImage(f"image host {host!r} is not on the allow-list", param="image_url")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise InvalidImage(f"cannot resolve image host {host!r}", param="image_url") from exc
-    for info in infos:
-        address = str(info[4][0])
-        if not is_public_address(address):
-            raise InvalidImage(
-                f"image host {host!r} resolves to a non-public address; refused",
-                param="image_url",
-            )
+    addresses = [str(info[4][0]) for info in infos]
+    # Every address must pass: a name must not be able to point at an internal service.
+    if not addresses or not all(address_allowed(address, policy) for address in addresses):
+        raise InvalidImage(
+            f"image host {host!r} resolves to a private or internal address; refused",
+            param="image_url",
+        )
+    return host, port, addresses[0]
+
+
+def _pinned(
+    url: str, host: str, port: int, address: str
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The URL to request from the checked address, with the original Host header and TLS name:
+    the connection cannot be re-resolved (DNS rebinding) between check and use."""
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit(parts._replace(netloc=f"{literal}:{port}"))
+    headers = {"Host": parts.netloc.rpartition("@")[2]}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return pinned, headers, extensions
 
 
 async def fetch_remote_image(
@@ -114,9 +148,14 @@ async def fetch_remote_image(
 ) -> bytes:
     """Download an allow-listed image, re-checking every redirect, capped in size and time."""
     for _ in range(MAX_REDIRECTS + 1):
-        await _check_url(url, policy)
+        host, port, address = await _resolve(url, policy)
+        target, headers, extensions = _pinned(url, host, port, address)
         try:
-            async with client.stream("GET", url, timeout=policy.timeout_s) as response:
+            request = client.build_request(
+                "GET", target, headers=headers, extensions=extensions, timeout=policy.timeout_s
+            )
+            response = await client.send(request, stream=True)
+            try:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
@@ -129,30 +168,33 @@ async def fetch_remote_image(
                     raise InvalidImage(
                         f"image URL answered HTTP {response.status_code}", param="image_url"
                     )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > policy.max_bytes:
-                    raise InvalidImage(
-                        f"image is larger than the {policy.max_bytes}-byte limit",
-                        param="image_url",
-                        code="image_too_large",
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > policy.max_bytes:
-                        raise InvalidImage(
-                            f"image is larger than the {policy.max_bytes}-byte limit",
-                            param="image_url",
-                            code="image_too_large",
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return await _read_capped(response, policy.max_bytes)
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise InvalidImage(
                 f"cannot download image: {exc.__class__.__name__}", param="image_url"
             ) from exc
     raise InvalidImage(f"image URL redirected more than {MAX_REDIRECTS} times", param="image_url")
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    too_large = InvalidImage(
+        f"image is larger than the {max_bytes}-byte limit",
+        param="image_url",
+        code="image_too_large",
+    )
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ImageLoader:

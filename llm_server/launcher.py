@@ -19,7 +19,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="DVD_", cli_kebab_case=True, cli_implicit_flags=True, extra="ignore"
+        env_prefix="DVD_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+        env_ignore_empty=True,
     )
 
     model: str | None = Field(

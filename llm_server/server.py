@@ -12,9 +12,6 @@ import uvicorn
 from llm_server.app import create_app
 from llm_server.settings import LLMSettings
 
-# In-flight requests get this long to finish after SIGTERM before the server stops.
-GRACEFUL_SHUTDOWN_S = 30
-
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the HTTP port before the engine starts: vLLM opens many ephemeral ports while
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         create_app(settings),
         log_level=settings.log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
 

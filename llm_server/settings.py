@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,7 @@ class LLMSettings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         extra="ignore",
+        env_ignore_empty=True,  # DVD_MODEL= (empty) means "unset", as compose files write it
     )
 
     # ---- model ----
@@ -80,13 +81,43 @@ class LLMSettings(BaseSettings):
     seed: int = Field(0, description="engine seed")
 
     # ---- request limits ----
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest HTTP request body (images included)"
+    )
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="chat requests served at once; beyond it requests get a 429"
+    )
     max_images_per_request: int = Field(16, ge=0, description="images in one request")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="encoded size of one image")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="largest max_tokens a request may ask for (unset: the context)"
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens when a request gives none (unset: the rest of the context)",
+    )
     allowed_image_hosts: list[str] = Field(
         default_factory=list,
-        description="hosts from which http(s) image URLs may be fetched; empty: only data: URLs",
+        description="hosts from which http(s) image URLs may be fetched (exact names, or "
+        "'.example.com' for subdomains); empty: only data: URLs",
+    )
+    allowed_image_networks: list[str] = Field(
+        default_factory=list,
+        description="private networks (CIDR) that allow-listed hosts may resolve to; any other "
+        "private, loopback, link-local or metadata address is refused",
     )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one image download")
+
+    # ---- security and lifecycle ----
+    api_key: SecretStr | None = Field(
+        None,
+        description="if set, /v1/* requires 'Authorization: Bearer <key>' "
+        "(/health and /metrics stay open)",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="after SIGTERM, how long in-flight requests may run to completion"
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -123,6 +123,12 @@ class VisionPipeline:
             if isinstance(result, BaseException):
                 raise result
             prepared.append(result)
+        tiles = sum(image.grid.num_tiles for image in prepared)
+        if tiles > self.settings.max_tiles_per_request:
+            raise TooManyImages(
+                f"the images of this request make {tiles} tiles; the limit is "
+                f"{self.settings.max_tiles_per_request} (lower max_tiles or send fewer images)"
+            )
         return prepared
 
     # ---- encoding ---------------------------------------------------------------------------

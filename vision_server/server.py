@@ -91,7 +91,8 @@ async def start_server(settings: VisionSettings) -> RunningServer:
     add_vision_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
+    port = server.add_insecure_port(f"{host}:{settings.port}")
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     engine.start()

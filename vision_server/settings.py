@@ -17,6 +17,7 @@ class VisionSettings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         extra="ignore",
+        env_ignore_empty=True,  # DVD_MODEL= (empty) means "unset", as compose files write it
     )
 
     model: str | None = Field(
@@ -50,6 +51,9 @@ class VisionSettings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, description="images in one Encode call")
     max_tiles_limit: int = Field(
         40, ge=1, description="largest per-image max_tiles a request may ask for"
+    )
+    max_tiles_per_request: int = Field(
+        256, ge=1, description="tiles of all images of one request, thumbnails included"
     )
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="encoded size of one image")
     max_image_pixels: int = Field(

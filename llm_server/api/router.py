@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
@@ -15,13 +16,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
 from llm_server.api.serving import ChatService
-from llm_server.errors import APIError, EngineUnavailable
+from llm_server.errors import APIError, EngineUnavailable, Unauthorized
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-router = APIRouter()
+
+def require_api_key(request: Request) -> None:
+    """With ``--api-key``, /v1/* needs ``Authorization: Bearer <key>`` (constant-time check)."""
+    expected = getattr(request.app.state, "api_key", None)
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
+        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+# /v1/*: the OpenAI API, behind the API key when there is one. /health, /metrics: operations.
+router = APIRouter(dependencies=[Depends(require_api_key)])
+ops_router = APIRouter()
 
 
 class ClientDisconnected(Exception):
@@ -79,7 +93,7 @@ async def list_models(chat: ChatDependency) -> ModelList:
     return chat.models()
 
 
-@router.get("/health")
+@ops_router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 when the language engine serves; reports the vision service separately, since
     text-only requests do not need it."""
@@ -90,7 +104,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "engine": "serving", "vision": vision})
 
 
-@router.get("/metrics")
+@ops_router.get("/metrics")
 async def metrics() -> Response:
     """Prometheus exposition: vLLM's engine series (``vllm:*``) and DvD's own (``dvd:*``)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

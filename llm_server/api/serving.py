@@ -37,6 +37,7 @@ from llm_server.errors import (
     BadRequest,
     ContextLengthExceeded,
     ModelNotFound,
+    Overloaded,
     TooManyImages,
 )
 from llm_server.images import ImageLoader
@@ -70,6 +71,13 @@ class _ChoiceState:
     finish_reason: str | None = None
 
 
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
 def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
     if not visuals:
         return None
@@ -100,6 +108,15 @@ class ChatService:
         self.settings = settings
         self.model_name = engine.model_name
         self.created = int(time.time())
+        self._in_flight = 0
+
+    def _admit(self) -> None:
+        self._in_flight += 1
+        metrics.requests_in_flight.inc()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        metrics.requests_in_flight.dec()
 
     def models(self) -> ModelList:
         return ModelList(
@@ -164,25 +181,35 @@ class ChatService:
         def pick(name: str, value: Any, fallback: Any) -> Any:
             return value if value is not None else defaults.get(name, fallback)
 
-        return SamplingParams(
-            n=request.n,
-            temperature=pick("temperature", request.temperature, 1.0),
-            top_p=pick("top_p", request.top_p, 1.0),
-            top_k=pick("top_k", request.top_k, 0),
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=defaults.get("repetition_penalty", 1.0),
-            max_tokens=max_tokens,
-            min_tokens=min(request.min_tokens, max_tokens),
-            stop=request.stop_sequences or None,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
-        )
+        try:
+            return SamplingParams(
+                n=request.n,
+                temperature=pick("temperature", request.temperature, 1.0),
+                top_p=pick("top_p", request.top_p, 1.0),
+                top_k=pick("top_k", request.top_k, 0),
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                repetition_penalty=defaults.get("repetition_penalty", 1.0),
+                max_tokens=max_tokens,
+                min_tokens=min(request.min_tokens, max_tokens),
+                stop=request.stop_sequences or None,
+                seed=request.seed,
+                output_kind=RequestOutputKind.DELTA,
+                skip_special_tokens=True,
+            )
+        except (ValueError, TypeError) as exc:  # vLLM's own checks of parameter combinations
+            raise BadRequest(f"invalid sampling parameters: {exc}") from exc
 
     def _completion_budget(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
         limit = self.engine.max_model_len
         requested = request.completion_limit
+        cap = self.settings.max_tokens_limit
+        if requested is not None and cap is not None and requested > cap:
+            raise BadRequest(
+                f"max_tokens={requested} exceeds this server's limit of {cap}", param="max_tokens"
+            )
+        if requested is None and self.settings.default_max_tokens is not None:
+            requested = min(self.settings.default_max_tokens, limit - num_prompt_tokens)
         if num_prompt_tokens >= limit or (
             requested is not None and num_prompt_tokens + requested > limit
         ):
@@ -200,11 +227,16 @@ class ChatService:
         """Validate, fetch and encode images, build the engine prompt. Counts the request as
         in flight until ``complete``/``stream`` finishes (or this raises)."""
         arrived = time.perf_counter()
-        metrics.requests_in_flight.inc()
+        if self._in_flight >= self.settings.max_concurrent_requests:
+            raise Overloaded(
+                f"the server is at its limit of {self.settings.max_concurrent_requests} "
+                "concurrent requests; retry later"
+            )
+        self._admit()
         try:
             chat = await self._prepare(request, request_id, arrived)
         except BaseException:
-            metrics.requests_in_flight.dec()
+            self._release()
             raise
         metrics.prompt_tokens.inc(chat.num_prompt_tokens)
         if chat.vision is not None:
@@ -267,12 +299,20 @@ class ChatService:
 
     async def _generate(self, chat: PreparedChat) -> AsyncIterator[Any]:
         """vLLM's outputs for one prepared chat, with latency and token accounting."""
+        from vllm.exceptions import VLLMClientError
+
         first_token_at: float | None = None
         generated = 0
         try:
-            async for output in self.engine.generate(
-                chat.engine_prompt, chat.sampling_params, chat.request_id
-            ):
+            try:
+                stream = self.engine.generate(
+                    chat.engine_prompt, chat.sampling_params, chat.request_id
+                )
+                first = await anext(stream, None)
+            except VLLMClientError as exc:  # the engine refused the request as submitted
+                raise BadRequest(str(exc)) from exc
+            outputs = [] if first is None else [first]
+            async for output in _chain(outputs, stream):
                 produced = sum(len(completion.token_ids) for completion in output.outputs)
                 if produced and first_token_at is None:
                     first_token_at = time.perf_counter()
@@ -282,7 +322,7 @@ class ChatService:
             metrics.e2e_request_latency.observe(time.perf_counter() - chat.arrived)
         finally:
             metrics.generation_tokens.inc(generated)
-            metrics.requests_in_flight.dec()
+            self._release()
 
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False

@@ -61,3 +61,19 @@ def language_model_config_dir(spec: CheckpointSpec, cache_dir: Path) -> Path:
     if generation_text is not None:
         _write_atomically(folder / "generation_config.json", generation_text)
     return folder
+
+
+def main() -> None:
+    """``python -m llm_server.engine.model_files CHECKPOINT``: print the folder to give
+    ``vllm serve CHECKPOINT --hf-config-path`` (to serve the same LLM with plain vLLM)."""
+    import sys
+
+    from vision_server.checkpoints.default import default_cache_dir
+    from vision_server.checkpoints.spec import load_checkpoint_spec
+
+    spec = load_checkpoint_spec(Path(sys.argv[1]))
+    print(language_model_config_dir(spec, default_cache_dir()))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ address the name resolves to (several vision replicas behind one Compose/Kuberne
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +34,26 @@ _APPLIED_VIR: dict[int, VirMode | None] = {
     vision_pb2.VIR_MODE_OFF: "off",
     vision_pb2.VIR_MODE_MAX: "max",
 }
+
+
+# Encode is idempotent: a call that fails with UNAVAILABLE before its first reply (a replica
+# that just went away) is retried on another replica, twice at most, with a short backoff.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "dvd.v1.VisionService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 3,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 
 def _to_api_error(error: grpc.aio.AioRpcError) -> APIError:
@@ -69,6 +90,8 @@ class GrpcImageEncoder:
             target,
             options=[
                 ("grpc.lb_policy_name", "round_robin"),
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", _SERVICE_CONFIG),
                 ("grpc.max_receive_message_length", 2 * codec.MAX_CHUNK_BYTES),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 # Notice a dead replica quickly, and come back quickly when it returns.

@@ -1,0 +1,425 @@
+"""The deployment files, proven without a Docker engine.
+
+The compose test reads docker-compose.yml with its CPU override, and runs each service's
+declared command with its declared environment as a local process (service host names mapped
+to 127.0.0.1, container ports to free local ports, the /cache volume to a temporary folder),
+waits on the declared health checks, and completes a chat request with an image through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from helpers import (
+    LLM_TEST_ENV,
+    REPO_ROOT,
+    ServerProcess,
+    data_url,
+    free_port,
+    grpc_serving,
+    noise_image,
+)
+
+BIN = Path(sys.executable).parent
+
+
+# ---- compose files ------------------------------------------------------------------------
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags: ``!reset`` removes a value, ``!override`` replaces it."""
+
+
+class _Reset:
+    pass
+
+
+class _Override:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+_ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: _Override(
+        loader.construct_sequence(node, deep=True)
+        if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node, deep=True)
+    ),
+)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge: mappings merge key by key, other values are replaced."""
+    if isinstance(override, _Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, _Reset):
+                merged.pop(key, None)
+            else:
+                merged[key] = _merge(base.get(key), value)
+        return merged
+    return override
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    return value
+
+
+def load_compose(*files: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for name in files:
+        document = yaml.load((REPO_ROOT / name).read_text(), Loader=_ComposeLoader)  # noqa: S506
+        merged = _merge(merged, document)
+    merged = _interpolate(merged, env or {})
+    return merged
+
+
+def test_compose_gpu_file_is_what_operators_expect():
+    compose = load_compose("docker-compose.yml")
+    vision, llm = compose["services"]["vision"], compose["services"]["llm"]
+    for service in (vision, llm):
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        assert service["restart"] == "unless-stopped"
+        assert "model-cache:/cache" in service["volumes"]
+        assert (
+            service["environment"]["DVD_MODEL"]
+            == compose["services"]["llm"]["environment"]["DVD_MODEL"]
+        )
+        assert service["healthcheck"]["test"][0] == "CMD"
+    assert vision["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+    assert llm["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    # Scalable: no fixed name or host port on the vision service; replicas found by DNS.
+    assert "container_name" not in vision and "ports" not in vision
+    assert "--vision-target=dns:///vision:50051" in llm["command"]
+    assert any(arg.startswith("--tensor-parallel-size=") for arg in llm["command"])
+    assert llm["depends_on"] == {"vision": {"condition": "service_healthy"}}
+    assert "--grpc" in vision["healthcheck"]["test"] and "--http" in llm["healthcheck"]["test"]
+    assert "model-cache" in compose["volumes"]
+    tuned = load_compose(
+        "docker-compose.yml", env={"DVD_MODEL": "org/model", "DVD_TENSOR_PARALLEL_SIZE": "2"}
+    )
+    assert tuned["services"]["vision"]["environment"]["DVD_MODEL"] == "org/model"
+    assert "--tensor-parallel-size=2" in tuned["services"]["llm"]["command"]
+
+
+def test_compose_variants():
+    cpu = load_compose("docker-compose.yml", "docker-compose.cpu.yml")
+    for name in ("vision", "llm"):
+        service = cpu["services"][name]
+        assert "deploy" not in service  # no GPU reservation
+        assert service["build"]["target"] == "cpu"
+        assert service["environment"]["DVD_MODEL"] == ""  # empty: the tiny model
+    single = load_compose("docker-compose.yml", "docker-compose.single-gpu.yml")
+    gpus = [
+        single["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        for name in ("vision", "llm")
+    ]
+    assert gpus[0] == gpus[1] and len(gpus[0]) == 1 and gpus[0][0]["device_ids"] == ["0"]
+    assert "--gpu-memory-utilization=0.7" in single["services"]["llm"]["command"]
+
+
+# ---- running the declared services as local processes ------------------------------------
+
+
+class LocalDeployment:
+    """Maps a compose service's declared command and environment onto this machine."""
+
+    def __init__(self, tmp: Path, hosts: dict[str, str], ports: dict[int, int]) -> None:
+        self.tmp = tmp
+        self.hosts = hosts
+        self.ports = ports
+
+    def translate(self, text: str) -> str:
+        text = text.replace("/cache", str(self.tmp / "cache"))
+        text = text.replace("0.0.0.0", "127.0.0.1")
+        for name, address in self.hosts.items():
+            text = re.sub(rf"(?<=//){name}(?=:)|^{name}(?=:)", address, text)
+        return re.sub(
+            r"(?<=[:=])(\d{4,5})\b",
+            lambda m: str(self.ports.get(int(m.group(1)), m.group(1))),
+            text,
+        )
+
+    def argv(self, command: list[str]) -> list[str]:
+        translated = [self.translate(arg) for arg in command]
+        return [str(BIN / translated[0]), *translated[1:]]
+
+    def environment(self, service: dict[str, Any]) -> dict[str, str]:
+        declared = {k: self.translate(str(v)) for k, v in service.get("environment", {}).items()}
+        return {**declared, "HOME": os.environ.get("HOME", str(self.tmp)), **LLM_TEST_ENV}
+
+    def healthy(self, service: dict[str, Any]) -> bool:
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        timeout = float(service["healthcheck"]["timeout"].rstrip("s"))
+        result = subprocess.run(
+            self.argv(test[1:]), capture_output=True, timeout=timeout + 5, check=False
+        )
+        return result.returncode == 0
+
+
+def _seconds(value: str) -> float:
+    return float(value.rstrip("s"))
+
+
+@pytest.mark.slow
+def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
+    compose = load_compose("docker-compose.yml", "docker-compose.cpu.yml", env={})
+    vision, llm = compose["services"]["vision"], compose["services"]["llm"]
+    deployment = LocalDeployment(
+        tmp_path,
+        hosts={"vision": "127.0.0.1", "llm": "127.0.0.1"},
+        ports={50051: free_port(), 8000: free_port(), 9400: free_port()},
+    )
+    started: list[ServerProcess] = []
+    try:
+        vision_process = ServerProcess(
+            "compose-vision",
+            deployment.argv(vision["command"]),
+            log_dir,
+            env=deployment.environment(vision),
+        )
+        started.append(vision_process)
+        vision_process.wait_until(
+            lambda: deployment.healthy(vision),
+            _seconds(vision["healthcheck"]["start_period"]),
+            "healthy",
+        )
+        # depends_on: condition service_healthy -> the language service starts only now.
+        assert llm["depends_on"]["vision"]["condition"] == "service_healthy"
+        llm_process = ServerProcess(
+            "compose-llm", deployment.argv(llm["command"]), log_dir, env=deployment.environment(llm)
+        )
+        started.append(llm_process)
+        llm_process.wait_until(
+            lambda: deployment.healthy(llm), _seconds(llm["healthcheck"]["start_period"]), "healthy"
+        )
+        # The published port of the llm service is where clients call.
+        published = llm["ports"][0].split(":")
+        base_url = f"http://127.0.0.1:{deployment.ports[int(published[-1])]}"
+        models = httpx.get(f"{base_url}/v1/models", timeout=30).json()
+        model = models["data"][0]["id"]
+        assert model == "dvd-tiny-internvl"  # DVD_MODEL empty: the generated tiny model
+        reply = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": data_url(noise_image(640, 480, 3))},
+                            },
+                            {"type": "text", "text": "What is this?"},
+                        ],
+                    }
+                ],
+                "max_tokens": 8,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+        assert reply.json()["vision"]["vir"] == "auto"  # the tiny default is a Flash model
+        assert (tmp_path / "cache" / "dvd").is_dir()  # the model cache volume was used
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+@pytest.mark.slow
+def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
+    """Requests spread over both replicas; when one dies, the other serves without errors."""
+    port = free_port()
+    replicas = []
+    metrics_ports = []
+    llm = None
+    try:
+        for address in ("127.0.0.1", "127.0.0.2"):
+            metrics_port = free_port()
+            metrics_ports.append(metrics_port)
+            replicas.append(
+                ServerProcess(
+                    f"replica-{address}",
+                    [
+                        str(BIN / "dvd-vision-server"),
+                        "--model",
+                        str(tiny_models["hf"]),
+                        f"--host={address}",
+                        f"--port={port}",
+                        f"--metrics-port={metrics_port}",
+                    ],  # fmt: skip
+                    log_dir,
+                )
+            )
+        for replica, address in zip(replicas, ("127.0.0.1", "127.0.0.2"), strict=True):
+            replica.wait_until(lambda a=address: grpc_serving(f"{a}:{port}"), 120, "serving")
+        http_port = free_port()
+        # What dns:///vision:50051 resolves to in Compose or Kubernetes: every replica's address.
+        target = f"ipv4:127.0.0.1:{port},127.0.0.2:{port}"
+        llm = ServerProcess(
+            "replicas-llm",
+            [
+                str(BIN / "dvd-llm-server"),
+                "--model",
+                str(tiny_models["hf"]),
+                f"--port={http_port}",
+                f"--vision-target={target}",
+                "--enforce-eager",
+                "--served-model-name=m",
+            ],  # fmt: skip
+            log_dir,
+            env=LLM_TEST_ENV,
+        )
+        base_url = f"http://127.0.0.1:{http_port}"
+        llm.wait_until(
+            lambda: httpx.get(f"{base_url}/health", timeout=2).status_code == 200, 300, "serving"
+        )
+
+        def ask(seed: int) -> int:
+            body = {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": data_url(noise_image(200, 200, seed))},
+                            }
+                        ],
+                    }
+                ],
+                "max_tokens": 2,
+            }
+            return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).status_code
+
+        assert [ask(i) for i in range(12)] == [200] * 12
+        served = [_encode_count(p) for p in metrics_ports]
+        assert sum(served) == 12 and min(served) >= 3, served  # both replicas took requests
+
+        replicas[0].stop()
+        codes = []
+        for i in range(12):
+            codes.append(ask(100 + i))
+            time.sleep(0.05)
+        assert codes == [200] * 12, codes
+        assert _encode_count(metrics_ports[1]) == served[1] + 12
+    finally:
+        if llm is not None:
+            llm.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def _encode_count(metrics_port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    match = re.search(r'^dvd:vision_requests_total\{status="OK"\} ([0-9.]+)$', text, re.MULTILINE)
+    return int(float(match.group(1))) if match else 0
+
+
+# ---- Dockerfile ---------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[str]:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    return [
+        line for line in text.replace("\\\n", " ").splitlines() if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_stages():
+    lines = _dockerfile()
+    stages = [m.group(1) for line in lines if (m := re.match(r"FROM \S+ AS (\S+)", line))]
+    assert {"sources", "cuda-base", "cuda-build", "cuda", "cpu-build", "cpu"} <= set(stages)
+    for final in ("cuda", "cpu"):
+        start = stages.index(final)
+        block = _stage_lines(lines, final)
+        assert any(line.startswith("USER dvd") for line in block), final  # non-root
+        assert any(line.startswith("HEALTHCHECK") for line in block), final
+        assert any("HF_HOME=/cache/huggingface" in line for line in block), final
+        assert any(line.startswith('VOLUME ["/cache"]') for line in block), final
+        # Final images copy only the built environment: no build stage leaks in.
+        copies = [line for line in block if line.startswith("COPY")]
+        assert copies == [f"COPY --from={final}-build /opt/venv /opt/venv"], (final, copies, start)
+    build_lines = _stage_lines(lines, "cpu-build") + _stage_lines(lines, "cuda-build")
+    assert all("--no-cache-dir" in line for line in build_lines if "pip install" in line)
+    assert any(
+        "pip uninstall -y torchvision torchaudio torchcodec" in line
+        for line in _stage_lines(lines, "cpu-build")
+    )
+    assert not any(
+        re.search(r"\.safetensors|snapshot_download|huggingface-cli", line) for line in lines
+    )
+
+
+def _stage_lines(lines: list[str], stage: str) -> list[str]:
+    out: list[str] = []
+    inside = False
+    for line in lines:
+        if line.startswith("FROM "):
+            inside = line.endswith(f" AS {stage}")
+            continue
+        if inside:
+            out.append(line)
+    return out
+
+
+def test_dockerfile_paths_and_commands_exist():
+    import tomllib
+
+    lines = _dockerfile()
+    for line in lines:
+        if line.startswith("COPY") and "--from=" not in line:
+            *sources, _ = shlex.split(line)[1:]
+            for source in sources:
+                assert (REPO_ROOT / source).exists(), source
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for match in re.finditer(r'"/src\[(\w+)\]"', "\n".join(lines)):
+        assert match.group(1) in extras
+    commands = re.findall(r'(?:CMD|HEALTHCHECK .*CMD) \["([\w-]+)"', "\n".join(lines))
+    assert commands and all(command in scripts for command in commands), commands
+    for compose_file in (
+        "docker-compose.yml",
+        "docker-compose.cpu.yml",
+        "docker-compose.single-gpu.yml",
+    ):
+        compose = load_compose(compose_file)
+        for service in compose["services"].values():
+            for key in ("command",):
+                if key in service:
+                    assert service[key][0] in scripts
+            if "healthcheck" in service and "test" in service["healthcheck"]:
+                assert service["healthcheck"]["test"][1] in scripts
+            target = service.get("build", {}).get("target")
+            if target and not target.startswith("$"):
+                assert f" AS {target}" in "\n".join(lines)

@@ -1,0 +1,488 @@
+"""Hostile input, hostile URLs, faults, overload, auth and shutdown, with real processes.
+
+One "hardened" deployment (tight limits, an API key, an image allow-list) serves this module;
+its last test shuts it down with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import (
+    REPO_ROOT,
+    ServerProcess,
+    Stack,
+    data_url,
+    encode_image,
+    free_port,
+    gradient_image,
+    grpc_serving,
+    noise_image,
+    start_stacks,
+    vision_server_argv,
+)
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key-1234"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MODEL = "dvd-tiny-internvl"
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    png = encode_image(noise_image(120, 90, seed=1))
+    hits: dict[str, int] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        host = self.server.server_address[0]
+        self.hits[host] = self.hits.get(host, 0) + 1
+        port = self.server.server_address[1]
+        if self.path == "/image.png":
+            self._send(200, self.png, "image/png")
+        elif self.path == "/huge.png":
+            self._send(200, b"\x89PNG" + b"0" * 3_000_000, "image/png")
+        elif self.path == "/to-internal":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{port}/image.png")
+            self.end_headers()
+        elif self.path == "/to-image":
+            self.send_response(302)
+            self.send_header("Location", "/image.png")
+            self.end_headers()
+        else:
+            self._send(404, b"not found", "text/plain")
+
+    def _send(self, status: int, body: bytes, mime: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", mime)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_servers() -> Iterator[int]:
+    """The same tiny image server on 127.0.0.1 and 127.0.0.2 (one port); yields the port."""
+    port = free_port()
+    servers = []
+    for address in ("127.0.0.1", "127.0.0.2"):
+        server = socketserver.ThreadingTCPServer((address, port), _ImageHandler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield port
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def hardened(tiny_models, log_dir) -> Iterator[Stack]:
+    running = start_stacks(
+        {"hardened": tiny_models["hf"]},
+        log_dir,
+        llm_args=[
+            f"--api-key={API_KEY}",
+            "--max-request-bytes=2000000",
+            "--max-concurrent-requests=4",
+            "--max-images-per-request=4",
+            "--max-image-bytes=1000000",
+            "--max-tokens-limit=64",
+            "--default-max-tokens=8",
+            "--allowed-image-hosts=localhost,127.0.0.2,169.254.169.254",
+            "--allowed-image-networks=127.0.0.1/32",
+            "--vision-timeout-s=30",
+            "--shutdown-grace-s=20",
+        ],
+        vision_args=["--max-tiles-per-request=30", "--max-image-pixels=4000000"],
+    )
+    stack = running["hardened"]
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def post(
+    stack: Stack, body: dict | bytes, headers: dict[str, str] | None = None, timeout: float = 60
+) -> httpx.Response:
+    url = f"{stack.base_url}/v1/chat/completions"
+    merged = {**AUTH, **(headers or {})}
+    if isinstance(body, bytes):
+        return httpx.post(
+            url,
+            content=body,
+            headers={**merged, "Content-Type": "application/json"},
+            timeout=timeout,
+        )
+    return httpx.post(url, json=body, headers=merged, timeout=timeout)
+
+
+def image_message(*urls: str, text: str = "What is this?") -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+
+
+def chat_body(messages: list[dict], **extra: object) -> dict:
+    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
+
+
+def png_url(width: int, height: int, seed: int = 0) -> str:
+    return data_url(noise_image(width, height, seed))
+
+
+def gradient_url(width: int, height: int, seed: int = 0) -> str:
+    """Large in pixels, small in bytes."""
+    return data_url(gradient_image(width, height, seed))
+
+
+def _bomb() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, "PNG")  # 36 Mpixels, a few KB compressed
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _ico() -> str:
+    buffer = io.BytesIO()
+    noise_image(32, 32, 0).save(buffer, "ICO")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_INPUT = [
+    # (name, body, expected status, message fragment)
+    ("malformed JSON", b'{"model": "x", "messages": [', 400, "JSON"),
+    ("no messages", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("unknown role", chat_body([{"role": "wizard", "content": "hi"}]), 400, "role"),
+    (
+        "unknown part type",
+        chat_body([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]),
+        400,
+        "type",
+    ),
+    (
+        "temperature out of range",
+        chat_body([{"role": "user", "content": "hi"}], temperature=-1),
+        400,
+        "temperature",
+    ),
+    ("top_p zero", chat_body([{"role": "user", "content": "hi"}], top_p=0), 400, "top_p"),
+    (
+        "max_tokens over the limit",
+        chat_body([{"role": "user", "content": "hi"}], max_tokens=65),
+        400,
+        "limit of 64",
+    ),
+    (
+        "too many stops",
+        chat_body([{"role": "user", "content": "hi"}], stop=["a"] * 17),
+        400,
+        "stop",
+    ),
+    ("n too large", chat_body([{"role": "user", "content": "hi"}], n=9), 400, "n=9"),
+    (
+        "prompt longer than the context",
+        chat_body([{"role": "user", "content": "word " * 20000}]),
+        400,
+        "maximum context length",
+    ),
+    (
+        "too many images",
+        chat_body(image_message(*[png_url(8, 8, i) for i in range(5)])),
+        400,
+        "5 images",
+    ),
+    (
+        "too many tiles",
+        chat_body(image_message(*[gradient_url(1800, 1500, i) for i in range(3)])),
+        400,
+        "39 tiles",
+    ),
+    ("decompression bomb", chat_body(image_message(_bomb())), 400, "pixels"),
+    ("image over the byte limit", chat_body(image_message(png_url(700, 600, 3))), 400, "limit"),
+    ("refused image format", chat_body(image_message(_ico())), 400, "format ICO"),
+    (
+        "not an image",
+        chat_body(image_message("data:image/png;base64," + base64.b64encode(b"hello").decode())),
+        400,
+        "cannot decode",
+    ),
+    ("text data URL", chat_body(image_message("data:text/plain;base64,aGk=")), 400, "image/*"),
+    ("file URL", chat_body(image_message("file:///etc/passwd")), 400, "scheme"),
+    (
+        "body over the limit",
+        chat_body([{"role": "user", "content": "x" * 2_100_000}]),
+        413,
+        "exceeds",
+    ),
+    (
+        "unsupported feature",
+        chat_body([{"role": "user", "content": "hi"}], logprobs=True),
+        400,
+        "logprobs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "fragment"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT]
+)
+def test_bad_input_gets_a_clear_4xx(hardened, name, body, status, fragment):
+    reply = post(hardened, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"], error
+    assert error["type"]
+    health = httpx.get(f"{hardened.base_url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["vision"] == "serving"
+
+
+def test_api_key(hardened):
+    body = chat_body([{"role": "user", "content": "hi"}])
+    missing = httpx.post(f"{hardened.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+    wrong = post(hardened, body, headers={"Authorization": "Bearer wrong-key-1234"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{hardened.base_url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{hardened.base_url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+    assert post(hardened, body).status_code == 200
+    assert httpx.get(f"{hardened.base_url}/health", timeout=10).status_code == 200  # stays open
+
+
+def test_default_max_tokens_applies(hardened):
+    reply = post(
+        hardened, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "min_tokens": 8}
+    )
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["completion_tokens"] == 8
+
+
+# ---- remote images (SSRF) ---------------------------------------------------------------
+
+
+def test_remote_images(hardened, image_servers):
+    port = image_servers
+    _ImageHandler.hits.clear()
+    cases = [
+        (f"http://localhost:{port}/image.png", 200, None),  # allow-listed host, allowed network
+        (f"http://localhost:{port}/to-image", 200, None),  # redirect within the allowed network
+        (f"http://127.0.0.2:{port}/image.png", 400, "private or internal address"),  # loopback
+        (f"http://localhost:{port}/to-internal", 400, "private or internal address"),  # redirect
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            400,
+            "private or internal address",
+        ),  # metadata
+        (f"http://127.0.0.1:{port}/image.png", 400, "not on the allow-list"),
+        ("http://example.invalid/cat.png", 400, "not on the allow-list"),
+        (f"http://localhost:{port}/huge.png", 400, "limit"),
+        (f"http://localhost:{port}/missing.png", 400, "HTTP 404"),
+        (f"ftp://localhost:{port}/image.png", 400, "scheme"),
+    ]
+    for url, status, fragment in cases:
+        reply = post(hardened, chat_body(image_message(url)))
+        assert reply.status_code == status, (url, reply.text)
+        if fragment:
+            assert fragment in reply.json()["error"]["message"], (url, reply.text)
+    # Nothing ever connected to the address that is not allowed.
+    assert _ImageHandler.hits.get("127.0.0.2", 0) == 0
+    assert _ImageHandler.hits.get("127.0.0.1", 0) >= 3
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+
+def test_vision_killed_mid_request_fails_fast_then_recovers(hardened, tiny_models, log_dir):
+    assert hardened.vision is not None
+    port = int(hardened.vision_target.rsplit(":", 1)[1])
+    vision_args = ["--max-tiles-per-request=30", "--max-image-pixels=4000000"]
+
+    def restart(name: str, extra: list[str]) -> None:
+        assert hardened.vision is not None
+        hardened.vision.stop()
+        hardened.vision = ServerProcess(
+            name, vision_server_argv(tiny_models["hf"], port, [*vision_args, *extra]), log_dir
+        )
+        hardened.vision.wait_until(lambda: grpc_serving(hardened.vision_target), 120, "serving")
+
+    # A vision service whose batches wait 3 s for company: requests sit in it long enough.
+    restart("hardened-vision-slow", ["--max-wait-ms=3000"])
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        started = time.monotonic()
+        result["reply"] = post(
+            hardened, chat_body(image_message(gradient_url(900, 600, 1))), timeout=60
+        )
+        result["seconds"] = time.monotonic() - started
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1.0)  # the request's tiles are queued in the vision service now
+    hardened.vision.signal(signal.SIGKILL)
+    sender.join(60)
+    reply = result["reply"]
+    assert isinstance(reply, httpx.Response)
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "vision_unavailable"
+    assert result["seconds"] < 10  # type: ignore[operator]
+
+    down = post(hardened, chat_body(image_message(png_url(64, 64))))
+    assert down.status_code == 503 and down.headers.get("Retry-After")
+    assert (
+        post(hardened, chat_body([{"role": "user", "content": "text still works"}])).status_code
+        == 200
+    )
+
+    # Back, on the same address: the language service reconnects by itself.
+    restart("hardened-vision-again", [])
+    deadline = time.monotonic() + 30
+    while (reply := post(hardened, chat_body(image_message(png_url(64, 64))))).status_code != 200:
+        assert time.monotonic() < deadline, reply.text
+        time.sleep(0.3)
+
+
+def test_overload_returns_429_and_the_server_stays_healthy(hardened):
+    body = chat_body(
+        [{"role": "user", "content": "Tell me a long story."}], max_tokens=64, min_tokens=64
+    )
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            url = f"{hardened.base_url}/v1/chat/completions"
+            return list(await asyncio.gather(*(client.post(url, json=body) for _ in range(12))))
+
+    replies = asyncio.run(burst())
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 4 and codes.count(429) >= 1, codes
+    rejected = next(r for r in replies if r.status_code == 429)
+    assert rejected.headers["Retry-After"] and rejected.json()["error"]["code"] == "overloaded"
+    assert httpx.get(f"{hardened.base_url}/health", timeout=10).status_code == 200
+    assert post(hardened, chat_body([{"role": "user", "content": "after"}])).status_code == 200
+
+
+def test_two_hundred_concurrent_image_requests(stacks):
+    """Every request completes or gets a clear error; none is lost; the server stays healthy."""
+    base_url = stacks["hf"].base_url
+    images = [png_url(96 + i % 7, 64 + i % 5, i) for i in range(200)]
+
+    async def load() -> list[int]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            url = f"{base_url}/v1/chat/completions"
+
+            async def one(image: str) -> int:
+                try:
+                    reply = await client.post(
+                        url, json=chat_body(image_message(image), max_tokens=4)
+                    )
+                except httpx.HTTPError as exc:
+                    pytest.fail(f"request lost: {exc!r}")
+                if reply.status_code != 200:
+                    assert reply.json()["error"]["message"]
+                return reply.status_code
+
+            return list(await asyncio.gather(*(one(image) for image in images)))
+
+    codes = asyncio.run(load())
+    assert len(codes) == 200
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes.count(200) == 200  # the defaults admit this load without refusing any
+    assert httpx.get(f"{base_url}/health", timeout=10).json() == {
+        "status": "ok",
+        "engine": "serving",
+        "vision": "serving",
+    }
+
+
+# ---- property-based fuzzing of the OpenAPI schema ----------------------------------------
+
+
+def test_schemathesis_finds_no_server_errors(hardened, tmp_path):
+    """Schemathesis generates requests from /openapi.json; no response may be a 5xx."""
+    script = tmp_path / "fuzz_api.py"
+    script.write_text(
+        "import schemathesis\n"
+        "from hypothesis import HealthCheck, settings\n"
+        "from schemathesis.checks import not_a_server_error\n"
+        f"schema = schemathesis.openapi.from_url('{hardened.base_url}/openapi.json')\n"
+        "@schema.parametrize()\n"
+        "@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))\n"
+        "def test_api(case):\n"
+        f"    case.call_and_validate(headers={AUTH!r}, checks=[not_a_server_error], timeout=60)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert httpx.get(f"{hardened.base_url}/health", timeout=10).status_code == 200
+
+
+# ---- code hygiene --------------------------------------------------------------------------
+
+
+def test_nothing_is_unpickled():
+    """No pickle and no torch.load anywhere in the services' code."""
+    offenders = []
+    for package in ("vision_server", "llm_server", "protos", "clients"):
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            if "pickle" in text or "torch.load" in text:
+                offenders.append(str(path.relative_to(REPO_ROOT)))
+    assert offenders == []
+
+
+# ---- shutdown (last: it stops the module's deployment) -----------------------------------
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(hardened):
+    body = {
+        **chat_body([{"role": "user", "content": "stream please"}], max_tokens=64, min_tokens=64),
+        "stream": True,
+    }
+    events: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{hardened.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
+        ) as reply:
+            events.extend(line for line in reply.iter_lines() if line.startswith("data: "))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.5)  # streaming has started
+    hardened.llm.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.HTTPError):  # no new connections while draining
+        httpx.get(f"{hardened.base_url}/health", timeout=2)
+    reader.join(60)
+    assert events and events[-1] == "data: [DONE]"  # the in-flight request finished
+    assert hardened.llm.proc.wait(60) == 0  # then the process exited cleanly
+
+    assert hardened.vision is not None
+    hardened.vision.signal(signal.SIGTERM)
+    assert hardened.vision.proc.wait(30) == 0
+    assert "vision service stopped" in Path(hardened.vision.log_path).read_text()
