@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -24,6 +25,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that a SIGTERM/SIGINT that led to a graceful drain ends the process with
+    status 0 (uvicorn re-raises the signal after shutting down, which exits with 128 + 15)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = LLMSettings(  # type: ignore[call-arg]
         _cli_parse_args=sys.argv[1:] if argv is None else argv,
@@ -39,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    asyncio.run(DrainingServer(config).serve(sockets=[sock]))
 
 
 if __name__ == "__main__":

@@ -321,7 +321,8 @@ def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
             return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).status_code
 
         assert [ask(i) for i in range(12)] == [200] * 12
-        served = [_encode_count(p) for p in metrics_ports]
+        addresses = ("127.0.0.1", "127.0.0.2")
+        served = [_encode_count(a, p) for a, p in zip(addresses, metrics_ports, strict=True)]
         assert sum(served) == 12 and min(served) >= 3, served  # both replicas took requests
 
         replicas[0].stop()
@@ -330,7 +331,7 @@ def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
             codes.append(ask(100 + i))
             time.sleep(0.05)
         assert codes == [200] * 12, codes
-        assert _encode_count(metrics_ports[1]) == served[1] + 12
+        assert _encode_count(addresses[1], metrics_ports[1]) == served[1] + 12
     finally:
         if llm is not None:
             llm.stop()
@@ -338,8 +339,8 @@ def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
             replica.stop()
 
 
-def _encode_count(metrics_port: int) -> int:
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+def _encode_count(address: str, metrics_port: int) -> int:
+    text = httpx.get(f"http://{address}:{metrics_port}/metrics", timeout=5).text
     match = re.search(r'^dvd:vision_requests_total\{status="OK"\} ([0-9.]+)$', text, re.MULTILINE)
     return int(float(match.group(1))) if match else 0
 

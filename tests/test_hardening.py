@@ -445,13 +445,39 @@ def test_schemathesis_finds_no_server_errors(hardened, tmp_path):
 
 
 def test_nothing_is_unpickled():
-    """No pickle and no torch.load anywhere in the services' code."""
+    """No module imports a pickle-based loader and nothing calls torch.load (checked on the
+    syntax tree, so comments that say so do not count)."""
+    import ast
+
+    unpicklers = {
+        "pickle",
+        "cPickle",
+        "_pickle",
+        "dill",
+        "cloudpickle",
+        "joblib",
+        "marshal",
+        "shelve",
+    }
     offenders = []
     for package in ("vision_server", "llm_server", "protos", "clients"):
         for path in (REPO_ROOT / package).rglob("*.py"):
-            text = path.read_text()
-            if "pickle" in text or "torch.load" in text:
-                offenders.append(str(path.relative_to(REPO_ROOT)))
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module.split(".")[0]]
+                if unpicklers.intersection(names):
+                    offenders.append(f"{path.name}:{node.lineno} imports {names}")
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"
+                ):
+                    offenders.append(f"{path.name}:{node.lineno} calls torch.load")
     assert offenders == []
 
 
@@ -474,15 +500,16 @@ def test_sigterm_drains_in_flight_requests_then_exits(hardened):
     reader = threading.Thread(target=stream)
     reader.start()
     time.sleep(0.5)  # streaming has started
-    hardened.llm.signal(signal.SIGTERM)
+    hardened.llm.proc.send_signal(signal.SIGTERM)  # as `docker stop` does: the main process only
     time.sleep(0.5)
     with pytest.raises(httpx.HTTPError):  # no new connections while draining
         httpx.get(f"{hardened.base_url}/health", timeout=2)
     reader.join(60)
-    assert events and events[-1] == "data: [DONE]"  # the in-flight request finished
+    assert events and events[-1] == "data: [DONE]"  # the in-flight request finished...
+    assert any('"finish_reason":"length"' in event for event in events)  # ...all 64 tokens
     assert hardened.llm.proc.wait(60) == 0  # then the process exited cleanly
 
     assert hardened.vision is not None
-    hardened.vision.signal(signal.SIGTERM)
+    hardened.vision.proc.send_signal(signal.SIGTERM)
     assert hardened.vision.proc.wait(30) == 0
     assert "vision service stopped" in Path(hardened.vision.log_path).read_text()
