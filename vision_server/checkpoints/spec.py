@@ -140,28 +140,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _vision_from_original(vision: dict[str, Any], select_layer: int) -> VisionTowerSpec:
-    return VisionTowerSpec(
-        hidden_size=vision["hidden_size"],
-        num_layers=vision["num_hidden_layers"],
-        num_heads=vision["num_attention_heads"],
-        intermediate_size=vision["intermediate_size"],
-        image_size=_first(vision.get("image_size", 448)),
-        patch_size=_first(vision.get("patch_size", 14)),
-        num_channels=vision.get("num_channels", 3),
-        qkv_bias=vision.get("qkv_bias", True),
-        qk_norm=vision.get("qk_normalization", False),
-        norm_type=vision.get("norm_type", "rms_norm"),
-        layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-        hidden_act=vision.get("hidden_act", "gelu"),
-        select_layer=select_layer,
-    )
+# The vision-config keys (with their defaults) that the two layouts name differently:
+# attention bias, QK normalisation, norm type.
+_VISION_KEYS = {
+    "original": (("qkv_bias", True), ("qk_normalization", False), ("norm_type", "rms_norm")),
+    "hf": (("attention_bias", False), ("use_qk_norm", False), ("norm_type", "layer_norm")),
+}
 
 
-def _vision_from_hf(vision: dict[str, Any], select_layer: int) -> VisionTowerSpec:
-    if not vision.get("use_mean_pooling", True):
+def _vision_spec(vision: dict[str, Any], select_layer: int, layout: str) -> VisionTowerSpec:
+    if layout == "hf" and not vision.get("use_mean_pooling", True):
         # A final LayerNorm after the encoder is not part of InternViT as InternVL uses it.
         raise CheckpointError("vision_config.use_mean_pooling=false is not supported")
+    bias, qk_norm, norm_type = (vision.get(key, default) for key, default in _VISION_KEYS[layout])
     return VisionTowerSpec(
         hidden_size=vision["hidden_size"],
         num_layers=vision["num_hidden_layers"],
@@ -170,9 +161,9 @@ def _vision_from_hf(vision: dict[str, Any], select_layer: int) -> VisionTowerSpe
         image_size=_first(vision.get("image_size", 448)),
         patch_size=_first(vision.get("patch_size", 14)),
         num_channels=vision.get("num_channels", 3),
-        qkv_bias=vision.get("attention_bias", False),
-        qk_norm=vision.get("use_qk_norm", False),
-        norm_type=vision.get("norm_type", "layer_norm"),
+        qkv_bias=bias,
+        qk_norm=qk_norm,
+        norm_type=norm_type,
         layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
         hidden_act=vision.get("hidden_act", "gelu"),
         select_layer=select_layer,
@@ -195,7 +186,7 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
                 "only pixel-shuffle version 'v2' (InternVL2 and later) is supported"
             )
         select_layer = int(config.get("select_layer", -1))
-        vision = _vision_from_original(config["vision_config"], select_layer)
+        vision = _vision_spec(config["vision_config"], select_layer, "original")
         text_config = dict(config["llm_config"])
         min_tiles = int(config.get("min_dynamic_patch", 1))
         max_tiles = int(config.get("max_dynamic_patch", 12))
@@ -211,7 +202,7 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         layer = config.get("vision_feature_layer", -1)
         if isinstance(layer, list):
             raise CheckpointError("multi-layer vision features are not supported")
-        vision = _vision_from_hf(config["vision_config"], int(layer))
+        vision = _vision_spec(config["vision_config"], int(layer), "hf")
         text_config = dict(config["text_config"])
         min_tiles = int(preprocessor.get("min_patches", 1))
         max_tiles = int(preprocessor.get("max_patches", 12))
