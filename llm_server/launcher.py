@@ -14,21 +14,14 @@ import time
 from types import FrameType
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vision_server.checkpoints.settings import CheckpointSettings
 
 
-class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="DVD_",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        extra="ignore",
-        env_ignore_empty=True,
-    )
+class ServeSettings(CheckpointSettings):
+    """Run the DvD vision and language services together on this host. Every flag is also a
+    ``DVD_*`` environment variable (flags win)."""
 
-    model: str | None = Field(
-        None, description="checkpoint (hub id or folder); unset: the tiny model"
-    )
     host: str = Field("127.0.0.1", description="address both services listen on")
     port: int = Field(8000, description="HTTP port of the OpenAI-compatible API")
     vision_port: int = Field(50051, description="gRPC port of the vision service")
@@ -39,6 +32,8 @@ class ServeSettings(BaseSettings):
 
 def _commands(settings: ServeSettings) -> tuple[list[str], list[str]]:
     model = ["--model", settings.model] if settings.model else []
+    if settings.revision:
+        model += ["--revision", settings.revision]
     vision = [
         sys.executable, "-m", "vision_server.server",
         "--host", settings.host, "--port", str(settings.vision_port), *model,

@@ -10,7 +10,8 @@ from vision_server.checkpoints.settings import CheckpointSettings
 
 
 class LLMSettings(CheckpointSettings):
-    """``dvd-llm-server`` settings."""
+    """DvD language service: the OpenAI-compatible API on vLLM. Every flag is also a ``DVD_*``
+    environment variable (flags win)."""
 
     served_model_name: str | None = Field(
         None, description="model id in the API (default: --model, or the tiny model's name)"

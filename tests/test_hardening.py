@@ -508,6 +508,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(hardened):
     assert events and events[-1] == "data: [DONE]"  # the in-flight request finished...
     assert any('"finish_reason":"length"' in event for event in events)  # ...all 64 tokens
     assert hardened.llm.proc.wait(60) == 0  # then the process exited cleanly
+    assert "Exception ignored" not in Path(hardened.llm.log_path).read_text()  # no finaliser noise
 
     assert hardened.vision is not None
     hardened.vision.proc.send_signal(signal.SIGTERM)

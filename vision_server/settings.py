@@ -10,7 +10,8 @@ from vision_server.checkpoints.settings import CheckpointSettings
 
 
 class VisionSettings(CheckpointSettings):
-    """``dvd-vision-server`` settings."""
+    """DvD vision service: the InternVL image encoder over gRPC. Every flag is also a ``DVD_*``
+    environment variable (flags win)."""
 
     model_name: str | None = Field(
         None,

@@ -116,3 +116,7 @@ class LanguageEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # AsyncLLM's finaliser shuts down once more when the object is collected, which for a
+        # server is at interpreter exit, when that second call fails on torn-down modules and
+        # prints a traceback. It has nothing left to do: make it a no-op for this instance.
+        self.llm.shutdown = lambda *args, **kwargs: None
