@@ -33,8 +33,6 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from clients import datasets
 
-PERCENTILES = (50, 90, 99)
-
 
 @dataclass
 class RequestResult:

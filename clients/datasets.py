@@ -38,7 +38,6 @@ class BenchRequest:
     messages: list[dict[str, Any]]
     max_tokens: int
     num_images: int = 0
-    image_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,9 +110,11 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + "?"
 
 
-def _request(
-    prompt: str, urls: list[str], max_tokens: int, size: int, meta: dict[str, Any]
-) -> BenchRequest:
+def _file_url(path: Path) -> str:
+    return data_url(path.read_bytes(), mimetypes.guess_type(path.name)[0] or "image/png")
+
+
+def _request(prompt: str, urls: list[str], max_tokens: int, meta: dict[str, Any]) -> BenchRequest:
     content: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": url}} for url in urls
     ]
@@ -122,7 +123,6 @@ def _request(
         messages=[{"role": "user", "content": content}],
         max_tokens=max_tokens,
         num_images=len(urls),
-        image_bytes=size,
         meta=meta,
     )
 
@@ -131,7 +131,7 @@ def synthetic(options: SyntheticOptions) -> list[BenchRequest]:
     rng = random.Random(options.seed)
     requests = []
     for index in range(options.num_requests):
-        urls, size, tiles = [], 0, []
+        urls, tiles = [], []
         for _ in range(options.images_per_request):
             count = rng.randint(options.min_tiles, options.max_tiles)
             data, mime = _encode(
@@ -139,14 +139,12 @@ def synthetic(options: SyntheticOptions) -> list[BenchRequest]:
                 options.image_format,
             )
             urls.append(data_url(data, mime))
-            size += len(data)
             tiles.append(count)
         requests.append(
             _request(
                 _prompt(rng, options.prompt_words),
                 urls,
                 options.output_len,
-                size,
                 {"tiles": tiles, "index": index},
             )
         )
@@ -164,16 +162,12 @@ def from_folder(folder: Path, options: SyntheticOptions) -> list[BenchRequest]:
             files[(index * options.images_per_request + k) % len(files)]
             for k in range(options.images_per_request)
         ]
-        urls = [
-            data_url(p.read_bytes(), mimetypes.guess_type(p.name)[0] or "image/png") for p in chosen
-        ]
-        size = sum(p.stat().st_size for p in chosen)
+        urls = [_file_url(p) for p in chosen]
         requests.append(
             _request(
                 _prompt(rng, options.prompt_words),
                 urls,
                 options.output_len,
-                size,
                 {"files": [p.name for p in chosen]},
             )
         )
@@ -186,21 +180,18 @@ def from_jsonl(path: Path, options: SyntheticOptions) -> list[BenchRequest]:
         if not line.strip():
             continue
         record = json.loads(line)
-        urls, size = [], 0
+        urls = []
         for image in record.get("images", []):
             if image.startswith(("http://", "https://", "data:")):
                 urls.append(image)
             else:
                 file = (path.parent / image) if not Path(image).is_absolute() else Path(image)
-                data = file.read_bytes()
-                urls.append(data_url(data, mimetypes.guess_type(file.name)[0] or "image/png"))
-                size += len(data)
+                urls.append(_file_url(file))
         requests.append(
             _request(
                 record["prompt"],
                 urls,
                 int(record.get("max_tokens", options.output_len)),
-                size,
                 {"line": line_number},
             )
         )

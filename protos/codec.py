@@ -79,11 +79,6 @@ def encode_chunks(
         yield offset, bytes(raw[offset : offset + chunk_bytes])
 
 
-def tensor_nbytes(num_rows: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Bytes of a ``[num_rows, hidden_size]`` tensor of ``dtype``."""
-    return num_rows * hidden_size * torch.empty((), dtype=dtype).element_size()
-
-
 class EmbeddingAssembler:
     """Collects one image's chunks into a preallocated buffer and returns the tensor.
 

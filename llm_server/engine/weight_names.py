@@ -22,9 +22,3 @@ def language_model_weight_name(checkpoint_name: str) -> str | None:
         if checkpoint_name.startswith(prefix):
             return replacement + checkpoint_name[len(prefix) :]
     return None
-
-
-EMBEDDING_NAMES = (
-    "language_model.model.embed_tokens.weight",
-    "model.language_model.embed_tokens.weight",
-)

@@ -18,7 +18,7 @@ from llm_server import metrics
 from llm_server.errors import APIError, BadRequest, InvalidImage, Overloaded, VisionUnavailable
 from llm_server.vision.base import EncodeOptions, ImageInput, VirMode, VisualEmbedding
 from protos import codec
-from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+from protos.dvd.v1 import vision_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ class GrpcImageEncoder:
                 ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
         )
-        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
         # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
         # copying them through protobuf objects.
         self._encode = self._channel.unary_stream(
@@ -110,14 +109,6 @@ class GrpcImageEncoder:
             response_deserializer=None,
         )
         self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def model_info(self, timeout_s: float = 5.0) -> vision_pb2.ModelInfo:
-        try:
-            return await self._stub.GetModelInfo(
-                vision_pb2.GetModelInfoRequest(), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _to_api_error(exc) from exc
 
     async def ready(self) -> bool:
         try:
