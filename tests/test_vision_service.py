@@ -171,3 +171,42 @@ def test_too_many_tiles_requested(vision_targets):
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_tiles=1000" in caught.value.details()
+
+
+def test_queued_tiles_gauge_follows_the_queue(tiny_models):
+    """dvd:vision_queued_tiles (the autoscaling signal in docs/deploy.md) counts the tiles
+    waiting for a pass: checked on an engine whose batcher is not running, so they stay."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from vision_server.checkpoints.spec import load_checkpoint_spec
+    from vision_server.engine import EncoderEngine
+    from vision_server.model.encoder import VisionEncoder
+
+    def queued() -> float | None:
+        return REGISTRY.get_sample_value("dvd:vision_queued_tiles")
+
+    spec = load_checkpoint_spec(tiny_models["hf"])
+    encoder = VisionEncoder.from_checkpoint(spec, torch.device("cpu"), torch.float32)
+    engine = EncoderEngine(
+        encoder,
+        torch.device("cpu"),
+        torch.float32,
+        max_batch_tiles=8,
+        max_wait_ms=0,
+        max_queued_tiles=64,
+    )
+
+    async def scenario() -> list[float | None]:
+        seen = [queued()]
+        waiting = asyncio.create_task(engine.batcher.submit(torch.zeros(3, 3, 448, 448)))
+        await asyncio.sleep(0.05)
+        seen.append(queued())
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        seen.append(queued())
+        return seen
+
+    assert asyncio.run(scenario()) == [0.0, 3.0, 0.0]

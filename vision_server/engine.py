@@ -78,6 +78,8 @@ class EncoderEngine:
             max_queued_tiles=max_queued_tiles,
             on_pass=metrics.observe_pass,
         )
+        # Read at scrape time, so the gauge is exact without bookkeeping on the hot path.
+        metrics.queued_tiles.set_function(lambda: self.batcher.queued_tiles)
 
     @property
     def has_router(self) -> bool:
