@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dvd-installed
 # cpu: the CPU build of vLLM (CI, laptops); use EXTRAS=gpu,dev on a CUDA machine.
 EXTRAS ?= cpu,dev
+PACKAGES := checkpoints vision_server llm_server protos clients benchmarks
 
 .PHONY: serve test lint proto clean
 
@@ -26,9 +27,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check vision_server llm_server protos clients tests
-	$(BIN)/ruff format --check vision_server llm_server protos clients tests
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/ruff format --check $(PACKAGES) tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 proto: $(STAMP)
 	$(BIN)/python -m protos.generate

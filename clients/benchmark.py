@@ -260,6 +260,15 @@ def _cdf(ax: Any, values: list[float], label: str) -> None:
 
 
 def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    """Write ``latency_figure(runs)`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = latency_figure(runs)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency_figure(runs: list[dict[str, Any]]) -> Any:
     """Latency CDFs (TTFT, E2EL) for each run; throughput vs concurrency when runs differ in it."""
     import matplotlib
 
@@ -297,8 +306,7 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
         axes[2].grid(alpha=0.3)
         axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # ---- commands ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from checkpoints.default import default_cache_dir, resolve_model
+from checkpoints.spec import load_checkpoint_spec
 from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
@@ -19,9 +21,6 @@ from llm_server.settings import LLMSettings
 from llm_server.vision.base import ImageEncoder
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from llm_server.vision.inprocess import InProcessImageEncoder
-from vision_server.checkpoints.default import default_cache_dir, resolve_model
-from vision_server.checkpoints.spec import load_checkpoint_spec
-from vision_server.settings import VisionSettings
 
 logger = logging.getLogger("llm_server")
 
@@ -39,10 +38,7 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     engine = LanguageEngine.start(spec, settings, model_name, cache_dir)
     encoder: ImageEncoder
     if settings.vision == "inprocess":
-        vision_settings = VisionSettings(  # type: ignore[call-arg]
-            model=str(path), cache_dir=str(cache_dir), device=settings.vision_device
-        )
-        encoder = await InProcessImageEncoder.start(vision_settings)
+        encoder = await InProcessImageEncoder.start(path, cache_dir, settings.vision_device)
     else:
         encoder = GrpcImageEncoder(
             settings.vision_target,

@@ -15,7 +15,7 @@ from types import FrameType
 
 from pydantic import Field
 
-from vision_server.checkpoints.settings import CheckpointSettings
+from checkpoints.settings import CheckpointSettings
 
 
 class ServeSettings(CheckpointSettings):

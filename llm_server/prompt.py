@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from checkpoints.spec import ImageTokens
 from llm_server.api.protocol import ChatMessage, ImagePart, TextPart
 from llm_server.errors import BadRequest
-from vision_server.checkpoints.spec import ImageTokens
 
 _PROBE_TEXT = "dvd-template-probe"
 STRING_IMAGE_MARKER = "<image>"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from vision_server.checkpoints.settings import CheckpointSettings
+from checkpoints.settings import CheckpointSettings
 
 
 class LLMSettings(CheckpointSettings):

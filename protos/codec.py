@@ -64,21 +64,6 @@ def _as_little_endian_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data)
 
 
-def encode_chunks(
-    tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[tuple[int, bytes]]:
-    """Split a tensor into ``(offset, bytes)`` chunks of at most ``chunk_bytes`` bytes.
-
-    Chunk boundaries need not fall on element boundaries; the receiver reassembles by offset.
-    """
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise CodecError(f"chunk size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    wire_dtype(tensor.dtype)
-    raw = _as_little_endian_bytes(tensor)
-    for offset in range(0, len(raw), chunk_bytes):
-        yield offset, bytes(raw[offset : offset + chunk_bytes])
-
-
 class EmbeddingAssembler:
     """Collects one image's chunks into a preallocated buffer and returns the tensor.
 
@@ -127,14 +112,6 @@ class EmbeddingAssembler:
         if sys.byteorder != "little":
             flat = swap_bytes(flat)
         return flat.reshape(self.shape)
-
-
-def decode_tensor(data: bytes, shape: tuple[int, ...], wire: int) -> torch.Tensor:
-    """Decode a whole tensor from one buffer (convenience for tests and small payloads)."""
-    assembler = EmbeddingAssembler(shape, wire)
-    for offset in range(0, len(data), MAX_CHUNK_BYTES):
-        assembler.add(offset, data[offset : offset + MAX_CHUNK_BYTES])
-    return assembler.tensor()
 
 
 # ---- Encode stream messages on the wire ----------------------------------------------------

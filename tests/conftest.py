@@ -22,7 +22,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny checkpoint (seed 0) in both layouts: the same weights under two formats."""
-    from vision_server.checkpoints.tiny import write_tiny_checkpoint
+    from checkpoints.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -34,7 +34,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_flash_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """InternVL3.5-Flash variants of the same seed: the tiny weights plus router and mlp2."""
-    from vision_server.checkpoints.tiny import write_tiny_checkpoint
+    from checkpoints.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("flash-models")
     return {

@@ -78,6 +78,50 @@ def test_metrics_are_consistent():
     assert metrics["errors"] == ["HTTP 503"]
 
 
+def _run_record(label, concurrency, ttfts, throughput):
+    requests = [{"success": True, "ttft_s": ttft, "e2el_s": 2 * ttft} for ttft in ttfts] + [
+        {"success": False, "ttft_s": None, "e2el_s": None}
+    ]
+    return {
+        "config": {"label": label, "concurrency": concurrency},
+        "requests": requests,
+        "metrics": {"request_throughput": throughput},
+    }
+
+
+def test_latency_figure_shows_the_runs():
+    import matplotlib.pyplot as plt
+
+    runs = [
+        _run_record("dvd", 1, [0.3, 0.1, 0.2], 5.0),
+        _run_record("dvd", 4, [0.4, 0.5], 12.0),
+        _run_record("coupled", 4, [0.6, 0.9], 7.0),
+    ]
+    fig = benchmark.latency_figure(runs)
+    try:
+        ttft, e2el, throughput = fig.axes
+        assert ttft.get_title() == "TTFT CDF" and e2el.get_title() == "End-to-end latency CDF"
+        labels = [line.get_label() for line in ttft.get_lines()]
+        assert labels == ["dvd c=1", "dvd c=4", "coupled c=4"]
+        first = ttft.get_lines()[0]
+        # Successful requests only, in ms, sorted; the CDF climbs to 1.
+        assert list(first.get_xdata()) == pytest.approx([100, 200, 300])
+        assert list(first.get_ydata()) == pytest.approx([1 / 3, 2 / 3, 1])
+        assert list(e2el.get_lines()[0].get_xdata()) == pytest.approx([200, 400, 600])
+        by_label = {line.get_label(): line for line in throughput.get_lines()}
+        assert list(by_label["dvd"].get_xdata()) == [1, 4]
+        assert list(by_label["dvd"].get_ydata()) == [5.0, 12.0]
+        assert list(by_label["coupled"].get_ydata()) == [7.0]
+    finally:
+        plt.close(fig)
+    single = benchmark.latency_figure([_run_record("dvd", 4, [0.1], 1.0)])
+    try:
+        assert len(single.axes) == 2  # no throughput panel for one concurrency
+        assert [line.get_label() for line in single.axes[0].get_lines()] == ["dvd"]
+    finally:
+        plt.close(single)
+
+
 def test_arrivals():
     assert benchmark.arrival_gaps(5, float("inf"), 1.0, 0) == [0.0] * 5
     gaps = benchmark.arrival_gaps(4000, 10.0, 1.0, 0)
@@ -130,13 +174,15 @@ def test_benchmark_against_the_served_model(stacks, tmp_path):
         assert metrics["ttft_ms"]["mean"] < metrics["e2el_ms"]["mean"]
         assert metrics["image_tokens_per_request"]["mean"] > 0
         with Image.open(io.BytesIO((tmp_path / f"{name}.png").read_bytes())) as plot:
-            assert plot.width > 100
+            pixels = np.asarray(plot.convert("L"), dtype=np.float32)
+            assert plot.width > 100 and pixels.std() > 5  # drawn on, not a blank canvas
     compared = run_client(
         "clients/benchmark.py", "compare", *map(str, outputs), "--plot", str(tmp_path / "cmp.png")
     )
     assert compared.returncode == 0, compared.stderr
     assert "| request throughput (/s) |" in compared.stdout and "x)" in compared.stdout
-    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    with Image.open(tmp_path / "cmp.png") as plot:
+        assert np.asarray(plot.convert("L"), dtype=np.float32).std() > 5
 
 
 @pytest.mark.slow

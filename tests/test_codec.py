@@ -9,12 +9,30 @@ from protos import codec
 from protos.dvd.v1 import vision_pb2
 
 
+def encode_chunks(tensor, chunk_bytes=codec.DEFAULT_CHUNK_BYTES, image_index=0):
+    """(offset, bytes) of each chunk, through the production path: the serialized stream
+    messages the vision service sends, read back as the language service reads them."""
+    chunks = []
+    for raw in codec.encode_chunk_messages(tensor, image_index, chunk_bytes):
+        index, offset, data = codec.parse_response(raw)
+        assert index == image_index
+        chunks.append((offset, bytes(data)))
+    return chunks
+
+
+def decode(chunks, shape, wire):
+    assembler = codec.EmbeddingAssembler(shape, wire)
+    for offset, data in chunks:
+        assembler.add(offset, data)
+    return assembler.tensor()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, codec.MAX_CHUNK_BYTES])
 def test_round_trip(dtype, chunk_bytes):
     tensor = torch.randn(37, 24, generator=torch.Generator().manual_seed(1)).to(dtype)
     assembler = codec.EmbeddingAssembler(tuple(tensor.shape), codec.wire_dtype(dtype))
-    chunks = list(codec.encode_chunks(tensor, chunk_bytes))
+    chunks = list(encode_chunks(tensor, chunk_bytes))
     assert all(len(data) <= chunk_bytes for _, data in chunks)
     for offset, data in chunks:
         assembler.add(offset, data)
@@ -25,7 +43,7 @@ def test_round_trip(dtype, chunk_bytes):
 
 def test_bytes_are_little_endian_row_major():
     tensor = torch.tensor([[1.0, 2.0], [3.0, -0.5]], dtype=torch.float32)
-    ((offset, data),) = codec.encode_chunks(tensor)
+    ((offset, data),) = encode_chunks(tensor)
     import struct
 
     assert offset == 0
@@ -34,14 +52,13 @@ def test_bytes_are_little_endian_row_major():
 
 def test_non_contiguous_input_is_sent_row_major():
     tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # a transposed view
-    data = b"".join(d for _, d in codec.encode_chunks(tensor))
-    out = codec.decode_tensor(data, (4, 3), vision_pb2.DTYPE_FLOAT32)
+    out = decode(encode_chunks(tensor), (4, 3), vision_pb2.DTYPE_FLOAT32)
     assert torch.equal(out, tensor)
 
 
 def test_large_tensor_is_split_at_the_chunk_limit():
     tensor = torch.zeros(3 * 1024 * 1024 // 4 * 3, dtype=torch.float32)  # 9 MiB
-    sizes = [len(d) for _, d in codec.encode_chunks(tensor, codec.MAX_CHUNK_BYTES)]
+    sizes = [len(d) for _, d in encode_chunks(tensor, codec.MAX_CHUNK_BYTES)]
     assert sizes == [4 * 1024 * 1024, 4 * 1024 * 1024, 1024 * 1024]
 
 
@@ -79,7 +96,9 @@ def test_unknown_dtypes_are_refused():
     with pytest.raises(codec.CodecError):
         codec.EmbeddingAssembler((1,), vision_pb2.DTYPE_UNSPECIFIED)
     with pytest.raises(codec.CodecError):
-        list(codec.encode_chunks(torch.zeros(2), chunk_bytes=codec.MAX_CHUNK_BYTES + 1))
+        list(codec.encode_chunk_messages(torch.zeros(2), 0, codec.MAX_CHUNK_BYTES + 1))
+    with pytest.raises(codec.CodecError):
+        list(codec.encode_chunk_messages(torch.zeros(2, dtype=torch.int64), 0))
 
 
 @pytest.mark.parametrize(("index", "offset"), [(0, 0), (3, 0), (0, 4096), (7, 2**33 + 5)])
@@ -120,3 +139,16 @@ def test_chunk_messages_reassemble_a_tensor():
         assert index == 1
         assembler.add(offset, data)
     assert torch.equal(assembler.tensor(), tensor)
+
+
+def test_hand_written_field_tags_match_the_proto():
+    """The fast chunk reader/writer hard-codes field numbers and wire types; they must be the
+    ones vision.proto declares (a renumbered field would otherwise corrupt every stream)."""
+    length_delimited, varint = 2, 0
+    response = vision_pb2.EncodeResponse.DESCRIPTOR.fields_by_name
+    chunk = vision_pb2.EmbeddingChunk.DESCRIPTOR.fields_by_name
+    assert response["chunk"].number << 3 | length_delimited == codec._RESPONSE_CHUNK_TAG
+    assert chunk["image_index"].number << 3 | varint == codec._CHUNK_INDEX_TAG
+    assert chunk["offset"].number << 3 | varint == codec._CHUNK_OFFSET_TAG
+    assert chunk["data"].number << 3 | length_delimited == codec._CHUNK_DATA_TAG
+    assert set(chunk) == {"image_index", "offset", "data"}, "a new chunk field needs the codec"

@@ -253,15 +253,25 @@ def test_sampling_parameters(stacks):
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stop_word not in stopped["choices"][0]["message"]["content"]
     assert full.startswith(stopped["choices"][0]["message"]["content"])
-    penalised = chat(
+    # Presence/frequency penalties lower only the logits of tokens already generated. So the
+    # penalised greedy run follows the plain one exactly until the plain one repeats a token,
+    # and the first token where they part is such a repeat. 128 tokens make repeats certain.
+    plain_ids = greedy(base_url, messages, max_tokens=128)["choices"][0]["token_ids"]
+    penalised_ids = chat(
         base_url,
         messages,
         temperature=0,
-        max_tokens=MAX_TOKENS,
+        max_tokens=128,
         presence_penalty=2.0,
         frequency_penalty=2.0,
+        return_token_ids=True,
+    )["choices"][0]["token_ids"]
+    first_repeat = next(i for i, t in enumerate(plain_ids) if t in plain_ids[:i])
+    parted = next(
+        i for i, (a, b) in enumerate(zip(plain_ids, penalised_ids, strict=False)) if a != b
     )
-    assert penalised["choices"][0]["message"]["content"] != ""
+    assert parted >= first_repeat
+    assert plain_ids[parted] in plain_ids[:parted]  # the penalised run refused a repeat
 
 
 def _metric(base_url: str, name: str, **labels: str) -> float:

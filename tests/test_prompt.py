@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from checkpoints.spec import ImageTokens
 from llm_server.api.protocol import ChatMessage
 from llm_server.errors import BadRequest
 from llm_server.prompt import ContentFormat, PromptBuilder, TokenizedPrompt, expand_prompt
-from vision_server.checkpoints.spec import ImageTokens
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vision_server.checkpoints.spec import Layout, load_checkpoint_spec
-from vision_server.checkpoints.tiny import (
+from checkpoints.spec import Layout, load_checkpoint_spec
+from checkpoints.tiny import (
     _reinitialise,
     hf_config_to_original,
     hf_state_dict_to_original,

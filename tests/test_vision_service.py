@@ -180,7 +180,7 @@ def test_queued_tiles_gauge_follows_the_queue(tiny_models):
 
     from prometheus_client import REGISTRY
 
-    from vision_server.checkpoints.spec import load_checkpoint_spec
+    from checkpoints.spec import load_checkpoint_spec
     from vision_server.engine import EncoderEngine
     from vision_server.model.encoder import VisionEncoder
 

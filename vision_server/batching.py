@@ -38,8 +38,6 @@ class BatchStats:
 
     queue_ms: float
     encode_ms: float
-    passes: int
-    largest_pass_tiles: int
 
 
 @dataclass
@@ -52,8 +50,6 @@ class _Job:
     outputs: list[object] = field(default_factory=list)
     first_pass_at: float | None = None
     encode_seconds: float = 0.0
-    passes: int = 0
-    largest_pass: int = 0
 
     @property
     def remaining(self) -> int:
@@ -216,13 +212,9 @@ class TileBatcher(Generic[TileOutputs]):
                     job.first_pass_at = started
                 job.outputs.append(piece)
                 job.encode_seconds += finished - started
-                job.passes += 1
-                job.largest_pass = max(job.largest_pass, pass_tiles)
                 if end == job.tiles.shape[0] and not job.future.done():
                     stats = BatchStats(
                         queue_ms=(job.first_pass_at - job.enqueued_at) * 1000,
                         encode_ms=job.encode_seconds * 1000,
-                        passes=job.passes,
-                        largest_pass_tiles=job.largest_pass,
                     )
                     job.future.set_result((job.outputs, stats))

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from protos.options import VirMode
 from vision_server import metrics
 from vision_server.batching import BatchStats, TileBatcher
 from vision_server.model.encoder import TileEmbeddings, VisionEncoder
 from vision_server.preprocess import PreparedImage
-from vision_server.routing import VirMode, route_tiles
+from vision_server.routing import route_tiles
 from vision_server.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def compute_dtype_for_device(name: str, device: torch.device) -> torch.dtype:
+    """The ViT's compute dtype: ``auto`` is bfloat16 on CUDA and float32 elsewhere, whatever
+    the checkpoint was saved in (the language service follows the checkpoint instead)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

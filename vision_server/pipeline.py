@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from checkpoints.spec import CheckpointSpec
+from protos.options import VirMode
 from vision_server import metrics
-from vision_server.checkpoints.spec import CheckpointSpec
 from vision_server.engine import EncodedImage, EncoderEngine
 from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
-from vision_server.routing import VirMode
 from vision_server.settings import VisionSettings
 
 logger = logging.getLogger(__name__)

@@ -40,8 +40,6 @@ class TilingOptions:
 class PreparedImage:
     tiles: torch.Tensor  # [num_tiles, 3, 448, 448] float32, normalised
     grid: TileGrid
-    width: int
-    height: int
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -109,12 +107,7 @@ def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
     tiles = [resized.crop(box) for box in grid.tile_boxes()]
     if grid.thumbnail:
         tiles.append(rgb.resize((options.tile_size, options.tile_size), Image.Resampling.BICUBIC))
-    return PreparedImage(
-        tiles=_to_tensor(tiles, options.mean, options.std),
-        grid=grid,
-        width=rgb.width,
-        height=rgb.height,
-    )
+    return PreparedImage(tiles=_to_tensor(tiles, options.mean, options.std), grid=grid)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:

@@ -9,15 +9,9 @@ tiles of one chat sample; for single-image requests the two agree.)
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 
-
-class VirMode(StrEnum):
-    AUTO = "auto"  # the router decides per tile
-    OFF = "off"  # every tile keeps 256 tokens
-    MAX = "max"  # every tile is compressed to 64 tokens
+from protos.options import VirMode
 
 
 def route_tiles(

@@ -14,9 +14,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from vision_server.checkpoints.default import resolve_model
-from vision_server.checkpoints.spec import load_checkpoint_spec
-from vision_server.engine import EncoderEngine, resolve_device, resolve_dtype
+from checkpoints.default import resolve_model
+from checkpoints.spec import load_checkpoint_spec
+from vision_server.engine import EncoderEngine, compute_dtype_for_device, resolve_device
 from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
 from vision_server.service import SERVICE_NAME, VisionServicer, add_vision_service
@@ -50,7 +50,7 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
     model_id = settings.model_name or model_id
     spec = load_checkpoint_spec(path)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = compute_dtype_for_device(settings.dtype, device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     encoder = VisionEncoder.from_checkpoint(spec, device, dtype)

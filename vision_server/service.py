@@ -13,40 +13,26 @@ import grpc
 
 from protos import codec
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+from protos.options import vir_from_wire, vir_to_wire
 from vision_server import metrics
 from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidRequest, VisionError, grpc_status
 from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
-from vision_server.routing import VirMode
 
 logger = logging.getLogger(__name__)
-
-
-_WIRE_VIR = {
-    None: vision_pb2.VIR_MODE_UNSPECIFIED,
-    VirMode.AUTO: vision_pb2.VIR_MODE_AUTO,
-    VirMode.OFF: vision_pb2.VIR_MODE_OFF,
-    VirMode.MAX: vision_pb2.VIR_MODE_MAX,
-}
-
-
-_VIR_FROM_WIRE: dict[int, VirMode | None] = {
-    vision_pb2.VIR_MODE_UNSPECIFIED: None,
-    vision_pb2.VIR_MODE_AUTO: VirMode.AUTO,
-    vision_pb2.VIR_MODE_OFF: VirMode.OFF,
-    vision_pb2.VIR_MODE_MAX: VirMode.MAX,
-}
 
 
 def encode_call(request: vision_pb2.EncodeRequest, request_id: str) -> EncodeCall:
     """The transport-free form of an Encode request."""
     options = request.options
-    if options.vir_mode not in _VIR_FROM_WIRE:
-        raise InvalidRequest(f"unknown vir_mode {options.vir_mode}")
+    try:
+        vir_mode = vir_from_wire(options.vir_mode)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     return EncodeCall(
         images=[ImagePayload(image.data, image.max_tiles) for image in request.images],
         max_tiles=options.max_tiles,
-        vir_mode=_VIR_FROM_WIRE[options.vir_mode],
+        vir_mode=vir_mode,
         vir_threshold=options.vir_threshold if options.HasField("vir_threshold") else None,
         request_id=request_id,
     )
@@ -80,7 +66,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 has_thumbnail=encoded.grid.thumbnail,
                 queue_ms=encoded.stats.queue_ms,
                 encode_ms=encoded.stats.encode_ms,
-                vir_mode=_WIRE_VIR[encoded.vir_mode],
+                vir_mode=vir_to_wire(encoded.vir_mode),
                 full_tokens_per_tile=self.spec.tokens_per_tile,
             )
         )
@@ -151,10 +137,10 @@ def _serialize_response(message: vision_pb2.EncodeResponse | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def add_vision_service(servicer: VisionServicer, server: grpc.aio.Server) -> None:
-    """Register ``dvd.v1.VisionService`` like the generated helper does, except that Encode
-    may yield already-serialized ``EncodeResponse`` bytes (the embedding chunks)."""
-    handlers = {
+def vision_service_handlers(servicer: VisionServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The method handlers of ``dvd.v1.VisionService``, as the generated helper builds them,
+    except that Encode may yield already-serialized ``EncodeResponse`` bytes (the chunks)."""
+    return {
         "Encode": grpc.unary_stream_rpc_method_handler(
             servicer.Encode,
             request_deserializer=vision_pb2.EncodeRequest.FromString,
@@ -166,6 +152,11 @@ def add_vision_service(servicer: VisionServicer, server: grpc.aio.Server) -> Non
             response_serializer=vision_pb2.ModelInfo.SerializeToString,
         ),
     }
+
+
+def add_vision_service(servicer: VisionServicer, server: grpc.aio.Server) -> None:
+    """Register ``dvd.v1.VisionService`` on ``server``."""
+    handlers = vision_service_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 

@@ -66,7 +66,7 @@ start_coupled() {
 bench() { dvd-bench run --base-url http://127.0.0.1:8000 "$@"; }
 
 if [[ " $STEPS " == *" transport "* ]]; then
-  python -m llm_server.transport_bench --chunk-mb 2 --repeat 30 | tee "$OUT/transport.md"
+  python -m benchmarks.transport --chunk-mb 2 --repeat 30 | tee "$OUT/transport.md"
 fi
 
 if [[ " $STEPS " == *" sweep "* ]]; then

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protos.options import VirMode
+
 # ---- request ------------------------------------------------------------------------------
 
 
@@ -88,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
     # DvD extensions.
-    vir: Literal["auto", "off", "max"] | None = Field(
+    vir: VirMode | None = Field(
         None, description="Visual Resolution Router mode (Flash checkpoints)"
     )
     vir_threshold: float | None = Field(
@@ -158,7 +160,7 @@ class VisionSummary(BaseModel):
     image_tokens: int
     # Router mode applied: auto / off / max, or "unavailable" when the checkpoint has no
     # Visual Resolution Router (not InternVL3.5-Flash): then every tile keeps 256 tokens.
-    vir: Literal["auto", "off", "max", "unavailable"]
+    vir: VirMode | Literal["unavailable"]
 
 
 class AssistantMessage(BaseModel):

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
+from checkpoints.spec import CheckpointSpec
 from llm_server.engine.model_files import language_model_config_dir
 from llm_server.prompt import ExpandedPrompt
 from llm_server.settings import LLMSettings
-from vision_server.checkpoints.spec import CheckpointSpec
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_dtype(requested: str, spec: CheckpointSpec) -> str:
+def llm_dtype_from_checkpoint(requested: str, spec: CheckpointSpec) -> str:
     """``auto`` means the checkpoint's own dtype (vLLM's ``auto`` would turn float32 into
     bfloat16, which changes the tiny model's outputs)."""
     if requested != "auto":
@@ -62,7 +62,7 @@ class LanguageEngine:
             tokenizer=str(spec.path),
             served_model_name=model_name,
             enable_prompt_embeds=True,
-            dtype=resolve_dtype(settings.dtype, spec),  # type: ignore[arg-type]
+            dtype=llm_dtype_from_checkpoint(settings.dtype, spec),  # type: ignore[arg-type]
             max_model_len=settings.max_model_len,  # type: ignore[arg-type]
             tensor_parallel_size=settings.tensor_parallel_size,
             pipeline_parallel_size=settings.pipeline_parallel_size,
@@ -110,9 +110,6 @@ class LanguageEngine:
     @property
     def errored(self) -> bool:
         return bool(self.llm.errored)
-
-    async def check_health(self) -> None:
-        await self.llm.check_health()
 
     def shutdown(self) -> None:
         self.llm.shutdown()

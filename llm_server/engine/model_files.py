@@ -14,8 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from checkpoints.spec import CheckpointError, CheckpointSpec
 from llm_server.engine.vllm_plugin import LANGUAGE_MODEL_CLASSES, MODEL_TYPE_ARCHITECTURES
-from vision_server.checkpoints.spec import CheckpointError, CheckpointSpec
 
 
 def language_model_architecture(text_config: dict[str, object]) -> str:
@@ -68,8 +68,8 @@ def main() -> None:
     ``vllm serve CHECKPOINT --hf-config-path`` (to serve the same LLM with plain vLLM)."""
     import sys
 
-    from vision_server.checkpoints.default import default_cache_dir
-    from vision_server.checkpoints.spec import load_checkpoint_spec
+    from checkpoints.default import default_cache_dir
+    from checkpoints.spec import load_checkpoint_spec
 
     spec = load_checkpoint_spec(Path(sys.argv[1]))
     print(language_model_config_dir(spec, default_cache_dir()))

@@ -17,7 +17,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-from llm_server.engine.weight_names import language_model_weight_name
+from checkpoints.llm_weights import language_model_weight_name
 
 
 class _InternVLLanguageWeights:

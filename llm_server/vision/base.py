@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
-VirMode = Literal["auto", "off", "max"]
+from protos.options import VirMode
 
 
 @dataclass(frozen=True)

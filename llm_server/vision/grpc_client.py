@@ -6,6 +6,7 @@ address the name resolves to (several vision replicas behind one Compose/Kuberne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,25 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_server import metrics
-from llm_server.errors import APIError, BadRequest, InvalidImage, Overloaded, VisionUnavailable
-from llm_server.vision.base import EncodeOptions, ImageInput, VirMode, VisualEmbedding
+from llm_server.errors import APIError, VisionUnavailable
+from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
+from llm_server.vision.errors import vision_error
 from protos import codec
 from protos.dvd.v1 import vision_pb2
+from protos.options import vir_from_wire, vir_to_wire
 
 logger = logging.getLogger(__name__)
-
-_VIR_MODES: dict[VirMode | None, vision_pb2.VirMode] = {
-    None: vision_pb2.VIR_MODE_UNSPECIFIED,
-    "auto": vision_pb2.VIR_MODE_AUTO,
-    "off": vision_pb2.VIR_MODE_OFF,
-    "max": vision_pb2.VIR_MODE_MAX,
-}
-_APPLIED_VIR: dict[int, VirMode | None] = {
-    vision_pb2.VIR_MODE_UNSPECIFIED: None,
-    vision_pb2.VIR_MODE_AUTO: "auto",
-    vision_pb2.VIR_MODE_OFF: "off",
-    vision_pb2.VIR_MODE_MAX: "max",
-}
 
 
 # Encode is idempotent: a call that fails with UNAVAILABLE before its first reply (a replica
@@ -54,29 +44,6 @@ _SERVICE_CONFIG = json.dumps(
         ],
     }
 )
-
-
-def _to_api_error(error: grpc.aio.AioRpcError) -> APIError:
-    """Map a vision-service failure to what the HTTP client should see."""
-    code, details = error.code(), error.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidImage(details, param="messages")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(f"vision service is overloaded: {details}")
-    if code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-    ):
-        reason = (
-            "did not answer in time"
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED
-            else "is unavailable"
-        )
-        return VisionUnavailable(f"vision service {reason} ({details or code.name}); retry later")
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return BadRequest(details)
-    return APIError(f"vision service error: {code.name}: {details}")
 
 
 class GrpcImageEncoder:
@@ -109,6 +76,42 @@ class GrpcImageEncoder:
             response_deserializer=None,
         )
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._model_info = self._channel.unary_unary(
+            "/dvd.v1.VisionService/GetModelInfo",
+            request_serializer=vision_pb2.GetModelInfoRequest.SerializeToString,
+            response_deserializer=vision_pb2.ModelInfo.FromString,
+        )
+        self._model_checked = False
+        self._model_check_lock = asyncio.Lock()
+
+    async def _check_model(self) -> None:
+        """Once, before the first Encode: ask the vision service what it serves and refuse to
+        mix its rows into prompts of a language model they cannot belong to."""
+        if self._model_checked:
+            return
+        async with self._model_check_lock:
+            if self._model_checked:
+                return
+            try:
+                info = await self._model_info(vision_pb2.GetModelInfoRequest(), timeout=10.0)
+            except grpc.aio.AioRpcError as exc:
+                raise vision_error(exc.code(), exc.details() or "") from exc
+            if info.hidden_size != self.expected_hidden_size:
+                logger.error(
+                    "vision service at %s serves %s with %d-wide embeddings; this language "
+                    "model is %d wide",
+                    self.target,
+                    info.model_id,
+                    info.hidden_size,
+                    self.expected_hidden_size,
+                )
+                raise VisionUnavailable(
+                    f"the vision service serves {info.model_id!r}, whose embeddings are "
+                    f"{info.hidden_size} wide, but the language model is "
+                    f"{self.expected_hidden_size} wide: the two services run different models"
+                )
+            logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
+            self._model_checked = True
 
     async def ready(self) -> bool:
         try:
@@ -120,6 +123,7 @@ class GrpcImageEncoder:
     async def encode(
         self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
     ) -> list[VisualEmbedding]:
+        await self._check_model()
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
             images=[
@@ -128,7 +132,7 @@ class GrpcImageEncoder:
             ],
             options=vision_pb2.EncodeOptions(
                 max_tiles=options.max_tiles or 0,
-                vir_mode=_VIR_MODES[options.vir],
+                vir_mode=vir_to_wire(options.vir),
                 vir_threshold=options.vir_threshold,
             ),
         )
@@ -150,6 +154,11 @@ class GrpcImageEncoder:
                     assembler = codec.EmbeddingAssembler(
                         (header.num_visual_tokens, header.hidden_size), header.dtype
                     )
+                    if assembler.num_bytes != header.num_bytes:
+                        raise APIError(
+                            f"vision service header announces {header.num_bytes} bytes for a "
+                            f"tensor of {assembler.num_bytes}"
+                        )
                     continue
                 image_index, offset, data = message
                 if assembler is None or header is None or image_index != header.image_index:
@@ -163,12 +172,12 @@ class GrpcImageEncoder:
                             assembler.tensor(),
                             list(header.tokens_per_tile),
                             header.full_tokens_per_tile or max(header.tokens_per_tile),
-                            _APPLIED_VIR.get(header.vir_mode),
+                            vir_from_wire(header.vir_mode),
                         )
                     )
                     assembler = None
         except grpc.aio.AioRpcError as exc:
-            raise _to_api_error(exc) from exc
+            raise vision_error(exc.code(), exc.details() or "") from exc
         except codec.CodecError as exc:
             raise APIError(f"vision service sent malformed embeddings: {exc}") from exc
         if len(results) != len(images):

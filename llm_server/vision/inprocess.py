@@ -3,32 +3,24 @@
 No gRPC hop and no separate device: images are encoded in this process before prefill, with
 the exact code the vision service runs. It is what DvD is measured against, and the simplest
 single-process deployment.
+
+This is the only module of the language service that uses the vision service's code, and it
+imports it when the encoder starts, so the gRPC deployment never loads the ViT code.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llm_server import metrics
-from llm_server.errors import APIError, InvalidImage, Overloaded, VisionUnavailable
 from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
-from vision_server.errors import InvalidRequest, ShuttingDown, VisionError
-from vision_server.errors import Overloaded as VisionOverloaded
-from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
-from vision_server.routing import VirMode
-from vision_server.server import build_pipeline
-from vision_server.settings import VisionSettings
+from llm_server.vision.errors import vision_error
 
-
-def _to_api_error(error: VisionError) -> APIError:
-    if isinstance(error, InvalidRequest):
-        return InvalidImage(str(error), param="messages")
-    if isinstance(error, VisionOverloaded):
-        return Overloaded(f"vision encoder is overloaded: {error}")
-    if isinstance(error, ShuttingDown):
-        return VisionUnavailable(str(error))
-    return APIError(f"vision encoder error: {error}")
+if TYPE_CHECKING:
+    from vision_server.pipeline import VisionPipeline
 
 
 class InProcessImageEncoder:
@@ -38,7 +30,14 @@ class InProcessImageEncoder:
         self.pipeline = pipeline
 
     @classmethod
-    async def start(cls, settings: VisionSettings) -> InProcessImageEncoder:
+    async def start(cls, checkpoint: Path, cache_dir: Path, device: str) -> InProcessImageEncoder:
+        """Load the checkpoint's vision half on ``device`` and start its tile batcher."""
+        from vision_server.server import build_pipeline
+        from vision_server.settings import VisionSettings
+
+        settings = VisionSettings(  # type: ignore[call-arg]
+            model=str(checkpoint), cache_dir=str(cache_dir), device=device
+        )
         pipeline, _ = await asyncio.to_thread(build_pipeline, settings)
         pipeline.engine.start()
         return cls(pipeline)
@@ -46,10 +45,13 @@ class InProcessImageEncoder:
     async def encode(
         self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
     ) -> list[VisualEmbedding]:
+        from vision_server.errors import VisionError
+        from vision_server.pipeline import EncodeCall, ImagePayload
+
         call = EncodeCall(
             images=[ImagePayload(image.data, image.max_tiles or 0) for image in images],
             max_tiles=options.max_tiles or 0,
-            vir_mode=VirMode(options.vir) if options.vir else None,
+            vir_mode=options.vir,
             vir_threshold=options.vir_threshold,
             request_id=request_id,
         )
@@ -63,11 +65,11 @@ class InProcessImageEncoder:
                         encoded.embeddings,
                         encoded.tokens_per_tile,
                         self.pipeline.spec.tokens_per_tile,
-                        encoded.vir_mode.value if encoded.vir_mode else None,
+                        encoded.vir_mode,
                     )
                 )
         except VisionError as exc:
-            raise _to_api_error(exc) from exc
+            raise vision_error(exc.status, str(exc)) from exc
         return results
 
     async def ready(self) -> bool:

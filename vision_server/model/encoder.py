@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision_server.checkpoints.spec import CheckpointError, CheckpointSpec
-from vision_server.checkpoints.weights import load_vision_weights
+from checkpoints.spec import CheckpointError, CheckpointSpec
+from checkpoints.weights import load_vision_weights
 from vision_server.model.intern_vit import InternViT
 from vision_server.model.projector import CompressedProjector, MLPProjector, pixel_shuffle
 from vision_server.model.router import CrossAttentionPooling, Gating

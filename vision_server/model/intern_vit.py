@@ -12,10 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_server.checkpoints.spec import VisionTowerSpec
+from checkpoints.spec import VisionTowerSpec
 
 
 class RMSNorm(nn.Module):
+    """InternViT's RMSNorm: normalise in float32, round to the input dtype, *then* scale.
+
+    Not ``torch.nn.RMSNorm``: that one scales before rounding, which is bit-identical in
+    float32 but differs in bfloat16 (by up to one bf16 step), where the checkpoints were
+    trained and are served with this order.
+    """
+
     def __init__(self, width: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))

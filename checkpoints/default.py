@@ -35,7 +35,7 @@ def tiny_checkpoint(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / f".{target.name}.lock")):
         if not (target / "config.json").exists():
-            from vision_server.checkpoints.tiny import write_tiny_checkpoint
+            from checkpoints.tiny import write_tiny_checkpoint
 
             write_tiny_checkpoint(target, seed=seed, layout=layout, flash=flash)
     return target
@@ -46,7 +46,7 @@ def resolve_model(
 ) -> tuple[Path, str]:
     """(local checkpoint folder, model id) for a ``--model`` value; None means the tiny model."""
     if model:
-        from vision_server.checkpoints.weights import resolve_checkpoint
+        from checkpoints.weights import resolve_checkpoint
 
         return resolve_checkpoint(model, revision), model
     return tiny_checkpoint(cache_dir), TINY_MODEL_NAME

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vision_server.checkpoints.spec import CheckpointError, Layout
+from checkpoints.spec import CheckpointError, Layout
 
 logger = logging.getLogger(__name__)
 

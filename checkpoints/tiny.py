@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vision_server.checkpoints import tokenizer as tiny_tokenizer
+from checkpoints import tokenizer as tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Embedding transport benchmark: the Encode stream's bytes/s on loopback vs a memory copy.
 
-    python -m llm_server.transport_bench [--sizes-mb 1.7 6.8 27] [--chunk-mb 2] [--repeat 20]
+    python -m benchmarks.transport [--sizes-mb 1.7 6.8 27] [--chunk-mb 2] [--repeat 20]
 
 A stand-in vision server (its own process) streams a pre-computed embedding tensor with the
 vision service's registration and chunk encoding; the language service's ``GrpcImageEncoder``
@@ -62,6 +62,13 @@ class _StreamingServicer(vision_pb2_grpc.VisionServiceServicer):
         )
         for message in codec.encode_chunk_messages(tensor, 0, self.chunk_bytes):
             yield message
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: vision_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.ModelInfo:
+        return vision_pb2.ModelInfo(
+            model_id="transport-stand-in", hidden_size=HIDDEN, dtype=vision_pb2.DTYPE_BFLOAT16
+        )
 
 
 def _serve(port: int, chunk_bytes: int, ready: Any) -> None:
