@@ -37,6 +37,7 @@ class RequestFeatures:
     sampling: dict[str, Any]  # extra SamplingParams arguments
     template_tools: list[dict[str, Any]] | None
     output: OutputOptions
+    constraint_source: str | None = None  # the request field a grammar comes from
 
 
 class OpenAIFeatures:
@@ -56,6 +57,7 @@ class OpenAIFeatures:
             sampling["logit_bias"] = self._logit_bias(request.logit_bias)
         plan = self.tools.plan(request)
         constraint = structured_outputs_for(request.response_format)
+        source = "response_format" if constraint is not None else None
         if plan is not None and plan.structural_tag is not None:
             if constraint is not None:
                 raise BadRequest(
@@ -63,7 +65,7 @@ class OpenAIFeatures:
                     "(strict tools or parallel_tool_calls=false)",
                     param="response_format",
                 )
-            constraint = {"structural_tag": plan.structural_tag}
+            constraint, source = {"structural_tag": plan.structural_tag}, "tools"
         if constraint is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
@@ -80,6 +82,7 @@ class OpenAIFeatures:
                 tools=plan,
                 token_bytes=self.token_bytes if top_logprobs is not None else None,
             ),
+            constraint_source=source,
         )
 
     @staticmethod

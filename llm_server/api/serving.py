@@ -277,7 +277,9 @@ class ChatService:
         # vLLM checks the parameters (a grammar compiles here) off the event loop, so that a
         # bad schema or token id is a 400 even for a stream.
         sampling_params = self._sampling_params(request, max_tokens, features.sampling)
-        await asyncio.to_thread(self.engine.check_sampling_params, sampling_params)
+        await asyncio.to_thread(
+            self.engine.check_sampling_params, sampling_params, features.constraint_source
+        )
         return PreparedChat(
             request_id=request_id,
             created=int(time.time()),

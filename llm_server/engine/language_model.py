@@ -126,10 +126,11 @@ class LanguageEngine:
             raise BadRequest(str(exc), param="messages") from exc
         return dict(engine_input)
 
-    def check_sampling_params(self, sampling_params: Any) -> None:
+    def check_sampling_params(self, sampling_params: Any, constraint: str | None = None) -> None:
         """vLLM's own checks of the parameters against this model (token ids in range, a
-        structured-output constraint its grammar backend accepts, ...); 400 on failure.
-        Blocking (compiles a grammar): run it off the event loop."""
+        structured-output constraint its grammar backend accepts, ...); 400 on failure, naming
+        the parameter (``constraint``: the request field a grammar came from). Blocking (builds
+        the grammar): run it off the event loop."""
         from vllm.exceptions import VLLMClientError
 
         llm = self.llm
@@ -140,12 +141,11 @@ class LanguageEngine:
                 llm.vllm_config.structured_outputs_config,
                 llm.renderer.tokenizer,
             )
-        except (VLLMClientError, ValueError) as exc:
-            parameter = getattr(exc, "parameter", None)
+        except Exception as exc:  # vLLM's validation errors, or a grammar it cannot build
+            if not isinstance(exc, VLLMClientError | ValueError):
+                logger.info("sampling parameters refused: %r", exc)
+            parameter = getattr(exc, "parameter", None) or constraint
             raise BadRequest(f"invalid request: {exc}", param=parameter) from exc
-        except Exception as exc:  # e.g. a grammar backend that cannot build this constraint
-            logger.info("sampling parameters refused: %r", exc)
-            raise BadRequest(f"invalid request: {exc}") from exc
 
     async def generate(
         self, prompt: dict[str, Any], sampling_params: Any, request_id: str
