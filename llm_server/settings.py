@@ -67,8 +67,8 @@ class LLMSettings(CheckpointSettings):
     seed: int = Field(0, description="engine seed")
     tool_parser: str = Field(
         "hermes",
-        description="vLLM tool-call parser for the model family (hermes: Qwen3 backbones' "
-        "<tool_call> JSON blocks)",
+        description="vLLM tool-call parser of the model family, which reads tool calls from "
+        "answers (hermes: the tool_call JSON blocks of Qwen3 backbones)",
     )
 
     # ---- request limits ----
