@@ -49,6 +49,9 @@ class ToolCalling:
     """Server-wide: which vLLM tool parser reads this model's calls."""
 
     def __init__(self, tokenizer: Any, parser_name: str) -> None:
+        # Loaded now rather than on the first request with tools (they pull in xgrammar).
+        import vllm.entrypoints.openai.chat_completion.protocol  # noqa: F401
+        import vllm.tool_parsers.structural_tag_registry  # noqa: F401
         from vllm.tool_parsers import ToolParserManager
 
         self.parser_name = parser_name
