@@ -6,10 +6,15 @@ transformers-format InternVL, ``<image>`` for some others); templates that only 
 get InternVL's convention, ``<image>\\n`` in front of the text. Each marker becomes
 ``<img><IMG_CONTEXT></img>``; the single ``<IMG_CONTEXT>`` is later widened to the number of
 visual tokens the vision service reports for that image.
+
+Tools, assistant tool calls and ``tool`` results are rendered by the same template, the way
+the checkpoint was trained to see them (``tools=`` and ``tool_calls``/``tool_call_id`` in the
+messages, as transformers passes them to chat templates).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -65,9 +70,11 @@ class PromptBuilder:
         self.context_id = int(vocab[image_tokens.context])
         self.content_format, self.marker = self._detect_template()
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
         return str(text)
 
@@ -93,6 +100,11 @@ class PromptBuilder:
             content: str | list[dict[str, str]] = ""
             if isinstance(message.content, str):
                 content = message.content
+            elif message.content is not None and role == "tool":
+                # Tool results are text; templates render them as one string.
+                content = "".join(
+                    part.text for part in message.content if isinstance(part, TextPart)
+                )
             elif message.content is not None and self.content_format is ContentFormat.OPENAI:
                 content = [
                     {"type": "text", "text": part.text}
@@ -105,11 +117,31 @@ class PromptBuilder:
                     part.text if isinstance(part, TextPart) else f"{self.marker}\n"
                     for part in message.content
                 )
-            out.append({"role": role, "content": content})
+            rendered: dict[str, Any] = {"role": role, "content": content}
+            if message.tool_calls:
+                rendered["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {
+                            "name": call.function.name,
+                            "arguments": _arguments(call.function.arguments),
+                        },
+                    }
+                    for call in message.tool_calls
+                ]
+            if message.tool_call_id is not None:
+                rendered["tool_call_id"] = message.tool_call_id
+            if message.name is not None and role == "tool":
+                rendered["name"] = message.name
+            out.append(rendered)
         return out
 
-    def tokenize(self, messages: list[ChatMessage]) -> TokenizedPrompt:
-        """Token ids of the rendered chat, one context-image token per image part."""
+    def tokenize(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> TokenizedPrompt:
+        """Token ids of the rendered chat (with ``tools``, OpenAI function definitions, when
+        given), one context-image token per image part."""
         num_images = sum(
             isinstance(part, ImagePart)
             for message in messages
@@ -117,7 +149,7 @@ class PromptBuilder:
             for part in message.content
         )
         try:
-            text = self._render(self.template_messages(messages))
+            text = self._render(self.template_messages(messages), tools)
         except Exception as exc:  # a template may raise on conversations it does not accept
             raise BadRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
@@ -138,6 +170,15 @@ class PromptBuilder:
                 param="messages",
             )
         return TokenizedPrompt(token_ids, positions)
+
+
+def _arguments(arguments: str) -> Any:
+    """A call's arguments as the object they encode: templates write them with ``tojson``
+    (a string that is not JSON stays a string)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def expand_prompt(prompt: TokenizedPrompt, visual_token_counts: list[int]) -> ExpandedPrompt:

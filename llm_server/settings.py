@@ -65,6 +65,11 @@ class LLMSettings(CheckpointSettings):
         1, ge=1, description="KV-cache size on CPU (GiB; sets VLLM_CPU_KVCACHE_SPACE)"
     )
     seed: int = Field(0, description="engine seed")
+    tool_parser: str = Field(
+        "hermes",
+        description="vLLM tool-call parser of the model family, which reads tool calls from "
+        "answers (hermes: the tool_call JSON blocks of Qwen3 backbones)",
+    )
 
     # ---- request limits ----
     max_request_bytes: int = Field(

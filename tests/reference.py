@@ -7,6 +7,7 @@ Nothing here imports DvD code.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ class OracleAnswer:
     num_image_tokens: int
     num_prompt_tokens: int
     margins: list[float]  # top-1 minus top-2 logit at each generated step
+    logprobs: torch.Tensor  # [steps, vocab]: log_softmax of the raw logits at each step
 
 
 class TransformersOracle:
@@ -52,11 +54,16 @@ class TransformersOracle:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
 
     def generate(
-        self, messages: list[dict[str, Any]], images: list[Image.Image], max_new_tokens: int
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        max_new_tokens: int,
+        tools: list[dict[str, Any]] | None = None,
     ) -> OracleAnswer:
-        """Greedy answer; {"type": "image"} parts in ``messages`` match ``images`` in order."""
+        """Greedy answer; {"type": "image"} parts in ``messages`` match ``images`` in order;
+        ``tools`` (OpenAI function definitions) go to the chat template."""
         text = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
         inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
         with torch.no_grad():
@@ -65,6 +72,7 @@ class TransformersOracle:
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 output_scores=True,
+                output_logits=True,
                 return_dict_in_generate=True,
             )
         prompt_len = inputs["input_ids"].shape[1]
@@ -79,6 +87,7 @@ class TransformersOracle:
             num_image_tokens=int((inputs["input_ids"] == self.image_token_id).sum()),
             num_prompt_tokens=prompt_len,
             margins=margins,
+            logprobs=torch.log_softmax(torch.cat(out.logits).float(), dim=-1),
         )
 
 
@@ -98,5 +107,16 @@ def to_oracle_messages(
                 else:
                     parts.append({"type": "text", "text": part["text"]})
             content = parts
-        converted.append({"role": message["role"], "content": content})
+        entry = {"role": message["role"], "content": content}
+        if message.get("tool_calls"):
+            # transformers' convention: a call's arguments are an object, not a JSON string.
+            entry["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": json.loads(args)}}
+                if isinstance(args := call["function"]["arguments"], str)
+                else call
+                for call in message["tool_calls"]
+            ]
+        if "tool_call_id" in message:
+            entry["tool_call_id"] = message["tool_call_id"]
+        converted.append(entry)
     return converted, images

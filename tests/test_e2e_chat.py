@@ -332,9 +332,9 @@ def test_client_disconnect_aborts_the_request(stacks):
 ERROR_CASES = [
     ({"model": "other-model"}, 404, "does not exist"),
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "tool_call_id"),
     ({"temperature": 3}, 400, "temperature"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, 400, "audio is not supported"),
     ({"max_tokens": 100000}, 400, "maximum context length is 8192"),
     ({"n": 100}, 400, "n=100"),
     (

@@ -234,9 +234,9 @@ BAD_INPUT = [
     ),
     (
         "unsupported feature",
-        chat_body([{"role": "user", "content": "hi"}], logprobs=True),
+        chat_body([{"role": "user", "content": "hi"}], audio={"voice": "alloy"}),
         400,
-        "logprobs",
+        "audio is not supported",
     ),
 ]
 

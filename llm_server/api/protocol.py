@@ -6,7 +6,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from protos.options import VirMode
 
@@ -39,21 +46,99 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, in a response or in the history of a request."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages only")
+    tool_call_id: str | None = Field(None, description="tool messages: the call answered")
 
     @model_validator(mode="after")
     def _check_content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.content is None and not self.tool_calls and self.role == "assistant":
+            raise ValueError("an assistant message needs content or tool_calls")
         has_image = isinstance(self.content, list) and any(
             isinstance(part, ImagePart) for part in self.content
         )
         if has_image and self.role != "user":
             raise ValueError(f"images are only accepted in user messages, not {self.role}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are only accepted in assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
+
+
+# ---- structured outputs and tools ---------------------------------------------------------
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(BaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    # ``schema`` would shadow a BaseModel attribute; the wire name stays "schema".
+    json_schema: dict[str, Any] = Field(
+        default_factory=dict, alias="schema", description="a JSON Schema (draft 2020-12)"
+    )
+    strict: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class JSONSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")
+]
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class StreamOptions(BaseModel):
@@ -81,14 +166,23 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
-    # Known OpenAI fields that are not implemented: accepted only at their "off" value.
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit"
+    )
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Known OpenAI fields this server does not implement: refused when present (their "off"
+    # value aside) rather than silently dropped.
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
     # DvD extensions.
     vir: VirMode | None = Field(
         None, description="Visual Resolution Router mode (Flash checkpoints)"
@@ -112,15 +206,17 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     def unsupported_feature(self) -> str | None:
-        """Name of a requested OpenAI feature this server does not implement, if any."""
-        if self.logprobs or self.top_logprobs:
-            return "logprobs"
-        if self.tools or self.functions or self.tool_choice not in (None, "none"):
-            return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        if self.logit_bias:
-            return "logit_bias"
+        """Name of a requested OpenAI field this server does not implement, if any."""
+        if self.functions or self.function_call is not None:
+            return "functions" if self.functions else "function_call"
+        if self.audio is not None:
+            return "audio"
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities"
+        if self.prediction is not None:
+            return "prediction"
+        if self.web_search_options is not None:
+            return "web_search_options"
         return None
 
     @property
@@ -163,16 +259,46 @@ class VisionSummary(BaseModel):
     vir: VirMode | Literal["unavailable"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_content(self, handler: Any) -> dict[str, Any]:
+        # OpenAI sends "content" even when it is null; exclude_none must not drop it.
+        data: dict[str, Any] = handler(self)
+        data.setdefault("content", None)
+        return data
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_content(self, handler: Any) -> dict[str, Any]:
+        # A message that only calls tools has "content": null, as OpenAI sends it.
+        data: dict[str, Any] = handler(self)
+        data.setdefault("content", None)
+        return data
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = None
 
 
@@ -186,16 +312,32 @@ class ChatCompletionResponse(BaseModel):
     vision: VisionSummary | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a tool call in a stream: the first piece of a call carries its id, type
+    and name; later pieces append to its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = None
 
 

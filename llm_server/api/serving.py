@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_server import metrics
+from llm_server.api.choices import ChoiceOutput
+from llm_server.api.features import OpenAIFeatures, OutputOptions
 from llm_server.api.protocol import (
-    AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
     ChunkChoice,
     Delta,
     ImagePart,
@@ -62,13 +62,7 @@ class PreparedChat:
     arrived: float  # perf_counter() when the request arrived
     vision: VisionSummary | None = None
     vision_tokens_saved: int = 0
-
-
-@dataclass
-class _ChoiceState:
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
 
 
 async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -106,6 +100,7 @@ class ChatService:
         self.prompts = prompts
         self.images = images
         self.settings = settings
+        self.features = OpenAIFeatures(prompts.tokenizer, engine.vocab_size, settings.tool_parser)
         self.model_name = engine.model_name
         self.created = int(time.time())
         self._in_flight = 0
@@ -172,7 +167,9 @@ class ChatService:
 
         return list(await asyncio.gather(*(load(i, p) for i, p in enumerate(parts))))
 
-    def _sampling_params(self, request: ChatCompletionRequest, max_tokens: int) -> Any:
+    def _sampling_params(
+        self, request: ChatCompletionRequest, max_tokens: int, features: dict[str, Any]
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -195,7 +192,7 @@ class ChatService:
                 stop=request.stop_sequences or None,
                 seed=request.seed,
                 output_kind=RequestOutputKind.DELTA,
-                skip_special_tokens=True,
+                **{"skip_special_tokens": True, **features},
             )
         except (ValueError, TypeError) as exc:  # vLLM's own checks of parameter combinations
             raise BadRequest(f"invalid sampling parameters: {exc}") from exc
@@ -249,6 +246,7 @@ class ChatService:
         self, request: ChatCompletionRequest, request_id: str, arrived: float
     ) -> PreparedChat:
         image_parts = self._validate(request)
+        features = self.features.resolve(request)
         images = await self._load_images(image_parts) if image_parts else []
         options = EncodeOptions(
             max_tiles=request.max_tiles or self.settings.max_tiles,
@@ -256,7 +254,9 @@ class ChatService:
             vir_threshold=request.vir_threshold,
         )
         # Tokenizing the chat overlaps with the vision service encoding the images.
-        tokenize = asyncio.ensure_future(asyncio.to_thread(self.prompts.tokenize, request.messages))
+        tokenize = asyncio.ensure_future(
+            asyncio.to_thread(self.prompts.tokenize, request.messages, features.template_tools)
+        )
         visuals: list[VisualEmbedding] = []
         try:
             if images:
@@ -274,17 +274,24 @@ class ChatService:
         engine_prompt = await asyncio.to_thread(
             self.engine.build_prompt, expanded, [v.embeddings for v in visuals]
         )
+        # vLLM checks the parameters (a grammar compiles here) off the event loop, so that a
+        # bad schema or token id is a 400 even for a stream.
+        sampling_params = self._sampling_params(request, max_tokens, features.sampling)
+        await asyncio.to_thread(
+            self.engine.check_sampling_params, sampling_params, features.constraint_source
+        )
         return PreparedChat(
             request_id=request_id,
             created=int(time.time()),
             engine_prompt=engine_prompt,
-            sampling_params=self._sampling_params(request, max_tokens),
+            sampling_params=sampling_params,
             num_prompt_tokens=num_prompt_tokens,
             num_image_tokens=expanded.num_image_tokens,
             n=request.n,
             arrived=arrived,
             vision=_vision_summary(visuals),
             vision_tokens_saved=sum(v.tokens_saved for v in visuals),
+            output=features.output,
         )
 
     def _usage(self, chat: PreparedChat, completion_tokens: int) -> Usage:
@@ -327,28 +334,19 @@ class ChatService:
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False
     ) -> ChatCompletionResponse:
-        choices = [_ChoiceState() for _ in range(chat.n)]
+        choices = [
+            ChoiceOutput(i, chat.output, streaming=False, return_token_ids=return_token_ids)
+            for i in range(chat.n)
+        ]
         async for output in self._generate(chat):
             for completion in output.outputs:
-                state = choices[completion.index]
-                state.text.append(completion.text)
-                state.token_ids.extend(completion.token_ids)
-                if completion.finish_reason is not None:
-                    state.finish_reason = completion.finish_reason
+                choices[completion.index].add(completion)
         return ChatCompletionResponse(
             id=chat.request_id,
             created=chat.created,
             model=self.model_name,
-            choices=[
-                Choice(
-                    index=index,
-                    message=AssistantMessage(content="".join(state.text)),
-                    finish_reason=state.finish_reason,
-                    token_ids=state.token_ids if return_token_ids else None,
-                )
-                for index, state in enumerate(choices)
-            ],
-            usage=self._usage(chat, sum(len(state.token_ids) for state in choices)),
+            choices=[choice.choice() for choice in choices],
+            usage=self._usage(chat, sum(len(choice.token_ids) for choice in choices)),
             vision=chat.vision,
         )
 
@@ -374,6 +372,10 @@ class ChatService:
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
         completion_tokens = 0
+        outputs = [
+            ChoiceOutput(i, chat.output, streaming=True, return_token_ids=return_token_ids)
+            for i in range(chat.n)
+        ]
         try:
             yield self._chunk(
                 chat,
@@ -387,16 +389,9 @@ class ChatService:
                 choices = []
                 for completion in output.outputs:
                     completion_tokens += len(completion.token_ids)
-                    if not completion.text and completion.finish_reason is None:
-                        continue
-                    choices.append(
-                        ChunkChoice(
-                            index=completion.index,
-                            delta=Delta(content=completion.text or None),
-                            finish_reason=completion.finish_reason,
-                            token_ids=list(completion.token_ids) if return_token_ids else None,
-                        )
-                    )
+                    chunk = outputs[completion.index].add(completion)
+                    if chunk is not None:
+                        choices.append(chunk)
                 if choices:
                     yield self._chunk(chat, choices)
             if include_usage:

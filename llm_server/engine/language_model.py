@@ -3,6 +3,9 @@
 Prompts use vLLM's mixed prompt-embeds input: the text positions carry token ids (vLLM embeds
 them with the model's own table, on the accelerator) and the image positions carry the rows
 the vision service produced. The API process never holds the embedding table.
+
+Prompts reach the engine as vLLM's rendered engine inputs (``Renderer.render_cmpl``), the
+input path vLLM keeps; handing ``generate`` raw prompt dicts is deprecated there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from checkpoints.spec import CheckpointSpec
 from llm_server.engine.model_files import language_model_config_dir
+from llm_server.errors import BadRequest
 from llm_server.prompt import ExpandedPrompt
 from llm_server.settings import LLMSettings
 
@@ -42,6 +46,8 @@ class LanguageEngine:
         self.max_model_len: int = int(model_config.max_model_len)
         self.dtype: torch.dtype = model_config.dtype
         self.hidden_size: int = int(model_config.get_hidden_size())
+        # Rows of the output layer: the token ids logit_bias may name (>= the tokenizer's).
+        self.vocab_size: int = int(model_config.get_vocab_size())
         # Sampling defaults the checkpoint's generation_config.json asks for (may be empty).
         self.default_sampling: dict[str, Any] = dict(model_config.get_diff_sampling_param())
 
@@ -85,20 +91,61 @@ class LanguageEngine:
     def build_prompt(
         self, prompt: ExpandedPrompt, visual_rows: list[torch.Tensor]
     ) -> dict[str, Any]:
-        """vLLM's mixed prompt: token ids everywhere, embedding rows where ``is_text`` is False.
-        A text-only prompt is plain token ids, the path ``vllm serve`` takes."""
+        """vLLM's engine input for the prompt: token ids everywhere, embedding rows where
+        ``is_text`` is False (a text-only prompt is plain token ids, the path ``vllm serve``
+        takes). Blocking (copies the rows): run it off the event loop."""
+        request_prompt: dict[str, Any]
         if not prompt.image_spans:
-            return {"prompt_token_ids": prompt.token_ids}
-        embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self.dtype)
-        for (start, end), rows in zip(prompt.image_spans, visual_rows, strict=True):
-            if rows.shape != (end - start, self.hidden_size):
-                raise ValueError(f"image rows {tuple(rows.shape)} do not fit span {start}:{end}")
-            embeds[start:end] = rows.to(self.dtype)
-        return {
-            "prompt_embeds": embeds,
-            "prompt_token_ids": prompt.token_ids,
-            "prompt_is_token_ids": prompt.is_text,
-        }
+            request_prompt = {"prompt_token_ids": prompt.token_ids}
+        else:
+            embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self.dtype)
+            for (start, end), rows in zip(prompt.image_spans, visual_rows, strict=True):
+                if rows.shape != (end - start, self.hidden_size):
+                    raise ValueError(
+                        f"image rows {tuple(rows.shape)} do not fit span {start}:{end}"
+                    )
+                embeds[start:end] = rows.to(self.dtype)
+            request_prompt = {
+                "prompt_embeds": embeds,
+                "prompt_token_ids": prompt.token_ids,
+                "prompt_is_token_ids": prompt.is_text,
+            }
+        return self.render(request_prompt)
+
+    def render(self, request_prompt: dict[str, Any]) -> dict[str, Any]:
+        """A token or embeddings prompt -> vLLM's engine input (``{"type": ...}``), checked by
+        vLLM's renderer as ``vllm serve`` checks its own."""
+        from vllm.exceptions import VLLMClientError
+
+        renderer = self.llm.renderer
+        try:
+            (engine_input,) = renderer.render_cmpl(
+                [request_prompt], renderer.default_cmpl_tok_params
+            )
+        except VLLMClientError as exc:
+            raise BadRequest(str(exc), param="messages") from exc
+        return dict(engine_input)
+
+    def check_sampling_params(self, sampling_params: Any, constraint: str | None = None) -> None:
+        """vLLM's own checks of the parameters against this model (token ids in range, a
+        structured-output constraint its grammar backend accepts, ...); 400 on failure, naming
+        the parameter (``constraint``: the request field a grammar came from). Blocking (builds
+        the grammar): run it off the event loop."""
+        from vllm.exceptions import VLLMClientError
+
+        llm = self.llm
+        try:
+            sampling_params.verify(
+                llm.model_config,
+                llm.vllm_config.speculative_config,
+                llm.vllm_config.structured_outputs_config,
+                llm.renderer.tokenizer,
+            )
+        except Exception as exc:  # vLLM's validation errors, or a grammar it cannot build
+            if not isinstance(exc, VLLMClientError | ValueError):
+                logger.info("sampling parameters refused: %r", exc)
+            parameter = getattr(exc, "parameter", None) or constraint
+            raise BadRequest(f"invalid request: {exc}", param=parameter) from exc
 
     async def generate(
         self, prompt: dict[str, Any], sampling_params: Any, request_id: str

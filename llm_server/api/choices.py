@@ -1,0 +1,141 @@
+"""One choice of a chat completion, built from vLLM's outputs as they arrive.
+
+The same object serves both shapes of the API: ``delta`` turns each of vLLM's increments
+into a stream chunk (text, tool-call pieces, logprobs), ``choice`` gives the whole answer.
+Tool calls are read by vLLM's parser: incrementally for a stream, once for a whole answer;
+``finish_reason`` becomes ``"tool_calls"`` when the model stopped after calling tools.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_server.api.features import OutputOptions
+from llm_server.api.logprobs import chat_logprobs
+from llm_server.api.protocol import (
+    AssistantMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+)
+from llm_server.api.tools import ToolCallParser
+
+
+def _finish_reason(vllm_reason: str | None, called_tools: bool) -> str | None:
+    return "tool_calls" if called_tools and vllm_reason == "stop" else vllm_reason
+
+
+class ChoiceOutput:
+    """Text, token ids, logprobs and tool calls of one choice."""
+
+    def __init__(
+        self, index: int, options: OutputOptions, streaming: bool, return_token_ids: bool = False
+    ) -> None:
+        self.index = index
+        self.return_token_ids = return_token_ids
+        self.options = options
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.vllm_finish_reason: str | None = None
+        self.parser: ToolCallParser | None = (
+            options.tools.parser() if options.tools is not None and options.tools.parse else None
+        )
+        self.streaming = streaming
+        self._content_sent = 0  # characters of text streamed as content (tool parsing only)
+        self._calls_streamed = -1  # index of the last tool call streamed
+
+    def _logprobs_of(self, completion: Any) -> list[TokenLogprob]:
+        if self.options.top_logprobs is None or completion.logprobs is None:
+            return []
+        assert self.options.token_bytes is not None
+        return chat_logprobs(
+            completion.token_ids,
+            completion.logprobs,
+            self.options.top_logprobs,
+            self.options.token_bytes,
+        )
+
+    def add(self, completion: Any) -> ChunkChoice | None:
+        """Take vLLM's next increment (``RequestOutputKind.DELTA``); when streaming, return
+        the chunk for it, or None when there is nothing to send yet."""
+        previous_text, previous_ids = self.text, self.token_ids
+        new_ids = list(completion.token_ids)
+        self.text = previous_text + completion.text
+        self.token_ids = previous_ids + new_ids
+        entries = self._logprobs_of(completion)
+        self.logprobs.extend(entries)
+        if completion.finish_reason is not None:
+            self.vllm_finish_reason = completion.finish_reason
+        if not self.streaming:
+            return None
+        content: str | None = completion.text
+        calls: list[ToolCallDelta] = []
+        if self.parser is not None:
+            content, calls = self.parser.delta(
+                previous_text,
+                self.text,
+                completion.text,
+                previous_ids,
+                self.token_ids,
+                new_ids,
+            )
+            self._content_sent += len(content or "")
+            if calls:
+                self._calls_streamed = max(call.index for call in calls)
+            if completion.finish_reason is not None:
+                content, calls = self._flush(content, calls)
+        finish = completion.finish_reason
+        token_ids = new_ids if self.return_token_ids and new_ids else None
+        if not content and not calls and not entries and not token_ids and finish is None:
+            return None
+        return ChunkChoice(
+            index=self.index,
+            delta=Delta(content=content or None, tool_calls=calls or None),
+            finish_reason=_finish_reason(finish, self._calls_streamed >= 0),
+            logprobs=ChoiceLogprobs(content=entries) if entries else None,
+            token_ids=token_ids,
+        )
+
+    def _flush(
+        self, content: str | None, calls: list[ToolCallDelta]
+    ) -> tuple[str | None, list[ToolCallDelta]]:
+        """At the end of a stream: text held back in case it began a call, and arguments
+        the parser has read but not sent."""
+        assert self.parser is not None
+        if self._calls_streamed < 0:
+            rest = self.text[self._content_sent :]
+            self._content_sent = len(self.text)
+            return (content or "") + rest or None, calls
+        remaining = self.parser.unstreamed_arguments()
+        if remaining:
+            calls = [
+                *calls,
+                ToolCallDelta(
+                    index=self._calls_streamed, function=FunctionCallDelta(arguments=remaining)
+                ),
+            ]
+        return content, calls
+
+    def choice(self) -> Choice:
+        """The whole answer (for a response that is not streamed)."""
+        content: str | None = self.text
+        calls: list[ToolCall] = []
+        if self.parser is not None:
+            content, calls = self.parser.extract(self.text)
+        return Choice(
+            index=self.index,
+            message=AssistantMessage(content=content, tool_calls=calls or None),
+            finish_reason=_finish_reason(self.vllm_finish_reason, bool(calls)),
+            logprobs=(
+                ChoiceLogprobs(content=self.logprobs)
+                if self.options.top_logprobs is not None
+                else None
+            ),
+            token_ids=self.token_ids if self.return_token_ids else None,
+        )
