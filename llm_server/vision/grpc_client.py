@@ -45,6 +45,10 @@ _SERVICE_CONFIG = json.dumps(
     }
 )
 
+# Shortest time between two DNS look-ups of a dns:/// target (each triggered by a connection
+# that ended). Bounds how soon a new vision replica gets calls, with the server's connection age.
+DNS_RERESOLUTION_INTERVAL_MS = 5_000
+
 
 class GrpcImageEncoder:
     """Calls ``dvd.v1.VisionService/Encode`` and reassembles the streamed embeddings."""
@@ -66,6 +70,10 @@ class GrpcImageEncoder:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
+                # A replica ending an aged connection (the vision service's
+                # --max-connection-age-ms) makes the channel resolve the name again; gRPC
+                # allows that once per 30 s by default, too slow to pick up new replicas.
+                ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
             ],
         )
         # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
