@@ -64,8 +64,7 @@ class VisionSettings(CheckpointSettings):
     max_connection_age_grace_ms: int = Field(
         120_000,
         ge=0,
-        description="how long calls on a connection past its age may still run before it "
-        "is closed",
+        description="how long calls on a connection past its age may still run before it is closed",
     )
     cache_dir: str | None = Field(
         None, description="where the tiny checkpoint is generated (default: ~/.cache/dvd)"
