@@ -558,7 +558,7 @@ class LocalPod:
             text,
         )
         # gRPC's DNS resolver takes the DNS server as the target's authority.
-        return re.sub(r"^dns:///", f"dns://{self.dns.address}/", text)
+        return re.sub(r"(?<![\w/])dns:///", f"dns://{self.dns.address}/", text)
 
     def start(self) -> None:
         container = self.container
