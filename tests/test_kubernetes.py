@@ -298,6 +298,28 @@ def test_language_gpus_follow_the_tensor_parallel_size(tmp_path):
         kubernetes_validate.validate(o, KUBERNETES_VERSIONS[-1], strict=True)
 
 
+def test_the_operator_overlay_in_the_docs(tmp_path):
+    """docs/deploy.md's example overlay renders: its model, GPUs, image, credentials."""
+    doc = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.DOTALL) if "Kustomization" in b]
+    folder = tmp_path / "my-overlay"
+    folder.mkdir()
+    prefix = os.path.relpath(KUSTOMIZE, folder)
+    (folder / "kustomization.yaml").write_text(block.replace("../dvd/deploy/kubernetes", prefix))
+    (folder / "credentials.env").write_text("DVD_API_KEY=sk-local\nHF_TOKEN=hf_local\n")
+    manifests = kustomize(folder)
+    for o in manifests.objects:
+        kubernetes_validate.validate(o, KUBERNETES_VERSIONS[-1], strict=True)
+    llm = manifests.environment("llm")
+    assert llm["DVD_MODEL"] == manifests.environment("vision")["DVD_MODEL"] != ""
+    assert int(manifests.container("llm")["resources"]["limits"]["nvidia.com/gpu"]) == int(
+        llm["DVD_TENSOR_PARALLEL_SIZE"]
+    ) == 2  # fmt: skip
+    assert llm["DVD_API_KEY"] == "sk-local" and llm["HF_TOKEN"] == "hf_local"
+    assert manifests.container("vision")["image"].endswith("/dvd:cuda")
+    assert "HorizontalPodAutoscaler" in {o["kind"] for o in manifests.objects}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_model_cache_config_and_credentials_are_shared(overlay):
     manifests = rendered(overlay)
@@ -798,5 +820,5 @@ def test_new_vision_pods_get_calls_and_leaving_ones_drain(cpu_cluster):
         wait_for(lambda: second.encoded() >= after + 4, 30)
     finally:
         statuses = traffic.stop()
-    assert len(statuses) >= 10
-    assert statuses == [200] * len(statuses), statuses
+    failed = [status for status in statuses if status != 200]
+    assert len(statuses) >= 10 and not failed, f"{len(failed)} of {len(statuses)} failed: {failed}"
