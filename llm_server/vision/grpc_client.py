@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Encode is idempotent: a call that fails with UNAVAILABLE before its first reply (a replica
 # that just went away) is retried on another replica, twice at most, with a short backoff.
+# CANCELLED too: a replica that stops drops, as CANCELLED, a call grpcio had accepted but not
+# yet handed to the servicer. Calls this process cancels itself are never retried.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -38,7 +40,7 @@ _SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.05s",
                     "maxBackoff": "0.5s",
                     "backoffMultiplier": 3,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],
