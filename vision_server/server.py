@@ -86,6 +86,16 @@ async def start_server(settings: VisionSettings) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", 8 * 1024 * 1024),
+            # Clients keep a connection until it breaks and look the name up again only then:
+            # ending each one after a while (its calls may finish) lets them find new replicas.
+            *(
+                [
+                    ("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+                    ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms),
+                ]
+                if settings.max_connection_age_ms
+                else []
+            ),
         ]
     )
     add_vision_service(servicer, server)

@@ -54,6 +54,18 @@ class VisionSettings(CheckpointSettings):
     max_message_bytes: int = Field(
         128 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC request accepted"
     )
+    max_connection_age_ms: int = Field(
+        30_000,
+        ge=0,
+        description="close each client connection after this long (give or take 10%), "
+        "so that clients look the service name up again and spread calls over new replicas "
+        "(0: never)",
+    )
+    max_connection_age_grace_ms: int = Field(
+        120_000,
+        ge=0,
+        description="how long calls on a connection past its age may still run before it is closed",
+    )
     cache_dir: str | None = Field(
         None, description="where the tiny checkpoint is generated (default: ~/.cache/dvd)"
     )

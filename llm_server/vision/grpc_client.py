@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Encode is idempotent: a call that fails with UNAVAILABLE before its first reply (a replica
 # that just went away) is retried on another replica, twice at most, with a short backoff.
+# CANCELLED too: a replica that stops drops, as CANCELLED, a call grpcio had accepted but not
+# yet handed to the servicer. Calls this process cancels itself are never retried.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -38,12 +40,16 @@ _SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.05s",
                     "maxBackoff": "0.5s",
                     "backoffMultiplier": 3,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],
     }
 )
+
+# Shortest time between two DNS look-ups of a dns:/// target (each triggered by a connection
+# that ended). Bounds how soon a new vision replica gets calls, with the server's connection age.
+DNS_RERESOLUTION_INTERVAL_MS = 5_000
 
 
 class GrpcImageEncoder:
@@ -66,6 +72,10 @@ class GrpcImageEncoder:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
+                # A replica ending an aged connection (the vision service's
+                # --max-connection-age-ms) makes the channel resolve the name again; gRPC
+                # allows that once per 30 s by default, too slow to pick up new replicas.
+                ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
             ],
         )
         # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
