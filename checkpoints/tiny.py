@@ -207,6 +207,7 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
     and has clear margins instead of repeating one token).
     """
     generator = torch.Generator().manual_seed(seed)
+    has_sinks = any(name.endswith("self_attn.sinks") for name, _ in model.named_parameters())
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             is_text = "language_model" in name or name.startswith("lm_head")
@@ -223,6 +224,11 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
                 # attention, so that serving them wrongly (or not at all) changes the answer.
                 param.copy_(8.0 + 3.0 * torch.randn(param.shape, generator=generator))
                 continue
+            elif is_text and has_sinks and (".q_proj." in name or ".k_proj." in name):
+                # GPT-OSS has no q/k norm: with the spread below its attention logits would
+                # reach 30-60, and nothing but the top key (no sink, no window edge) would
+                # count. This spread keeps the logits at a few units.
+                std = 0.15
             elif "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
                 continue
