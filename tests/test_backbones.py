@@ -288,6 +288,13 @@ def backbone_stacks(backbone_models, log_dir) -> Iterator[dict[tuple[str, str], 
             stack.stop()
 
 
+def _served_text(oracle_text: str) -> str:
+    """The oracle's text as the server sends it: when max_tokens cuts a character's UTF-8 bytes
+    in two, transformers decodes the stray bytes as U+FFFD; vLLM's incremental detokenizer
+    (``vllm serve`` too) holds them back, since more bytes could still complete them."""
+    return oracle_text.rstrip("\ufffd")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -304,7 +311,7 @@ def test_greedy_answer_equals_transformers(
     reply = greedy(backbone_stacks[(llm, layout)].base_url, CONVERSATIONS[conversation])
     choice = reply["choices"][0]
     assert choice["token_ids"] == expected.token_ids
-    assert choice["message"]["content"] == expected.text
+    assert choice["message"]["content"] == _served_text(expected.text)
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
     assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
 
@@ -328,19 +335,23 @@ def test_a_different_image_gives_a_different_answer(backbone_stacks, oracles, ll
 @pytest.mark.slow
 @pytest.mark.parametrize("llm", MOE_BACKBONES)
 def test_stop_tokens_end_the_answer_as_in_transformers(backbone_stacks, oracles, llm):
-    """Among a few questions, those whose greedy answer ends on one of the checkpoint's stop
-    tokens (GPT-OSS: <|return|>, <|endoftext|>, <|call|>) end there through DvD too."""
+    """Questions whose greedy answer ends on one of the checkpoint's stop tokens end there
+    through DvD too. The questions are scanned until two different stop tokens came up: the
+    tokenizer's end token and one that only the generation config lists (GPT-OSS stops on
+    <|return|>, <|endoftext|> and <|call|>; Qwen3 on <|im_end|> and <|endoftext|>)."""
     oracle = oracles[llm]
     stop_ids = set(oracle.model.generation_config.eos_token_id)
-    stopped = []
-    for i in range(40):
+    first_stop: dict[int, tuple[list[dict[str, Any]], OracleAnswer]] = {}
+    for i in range(160):
         messages = [{"role": "user", "content": f"Question {i}: what is the answer?"}]
         expected = oracle.generate(messages, [], 64)
         if expected.token_ids[-1] in stop_ids and len(expected.token_ids) < 64:
-            stopped.append((messages, expected))
-    assert stopped, "no question ended on a stop token: the check would be blind"
+            first_stop.setdefault(expected.token_ids[-1], (messages, expected))
+            if len(first_stop) == 2:
+                break
+    assert len(first_stop) == 2, "fewer than two stop tokens came up: the check would be blind"
     base_url = backbone_stacks[(llm, "hf")].base_url
-    for messages, expected in stopped:
+    for messages, expected in first_stop.values():
         reply = greedy(base_url, messages, max_tokens=64)
         choice = reply["choices"][0]
         assert choice["token_ids"] == expected.token_ids
