@@ -110,12 +110,14 @@ def test_both_layouts_hold_the_same_language_model(backbone_models, llm):
     assert hf.keys() == original.keys()
     assert all(torch.equal(hf[name], original[name]) for name in hf)
     specs = [load_checkpoint_spec(backbone_models[(llm, layout)]) for layout in LAYOUTS]
-    assert backbone_of(specs[0]) == backbone_of(specs[1])
+    assert backbone_of(specs[0].text_config) == backbone_of(specs[1].text_config)
 
 
 def test_backbones_are_read_from_the_checkpoint(backbone_models, tiny_models):
     described = {
-        llm: backbone_of(load_checkpoint_spec(backbone_models[(llm, "original")])).describe()
+        llm: backbone_of(
+            load_checkpoint_spec(backbone_models[(llm, "original")]).text_config
+        ).describe()
         for llm in MOE_BACKBONES
     }
     assert described == {
@@ -123,8 +125,43 @@ def test_backbones_are_read_from_the_checkpoint(backbone_models, tiny_models):
         "gpt_oss": "gpt_oss (GptOssForCausalLM, 8 experts, top 2, sliding window 128, "
         "attention sinks)",
     }
-    dense = backbone_of(load_checkpoint_spec(tiny_models["hf"]))
+    dense = backbone_of(load_checkpoint_spec(tiny_models["hf"]).text_config)
     assert dense.describe() == "qwen3 (Qwen3ForCausalLM)"
+
+
+@pytest.mark.parametrize(
+    ("llm_config", "described"),
+    [
+        (  # InternVL3.5-30B-A3B's language model, as its llm_config names it
+            {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "num_experts": 128,
+                "num_experts_per_tok": 8,
+                "sliding_window": None,
+            },
+            "qwen3_moe (Qwen3MoeForCausalLM, 128 experts, top 8)",
+        ),
+        (  # GPT-OSS-20B as OpenAI ships it, MXFP4 experts
+            {
+                "architectures": ["GptOssForCausalLM"],
+                "model_type": "gpt_oss",
+                "num_local_experts": 32,
+                "num_experts_per_tok": 4,
+                "sliding_window": 128,
+                "quantization_config": {"quant_method": "mxfp4"},
+            },
+            "gpt_oss (GptOssForCausalLM, 32 experts, top 4, sliding window 128, "
+            "attention sinks, mxfp4 weights)",
+        ),
+        (  # InternVL3's Qwen2.5: a sliding_window value, but no layer uses it
+            {"model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False},
+            "qwen2 (Qwen2ForCausalLM)",
+        ),
+    ],
+)
+def test_backbone_description_of_published_configs(llm_config, described):
+    assert backbone_of(llm_config).describe() == described
 
 
 def test_an_unsupported_language_model_is_refused_before_the_engine_starts(tiny_models, tmp_path):
@@ -193,7 +230,7 @@ def test_the_tiny_model_cache_is_keyed_by_backbone(tmp_path):
     paths = {llm: tiny_checkpoint(tmp_path, flash=False, llm=llm) for llm in ("qwen3", "gpt_oss")}
     assert paths["qwen3"] != paths["gpt_oss"]
     for llm, path in paths.items():
-        assert backbone_of(load_checkpoint_spec(path)).model_type == llm
+        assert backbone_of(load_checkpoint_spec(path).text_config).model_type == llm
 
 
 # ---- the oracle sees each architecture ------------------------------------------------------

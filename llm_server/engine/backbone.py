@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from checkpoints.spec import CheckpointSpec
 from llm_server.engine.model_files import language_model_architecture
 
 
@@ -45,9 +44,9 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def backbone_of(spec: CheckpointSpec) -> Backbone:
-    """The backbone of ``spec``'s language model (raises ``CheckpointError`` if unknown)."""
-    config = spec.text_config
+def backbone_of(config: dict[str, Any]) -> Backbone:
+    """The backbone described by a checkpoint's LLM config (``CheckpointSpec.text_config``);
+    raises ``CheckpointError`` if its architecture cannot be told."""
     architecture = language_model_architecture(config)
     model_type = str(config.get("model_type") or architecture)
     # Qwen3-MoE configs say num_experts, GPT-OSS and transformers 5 say num_local_experts.

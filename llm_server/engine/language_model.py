@@ -55,7 +55,7 @@ class LanguageEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        backbone = backbone_of(spec)
+        backbone = backbone_of(spec.text_config)
         logger.info("language model: %s", backbone.describe())
         # vLLM's CPU backend sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
