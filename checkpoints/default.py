@@ -23,13 +23,20 @@ def default_cache_dir() -> Path:
 
 
 def tiny_checkpoint(
-    cache_dir: Path | None = None, *, seed: int = 0, layout: str = "hf", flash: bool = True
+    cache_dir: Path | None = None,
+    *,
+    seed: int = 0,
+    layout: str = "hf",
+    flash: bool = True,
+    llm: str = "qwen3",
 ) -> Path:
-    """Path of the cached tiny checkpoint (a Flash one by default, so the router is on),
-    generating it on first use (safe across processes)."""
+    """Path of the cached tiny checkpoint (a Flash one by default, so the router is on; a
+    dense Qwen3 language model unless ``llm`` says otherwise), generating it on first use
+    (safe across processes)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kind = "-flash" if flash else ""
-    target = cache_dir / f"{TINY_MODEL_NAME}-v{TINY_GENERATOR_VERSION}-seed{seed}-{layout}{kind}"
+    name = f"{TINY_MODEL_NAME}-v{TINY_GENERATOR_VERSION}-seed{seed}-{layout}-{llm}{kind}"
+    target = cache_dir / name
     if (target / "config.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +44,7 @@ def tiny_checkpoint(
         if not (target / "config.json").exists():
             from checkpoints.tiny import write_tiny_checkpoint
 
-            write_tiny_checkpoint(target, seed=seed, layout=layout, flash=flash)
+            write_tiny_checkpoint(target, seed=seed, layout=layout, flash=flash, llm=llm)
     return target
 
 

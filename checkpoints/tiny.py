@@ -1,8 +1,10 @@
 """`dvd-tiny-model`: write a tiny, InternVL3.5-shaped checkpoint with random weights.
 
 The geometry is real (448x448 tiles, patch 14, 1024 patches per tile, pixel shuffle 0.5 ->
-256 tokens per tile, a Qwen3 language model); only widths and depths are tiny, so the whole
-product runs on a laptop CPU and tests can compare it with transformers' own InternVL.
+256 tokens per tile); only widths and depths are tiny, so the whole product runs on a laptop
+CPU and tests can compare it with transformers' own InternVL. The language model is one of the
+InternVL3.5 family's backbones (``--llm``): dense Qwen3, Qwen3-MoE (routed experts) or GPT-OSS
+(routed experts, attention sinks, sliding-window layers, harmony chat format).
 
 Two layouts hold the same weights:
 - ``hf``: transformers' native ``InternVLForConditionalGeneration`` format, written by
@@ -23,6 +25,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +70,101 @@ PRESETS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
 MAX_CONTEXT = 8192
 
 
-def build_hf_model(seed: int, preset: str = "tiny") -> Any:
-    """Build a transformers InternVLForConditionalGeneration of one of the ``PRESETS``."""
+# ---------------------------------------------------------------------------------------------
+# Language backbones: the text-config keys that make a preset's widths into each architecture.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One language-model family of InternVL3.5, at tiny scale."""
+
+    architecture: str  # the causal-LM class OpenGVLab's llm_config names
+    chat_format: tiny_tokenizer.ChatFormat
+    # Keys on top of the preset's widths; "expert_width" is replaced by the expert MLP width.
+    text_config: dict[str, Any]
+
+
+# Real values wherever they are not sizes: routing (softmax top-k, renormalised), GPT-OSS's
+# sliding window of 128 tokens on every other layer, its YaRN rope and clamped SwiGLU.
+# Expert counts are scaled down (Qwen3-30B-A3B: 128 experts, top 8; GPT-OSS-20B: 32, top 4).
+BACKBONES: dict[str, Backbone] = {
+    "qwen3": Backbone(
+        "Qwen3ForCausalLM",
+        tiny_tokenizer.CHATML,
+        dict(
+            model_type="qwen3",
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        ),
+    ),
+    "qwen3_moe": Backbone(
+        "Qwen3MoeForCausalLM",
+        tiny_tokenizer.CHATML,
+        dict(
+            model_type="qwen3_moe",
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size="expert_width",
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
+    ),
+    "gpt_oss": Backbone(
+        "GptOssForCausalLM",
+        tiny_tokenizer.HARMONY,
+        dict(
+            model_type="gpt_oss",
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150_000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size="expert_width",
+            sliding_window=128,
+            attention_bias=True,
+            swiglu_limit=7.0,
+            # YaRN's factor is this over original_max_position_embeddings, as in GPT-OSS.
+            max_position_embeddings=131_072,
+        ),
+    ),
+}
+
+
+def backbone_text_config(llm: str, text_dims: dict[str, int]) -> dict[str, Any]:
+    """A preset's language-model widths as backbone ``llm``: routed experts are a quarter of
+    the dense MLP width each, so that top-2 routing costs about half the dense MLP."""
+    if llm not in BACKBONES:
+        raise ValueError(f"unknown language backbone {llm!r}; expected one of {sorted(BACKBONES)}")
+    expert_width = text_dims["intermediate_size"] // 4
+    config: dict[str, Any] = dict(text_dims, max_position_embeddings=MAX_CONTEXT)
+    for key, value in BACKBONES[llm].text_config.items():
+        config[key] = expert_width if value == "expert_width" else value
+    return config
+
+
+def build_hf_model(seed: int, preset: str = "tiny", llm: str = "qwen3") -> Any:
+    """Build a transformers InternVLForConditionalGeneration of one of the ``PRESETS``, with
+    language backbone ``llm`` (one of ``BACKBONES``)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     vision_dims, text_dims = PRESETS[preset]
-    tokenizer = tiny_tokenizer.train_tokenizer()
+    text_config = backbone_text_config(llm, text_dims)
+    chat_format = BACKBONES[llm].chat_format
+    tokenizer = tiny_tokenizer.train_tokenizer(chat_format)
     vocab = tokenizer.get_vocab()
     end_of_text = vocab[tiny_tokenizer.END_OF_TEXT]
-    im_end = vocab[tiny_tokenizer.IM_END]
+    eos = vocab[chat_format.eos_token]
     config = InternVLConfig(
         vision_config=dict(
             **vision_dims,
@@ -89,15 +178,11 @@ def build_hf_model(seed: int, preset: str = "tiny") -> Any:
             use_mean_pooling=True,
         ),
         text_config=dict(
-            model_type="qwen3",
+            **text_config,
             vocab_size=tokenizer.get_vocab_size(),
-            **text_dims,
-            max_position_embeddings=MAX_CONTEXT,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
             tie_word_embeddings=False,
             bos_token_id=end_of_text,
-            eos_token_id=im_end,
+            eos_token_id=eos,
             pad_token_id=end_of_text,
         ),
         image_token_id=vocab[tiny_tokenizer.IMG_CONTEXT],
@@ -122,6 +207,7 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
     and has clear margins instead of repeating one token).
     """
     generator = torch.Generator().manual_seed(seed)
+    has_sinks = any(name.endswith("self_attn.sinks") for name, _ in model.named_parameters())
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             is_text = "language_model" in name or name.startswith("lm_head")
@@ -133,6 +219,16 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
                 # decoding repeats one token. Large qk-norm gains make attention sharp.
                 param.copy_(3.0 * (1.0 + 0.1 * torch.randn(param.shape, generator=generator)))
                 continue
+            elif is_text and name.endswith("self_attn.sinks"):
+                # GPT-OSS's per-head sink logits: large enough to take a real share of the
+                # attention, so that serving them wrongly (or not at all) changes the answer.
+                param.copy_(8.0 + 3.0 * torch.randn(param.shape, generator=generator))
+                continue
+            elif is_text and has_sinks and (".q_proj." in name or ".k_proj." in name):
+                # GPT-OSS has no q/k norm: with the spread below its attention logits would
+                # reach 30-60, and nothing but the top key (no sink, no window edge) would
+                # count. This spread keeps the logits at a few units.
+                std = 0.15
             elif "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
                 continue
@@ -246,11 +342,29 @@ _HF_TO_ORIGINAL_PROJECTOR = {
 }
 
 
-def hf_state_dict_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _unfuse_experts(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers' in-memory Qwen3-MoE experts as the checkpoints store them, one module per
+    expert: ``experts.gate_up_proj`` [experts, 2·width, hidden] -> ``experts.E.gate_proj.weight``
+    and ``experts.E.up_proj.weight`` [width, hidden] each; ``experts.down_proj``
+    [experts, hidden, width] -> ``experts.E.down_proj.weight``."""
+    prefix, _, leaf = name.rpartition(".")
+    for expert, matrix in enumerate(tensor):
+        if leaf == "gate_up_proj":
+            gate, up = matrix.chunk(2, dim=0)
+            yield f"{prefix}.{expert}.gate_proj.weight", gate.contiguous()
+            yield f"{prefix}.{expert}.up_proj.weight", up.contiguous()
+        else:
+            yield f"{prefix}.{expert}.{leaf}.weight", matrix.contiguous()
+
+
+def hf_state_dict_to_original(
+    state_dict: dict[str, torch.Tensor], text_model_type: str = "qwen3"
+) -> dict[str, torch.Tensor]:
     """Rename a transformers InternVL state dict to OpenGVLab's original names.
 
     Attention q/k/v projections are fused into one ``qkv`` matrix ([q; k; v] along rows), as
-    InternViT stores them.
+    InternViT stores them. Qwen3-MoE experts are split into one module per expert, as Qwen3-MoE
+    checkpoints store them; GPT-OSS keeps its fused expert tensors, which is its own format.
     """
     out: dict[str, torch.Tensor] = {}
     pending_qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -271,7 +385,13 @@ def hf_state_dict_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, 
             module, _, leaf = key[len("model.multi_modal_projector.") :].partition(".")
             out[f"{_HF_TO_ORIGINAL_PROJECTOR[module]}.{leaf}"] = tensor
         elif key.startswith("model.language_model."):
-            out["language_model.model." + key[len("model.language_model.") :]] = tensor
+            name = "language_model.model." + key[len("model.language_model.") :]
+            if text_model_type == "qwen3_moe" and name.endswith(
+                (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+            ):
+                out.update(_unfuse_experts(name, tensor))
+            else:
+                out[name] = tensor
         elif key.startswith("lm_head."):
             out["language_model." + key] = tensor
         else:
@@ -285,7 +405,16 @@ def hf_config_to_original(hf_config: dict[str, Any]) -> dict[str, Any]:
     """Translate a transformers InternVL config.json into OpenGVLab's InternVLChatModel one."""
     vision = hf_config["vision_config"]
     text = dict(hf_config["text_config"])
-    text["architectures"] = ["Qwen3ForCausalLM"]
+    backbone = next(
+        (b for b in BACKBONES.values() if b.text_config["model_type"] == text["model_type"]),
+        None,
+    )
+    if backbone is None:
+        raise ValueError(f"no original-layout name for language model {text['model_type']!r}")
+    text["architectures"] = [backbone.architecture]
+    if text["model_type"] == "qwen3_moe" and "num_local_experts" in text:
+        # Qwen3-MoE configs name the expert count num_experts (transformers accepts both).
+        text["num_experts"] = text.pop("num_local_experts")
     image_size = vision["image_size"]
     patch_size = vision["patch_size"]
     return {
@@ -334,8 +463,10 @@ def hf_config_to_original(hf_config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_common_files(out_dir: Path, tokenizer: Any, eos_ids: list[int]) -> None:
-    tiny_tokenizer.save_tokenizer(tokenizer, out_dir)
+def _write_common_files(
+    out_dir: Path, tokenizer: Any, chat_format: tiny_tokenizer.ChatFormat, eos_ids: list[int]
+) -> None:
+    tiny_tokenizer.save_tokenizer(tokenizer, out_dir, chat_format)
     (out_dir / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -358,7 +489,13 @@ def _write_common_files(out_dir: Path, tokenizer: Any, eos_ids: list[int]) -> No
         )
     )
     (out_dir / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": eos_ids, "pad_token_id": eos_ids[-1]}, indent=2)
+        json.dumps(
+            {
+                "eos_token_id": eos_ids,
+                "pad_token_id": tokenizer.token_to_id(tiny_tokenizer.END_OF_TEXT),
+            },
+            indent=2,
+        )
     )
 
 
@@ -371,13 +508,21 @@ def _flash_config() -> dict[str, Any]:
 
 
 def write_tiny_checkpoint(
-    out_dir: Path, *, seed: int = 0, layout: str = "hf", flash: bool = False, preset: str = "tiny"
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    layout: str = "hf",
+    flash: bool = False,
+    preset: str = "tiny",
+    llm: str = "qwen3",
 ) -> Path:
     """Write the tiny checkpoint in ``layout`` ('hf' or 'original') to ``out_dir``; with
-    ``flash``, an InternVL3.5-Flash checkpoint (router + 64-token projector added)."""
+    ``flash``, an InternVL3.5-Flash checkpoint (router + 64-token projector added); ``llm``
+    picks the language backbone (one of ``BACKBONES``)."""
     if layout not in ("hf", "original"):
         raise ValueError(f"unknown layout {layout!r}; expected 'hf' or 'original'")
-    model, tokenizer = build_hf_model(seed, preset)
+    model, tokenizer = build_hf_model(seed, preset, llm)
+    chat_format = BACKBONES[llm].chat_format
     flash_tensors = (
         build_flash_tensors(
             seed, model.config.vision_config.hidden_size, model.config.text_config.hidden_size
@@ -386,7 +531,7 @@ def write_tiny_checkpoint(
         else {}
     )
     vocab = tokenizer.get_vocab()
-    eos_ids = [vocab[tiny_tokenizer.IM_END], vocab[tiny_tokenizer.END_OF_TEXT]]
+    eos_ids = [vocab[token] for token in chat_format.stop_tokens]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a scratch folder next to the target, then rename: a reader never sees half a
@@ -405,14 +550,15 @@ def write_tiny_checkpoint(
         else:
             hf_config = json.loads(model.config.to_json_string())
             original = hf_state_dict_to_original(
-                {k: v.contiguous() for k, v in model.state_dict().items()}
+                {k: v.contiguous() for k, v in model.state_dict().items()},
+                text_model_type=hf_config["text_config"]["model_type"],
             )
             save_file(
                 original | flash_tensors, str(staging / "model.safetensors"), {"format": "pt"}
             )
             config = hf_config_to_original(hf_config) | (_flash_config() if flash else {})
             (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _write_common_files(staging, tokenizer, eos_ids)
+        _write_common_files(staging, tokenizer, chat_format, eos_ids)
         for path in staging.iterdir():
             path.chmod(0o644)
         staging.chmod(0o755)
@@ -423,7 +569,14 @@ def write_tiny_checkpoint(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     kind = "Flash " if flash else ""
-    logger.info("wrote tiny %s%s checkpoint (seed %d) to %s", kind, layout, seed, out_dir)
+    logger.info(
+        "wrote tiny %s%s checkpoint with a %s language model (seed %d) to %s",
+        kind,
+        layout,
+        llm,
+        seed,
+        out_dir,
+    )
     return out_dir
 
 
@@ -456,10 +609,23 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="InternVL3.5-Flash: add the Visual Resolution Router and the 64-token projector",
     )
+    parser.add_argument(
+        "--llm",
+        choices=list(BACKBONES),
+        default="qwen3",
+        help="language backbone: qwen3 (dense), qwen3_moe (routed experts) or gpt_oss "
+        "(routed experts, attention sinks, sliding windows, harmony chat format) "
+        "(default: qwen3)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_checkpoint(
-        args.out, seed=args.seed, layout=args.layout, flash=args.flash, preset=args.preset
+        args.out,
+        seed=args.seed,
+        layout=args.layout,
+        flash=args.flash,
+        preset=args.preset,
+        llm=args.llm,
     )
 
 

@@ -3,11 +3,18 @@
 The tiny checkpoints need a real tokenizer (vLLM detokenizes with it, transformers' chat
 template machinery renders with it) but no download: this trains one in well under a second
 on a deterministic synthetic corpus.
+
+Each language backbone brings its own chat format, as the real checkpoints do: Qwen3 and
+Qwen3-MoE speak ChatML (``<|im_start|>``/``<|im_end|>``), GPT-OSS speaks OpenAI's harmony
+format (``<|start|>``/``<|message|>``/``<|end|>``, answers on a channel, ended by
+``<|return|>``). The learned vocabulary is the same for all of them; only the special tokens
+after it differ.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -106,6 +113,98 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# ---- GPT-OSS: the harmony format ------------------------------------------------------------
+
+START_OF_TEXT = "<|startoftext|>"
+HARMONY_START = "<|start|>"
+HARMONY_END = "<|end|>"
+HARMONY_MESSAGE = "<|message|>"
+HARMONY_CHANNEL = "<|channel|>"
+HARMONY_CONSTRAIN = "<|constrain|>"
+HARMONY_RETURN = "<|return|>"  # ends the assistant's final answer
+HARMONY_CALL = "<|call|>"  # ends a tool call
+
+# END_OF_TEXT stays first, so that it is the same id in every tiny tokenizer.
+HARMONY_SPECIAL_TOKENS = [
+    END_OF_TEXT,
+    START_OF_TEXT,
+    HARMONY_START,
+    HARMONY_END,
+    HARMONY_MESSAGE,
+    HARMONY_CHANNEL,
+    HARMONY_CONSTRAIN,
+    HARMONY_RETURN,
+    HARMONY_CALL,
+    *SPECIAL_TOKENS[3:],  # the InternVL image and grounding tokens
+]
+
+# The system message InternVL3.5's GPT-OSS model is trained with: harmony's header fields, with
+# "final" as the only valid channel (no separate reasoning channel).
+HARMONY_SYSTEM_MESSAGE = (
+    "You are InternVL, a multimodal assistant.\n"
+    "Knowledge cutoff: 2024-06\n\n"
+    "Reasoning: low\n\n"
+    "# Valid channels: final. Channel must be included for every message."
+)
+
+# Harmony chat template: the system message first (always), a caller's system or developer
+# message as the developer's instructions, user turns as they are, earlier assistant turns on
+# the final channel; the generation prompt opens an assistant message, and the model writes
+# the channel header, the answer and <|return|>. Image parts render as the context-image token,
+# as in CHAT_TEMPLATE.
+HARMONY_CHAT_TEMPLATE = (
+    "{{- '<|start|>system<|message|>" + HARMONY_SYSTEM_MESSAGE.replace("\n", "\\n") + "<|end|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}"
+    "{%- set text.value = text.value + '<IMG_CONTEXT>\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{%- set text.value = text.value + part['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = text.value -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}"
+    "{{- '<|start|>developer<|message|># Instructions\\n\\n' + text + '<|end|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + text + '<|end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|start|>' + message['role'] + '<|message|>' + text + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start|>assistant' -}}"
+    "{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A backbone's special tokens, chat template and stop tokens."""
+
+    special_tokens: list[str]
+    chat_template: str
+    eos_token: str
+    stop_tokens: list[str]  # generation_config.json's eos_token_id, in this order
+
+
+CHATML = ChatFormat(SPECIAL_TOKENS, CHAT_TEMPLATE, IM_END, [IM_END, END_OF_TEXT])
+# GPT-OSS stops on <|return|>, <|endoftext|> and <|call|>, as its generation config lists them.
+HARMONY = ChatFormat(
+    HARMONY_SPECIAL_TOKENS,
+    HARMONY_CHAT_TEMPLATE,
+    HARMONY_RETURN,
+    [HARMONY_RETURN, END_OF_TEXT, HARMONY_CALL],
+)
+CHAT_FORMATS = {"chatml": CHATML, "harmony": HARMONY}
+
+# Size of the learned part of the vocabulary (the ChatML tokenizer is 2048 tokens in all).
+LEARNED_VOCAB_SIZE = 2048 - len(SPECIAL_TOKENS)
+
 _WORDS = (
     "the a an of to in on at by for with from and or but not is are was were be been has "
     "have had do does did can could will would should may might must this that these those "
@@ -136,29 +235,30 @@ def _corpus(num_sentences: int = 4000, seed: int = 1234) -> list[str]:
     return sentences
 
 
-def train_tokenizer(vocab_size: int = 2048) -> Tokenizer:
-    """Train the byte-level BPE tokenizer (deterministic: fixed corpus, fixed settings)."""
+def train_tokenizer(chat_format: ChatFormat = CHATML) -> Tokenizer:
+    """Train the byte-level BPE tokenizer (deterministic: fixed corpus, fixed settings) and add
+    ``chat_format``'s special tokens after the learned vocabulary."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=LEARNED_VOCAB_SIZE,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(chat_format.special_tokens)
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, chat_format: ChatFormat = CHATML) -> None:
     """Write the tokenizer in the Hugging Face format that transformers and vLLM load."""
     from transformers import PreTrainedTokenizerFast
 
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
-        eos_token=IM_END,
+        eos_token=chat_format.eos_token,
         pad_token=END_OF_TEXT,
         model_max_length=8192,
         extra_special_tokens={
@@ -167,6 +267,6 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
             "context_image_token": IMG_CONTEXT,
             "video_token": VIDEO,
         },
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_format.chat_template,
     )
     hf_tokenizer.save_pretrained(str(out_dir))

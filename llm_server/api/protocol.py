@@ -360,6 +360,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "dvd"
     max_model_len: int
+    backbone: str  # the language model's family, e.g. "qwen3", "qwen3_moe", "gpt_oss"
 
 
 class ModelList(BaseModel):

@@ -120,6 +120,7 @@ class ChatService:
                     id=self.model_name,
                     created=self.created,
                     max_model_len=self.engine.max_model_len,
+                    backbone=self.engine.backbone.model_type,
                 )
             ]
         )

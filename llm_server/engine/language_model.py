@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from checkpoints.spec import CheckpointSpec
+from llm_server.engine.backbone import Backbone, backbone_of
 from llm_server.engine.model_files import language_model_config_dir
 from llm_server.errors import BadRequest
 from llm_server.prompt import ExpandedPrompt
@@ -39,9 +40,10 @@ def llm_dtype_from_checkpoint(requested: str, spec: CheckpointSpec) -> str:
 class LanguageEngine:
     """One vLLM engine serving the checkpoint's language model."""
 
-    def __init__(self, llm: Any, model_name: str) -> None:
+    def __init__(self, llm: Any, model_name: str, backbone: Backbone) -> None:
         self.llm = llm
         self.model_name = model_name
+        self.backbone = backbone
         model_config = llm.model_config
         self.max_model_len: int = int(model_config.max_model_len)
         self.dtype: torch.dtype = model_config.dtype
@@ -59,6 +61,8 @@ class LanguageEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        backbone = backbone_of(spec.text_config)
+        logger.info("language model: %s", backbone.describe())
         # vLLM's CPU backend sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
         config_dir = language_model_config_dir(spec, cache_dir)
@@ -79,10 +83,11 @@ class LanguageEngine:
             generation_config="auto",
         )
         llm = AsyncLLM.from_engine_args(args)
-        engine = cls(llm, model_name)
+        engine = cls(llm, model_name, backbone)
         logger.info(
-            "language engine ready: %s, %s, context %d tokens",
+            "language engine ready: %s, %s, %s, context %d tokens",
             model_name,
+            backbone.model_type,
             str(engine.dtype).removeprefix("torch."),
             engine.max_model_len,
         )

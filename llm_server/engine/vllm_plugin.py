@@ -28,7 +28,12 @@ MODEL_TYPE_ARCHITECTURES = {
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    for dvd_class in LANGUAGE_MODEL_CLASSES.values():
+    for architecture, dvd_class in LANGUAGE_MODEL_CLASSES.items():
         if dvd_class not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(dvd_class, f"llm_server.engine.vllm_models:{dvd_class}")
+        # vLLM adjusts its config for some architectures by name (GPT-OSS: the MXFP4 method
+        # name, its CUDA-graph mode); ours are the same models under another name.
+        if architecture in MODELS_CONFIG_MAP:
+            MODELS_CONFIG_MAP.setdefault(dvd_class, MODELS_CONFIG_MAP[architecture])
