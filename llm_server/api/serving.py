@@ -8,14 +8,16 @@ tokens the encoder reports; hand vLLM the token ids plus the visual rows; stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm_server import metrics
+from llm_server.api.admission import Admission
 from llm_server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -36,8 +38,8 @@ from llm_server.errors import (
     APIError,
     BadRequest,
     ContextLengthExceeded,
+    EngineUnavailable,
     ModelNotFound,
-    Overloaded,
     TooManyImages,
 )
 from llm_server.images import ImageLoader
@@ -71,13 +73,6 @@ class _ChoiceState:
     finish_reason: str | None = None
 
 
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
-
-
 def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
     if not visuals:
         return None
@@ -108,15 +103,8 @@ class ChatService:
         self.settings = settings
         self.model_name = engine.model_name
         self.created = int(time.time())
-        self._in_flight = 0
-
-    def _admit(self) -> None:
-        self._in_flight += 1
-        metrics.requests_in_flight.inc()
-
-    def _release(self) -> None:
-        self._in_flight -= 1
-        metrics.requests_in_flight.dec()
+        # Callers hold a slot (``admission.slot()``) around prepare + complete/stream.
+        self.admission = Admission(settings.max_concurrent_requests)
 
     def models(self) -> ModelList:
         return ModelList(
@@ -224,20 +212,12 @@ class ChatService:
         return requested if requested is not None else limit - num_prompt_tokens
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedChat:
-        """Validate, fetch and encode images, build the engine prompt. Counts the request as
-        in flight until ``complete``/``stream`` finishes (or this raises)."""
+        """Validate, fetch and encode images, build the engine prompt. Run inside an
+        ``admission.slot()`` that also covers ``complete``/``stream``."""
         arrived = time.perf_counter()
-        if self._in_flight >= self.settings.max_concurrent_requests:
-            raise Overloaded(
-                f"the server is at its limit of {self.settings.max_concurrent_requests} "
-                "concurrent requests; retry later"
-            )
-        self._admit()
-        try:
-            chat = await self._prepare(request, request_id, arrived)
-        except BaseException:
-            self._release()
-            raise
+        if self.engine.errored:  # no image work for a request the engine cannot serve
+            raise EngineUnavailable("the language engine has stopped; retry later")
+        chat = await self._prepare(request, request_id, arrived)
         metrics.prompt_tokens.inc(chat.num_prompt_tokens)
         if chat.vision is not None:
             metrics.images.inc(chat.vision.images)
@@ -297,44 +277,46 @@ class ChatService:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _generate(self, chat: PreparedChat) -> AsyncIterator[Any]:
-        """vLLM's outputs for one prepared chat, with latency and token accounting."""
+    async def _generate(self, chat: PreparedChat) -> AsyncGenerator[Any, None]:
+        """vLLM's outputs for one prepared chat, with latency and token accounting. Closing
+        this generator aborts the request in vLLM."""
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         first_token_at: float | None = None
         generated = 0
+        engine_outputs = self.engine.generate(
+            chat.engine_prompt, chat.sampling_params, chat.request_id
+        )
         try:
-            try:
-                stream = self.engine.generate(
-                    chat.engine_prompt, chat.sampling_params, chat.request_id
-                )
-                first = await anext(stream, None)
-            except VLLMClientError as exc:  # the engine refused the request as submitted
-                raise BadRequest(str(exc)) from exc
-            outputs = [] if first is None else [first]
-            async for output in _chain(outputs, stream):
-                produced = sum(len(completion.token_ids) for completion in output.outputs)
-                if produced and first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    metrics.time_to_first_token.observe(first_token_at - chat.arrived)
-                generated += produced
-                yield output
+            async with contextlib.aclosing(engine_outputs) as outputs:
+                async for output in outputs:
+                    produced = sum(len(completion.token_ids) for completion in output.outputs)
+                    if produced and first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        metrics.time_to_first_token.observe(first_token_at - chat.arrived)
+                    generated += produced
+                    yield output
             metrics.e2e_request_latency.observe(time.perf_counter() - chat.arrived)
+        except VLLMClientError as exc:  # the engine refused the request as submitted
+            raise BadRequest(str(exc)) from exc
+        except EngineDeadError as exc:  # the engine process died; the server is exiting
+            raise EngineUnavailable("the language engine has stopped; retry later") from exc
         finally:
             metrics.generation_tokens.inc(generated)
-            self._release()
 
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False
     ) -> ChatCompletionResponse:
         choices = [_ChoiceState() for _ in range(chat.n)]
-        async for output in self._generate(chat):
-            for completion in output.outputs:
-                state = choices[completion.index]
-                state.text.append(completion.text)
-                state.token_ids.extend(completion.token_ids)
-                if completion.finish_reason is not None:
-                    state.finish_reason = completion.finish_reason
+        async with contextlib.aclosing(self._generate(chat)) as outputs:
+            async for output in outputs:
+                for completion in output.outputs:
+                    state = choices[completion.index]
+                    state.text.append(completion.text)
+                    state.token_ids.extend(completion.token_ids)
+                    if completion.finish_reason is not None:
+                        state.finish_reason = completion.finish_reason
         return ChatCompletionResponse(
             id=chat.request_id,
             created=chat.created,
@@ -371,7 +353,7 @@ class ChatService:
 
     async def stream(
         self, chat: PreparedChat, include_usage: bool = False, return_token_ids: bool = False
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
         completion_tokens = 0
         try:
@@ -383,22 +365,23 @@ class ChatService:
                 ],
                 vision=chat.vision,
             )
-            async for output in self._generate(chat):
-                choices = []
-                for completion in output.outputs:
-                    completion_tokens += len(completion.token_ids)
-                    if not completion.text and completion.finish_reason is None:
-                        continue
-                    choices.append(
-                        ChunkChoice(
-                            index=completion.index,
-                            delta=Delta(content=completion.text or None),
-                            finish_reason=completion.finish_reason,
-                            token_ids=list(completion.token_ids) if return_token_ids else None,
+            async with contextlib.aclosing(self._generate(chat)) as outputs:
+                async for output in outputs:
+                    choices = []
+                    for completion in output.outputs:
+                        completion_tokens += len(completion.token_ids)
+                        if not completion.text and completion.finish_reason is None:
+                            continue
+                        choices.append(
+                            ChunkChoice(
+                                index=completion.index,
+                                delta=Delta(content=completion.text or None),
+                                finish_reason=completion.finish_reason,
+                                token_ids=list(completion.token_ids) if return_token_ids else None,
+                            )
                         )
-                    )
-                if choices:
-                    yield self._chunk(chat, choices)
+                    if choices:
+                        yield self._chunk(chat, choices)
             if include_usage:
                 usage = self._usage(chat, completion_tokens)
                 yield self._chunk(chat, [], usage=usage, vision=chat.vision)
