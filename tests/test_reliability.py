@@ -11,15 +11,26 @@ Python clients can read, and a vision service that hangs (SIGSTOP) and comes bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import json
-from collections.abc import AsyncIterator, Callable
+import signal
+import socket
+import socketserver
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 import torch
+from helpers import Stack, data_url, encode_image, noise_image, scrape_metric, start_stacks
 from prometheus_client import REGISTRY
 
 from llm_server.api.serving import ChatService
@@ -620,3 +631,216 @@ def test_in_process_encoder_holds_its_peak_on_the_gpu(tiny_models, tmp_path):
             await encoder.close()
 
     asyncio.run(scenario())
+
+
+# ---- end to end, on a deployment of its own ----------------------------------------------
+
+VISION_TIMEOUT_S = 4.0
+VISION_MESSAGE_LIMIT = 1024 * 1024
+
+
+class _CountingImages(http.server.BaseHTTPRequestHandler):
+    """An allow-listed image host that counts what it serves."""
+
+    png = encode_image(noise_image(96, 64, seed=5))
+    fetches = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).fetches += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.png)))
+        self.end_headers()
+        self.wfile.write(self.png)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _CountingImages)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://localhost:{server.server_address[1]}/image.png"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_models, log_dir) -> Iterator[Stack]:
+    running = start_stacks(
+        {"reliability": tiny_models["hf"]},
+        log_dir,
+        llm_args=[
+            "--max-concurrent-requests=4",
+            f"--vision-timeout-s={VISION_TIMEOUT_S}",
+            "--allowed-image-hosts=localhost",
+            "--allowed-image-networks=127.0.0.1/32",
+        ],
+        vision_args=[f"--max-message-bytes={VISION_MESSAGE_LIMIT}"],
+    )
+    stack = running["reliability"]
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def post(stack: Stack, body: dict[str, Any], timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def image_body(url: str, **extra: Any) -> dict[str, Any]:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    return chat_body(messages=[{"role": "user", "content": content}], max_tokens=4, **extra)
+
+
+def wait_for_no_request_in_flight(stack: Stack, within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
+    while (in_flight := scrape_metric(stack.base_url, "dvd:requests_in_flight")) != 0:
+        assert time.monotonic() < deadline, f"{in_flight} requests still hold a slot"
+        time.sleep(0.1)
+
+
+def all_admitted(stack: Stack, count: int) -> list[int]:
+    """``count`` concurrent short requests; their status codes."""
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            url = f"{stack.base_url}/v1/chat/completions"
+            body = chat_body(max_tokens=4)
+            replies = await asyncio.gather(*(client.post(url, json=body) for _ in range(count)))
+            return [reply.status_code for reply in replies]
+
+    return asyncio.run(burst())
+
+
+def abandon_stream(stack: Stack, after_s: float | None) -> None:
+    """Send a long streaming request and hang up: after reading its first chunk (``None``),
+    or ``after_s`` seconds after sending it, whatever the server has done by then."""
+    body = chat_body(stream=True, max_tokens=400, min_tokens=400)
+    if after_s is None:
+        with httpx.stream(
+            "POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=60
+        ) as reply:
+            assert reply.status_code == 200
+            assert next(reply.iter_lines()).startswith("data: ")
+        return
+    raw = json.dumps(body).encode()
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
+        time.sleep(after_s)
+
+
+@pytest.mark.slow
+def test_streams_abandoned_early_leave_no_slot_behind(deployment):
+    for index in range(16):
+        abandon_stream(deployment, None if index % 2 else index * 0.004)
+    wait_for_no_request_in_flight(deployment)
+    assert all_admitted(deployment, 4) == [200] * 4  # the limit: nothing was leaked
+
+
+@pytest.mark.slow
+def test_overloaded_server_refuses_before_fetching_images(deployment, image_host):
+    """At the limit, a request with a remote image gets its 429 without the image being
+    fetched; once there is room, the same request fetches it and is served."""
+    body = chat_body(stream=True, max_tokens=4000, min_tokens=4000)
+    with contextlib.ExitStack() as held:
+        readers = []  # held: dropping a line iterator would close its connection
+        for _ in range(4):
+            reply = held.enter_context(
+                httpx.stream(
+                    "POST", f"{deployment.base_url}/v1/chat/completions", json=body, timeout=60
+                )
+            )
+            readers.append(reply.iter_lines())
+            assert next(readers[-1]).startswith("data: ")  # admitted, generating
+        before = _CountingImages.fetches
+        refused = post(deployment, image_body(image_host))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert _CountingImages.fetches == before
+    wait_for_no_request_in_flight(deployment)
+    served = post(deployment, image_body(image_host))
+    assert served.status_code == 200, served.text
+    assert _CountingImages.fetches == before + 1
+
+
+@pytest.mark.slow
+def test_oversized_body_gets_a_413_that_urllib_and_httpx_can_read(deployment):
+    body = b'{"model": "x", "messages": "' + b"x" * 80_000_000 + b'"}'
+    url = f"{deployment.base_url}/v1/chat/completions"
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"]["code"] == "request_too_large"
+    with httpx.Client(timeout=60) as client:
+        reply = client.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+        # The same connection goes on serving: the body was read to its end.
+        assert client.post(url, json=chat_body(max_tokens=2)).status_code == 200
+
+
+@pytest.mark.slow
+def test_vision_refusals_keep_their_reason_and_field(deployment):
+    big = data_url(noise_image(700, 600, seed=9))  # about 1.3 MB of PNG, over the 1 MiB limit
+    too_large = post(deployment, image_body(big))
+    assert too_large.status_code == 413, too_large.text
+    assert str(VISION_MESSAGE_LIMIT) in too_large.json()["error"]["message"]
+    small = data_url(noise_image(64, 64, seed=9))
+    for extra, param, fragment in [
+        ({"max_tiles": 50}, "max_tiles", "max_tiles=50 exceeds"),
+        ({"vir": "max"}, "vir", "Visual Resolution Router"),
+    ]:
+        reply = post(deployment, image_body(small, **extra))
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == param and fragment in error["message"], error
+    assert httpx.get(f"{deployment.base_url}/health", timeout=10).json()["vision"] == "serving"
+
+
+@pytest.mark.slow
+def test_hung_vision_service_fails_fast_and_recovers(deployment):
+    """SIGSTOP on the vision process under load: image requests get a 503 within the vision
+    deadline, /health says the vision service is unavailable, text keeps working; after
+    SIGCONT everything is served again."""
+    assert deployment.vision is not None
+    image = data_url(noise_image(200, 150, seed=3))
+    assert post(deployment, image_body(image)).status_code == 200  # connected and warm
+    deployment.vision.signal(signal.SIGSTOP)
+    try:
+
+        async def under_load() -> list[tuple[int, float]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                url = f"{deployment.base_url}/v1/chat/completions"
+
+                async def one(seed: int) -> tuple[int, float]:
+                    started = time.monotonic()
+                    body = image_body(data_url(noise_image(120, 90, seed=seed)))
+                    reply = await client.post(url, json=body)
+                    if reply.status_code == 503:
+                        assert reply.json()["error"]["code"] == "vision_unavailable"
+                    return reply.status_code, time.monotonic() - started
+
+                return list(await asyncio.gather(*(one(seed) for seed in range(3))))
+
+        for status, seconds in asyncio.run(under_load()):
+            assert status == 503 and seconds < VISION_TIMEOUT_S + 2, (status, seconds)
+        health = httpx.get(f"{deployment.base_url}/health", timeout=10)
+        assert health.status_code == 200 and health.json()["vision"] == "unavailable"
+        assert post(deployment, chat_body(max_tokens=4)).status_code == 200
+    finally:
+        deployment.vision.signal(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while (reply := post(deployment, image_body(image))).status_code != 200:
+        assert time.monotonic() < deadline, reply.text
+        time.sleep(0.5)
+    assert httpx.get(f"{deployment.base_url}/health", timeout=10).json()["vision"] == "serving"
+    wait_for_no_request_in_flight(deployment)
