@@ -42,6 +42,7 @@ from llm_server.errors import (
     Overloaded,
     RequestTooLarge,
     VisionBadResponse,
+    VisionUnavailable,
 )
 from llm_server.images import ImageFetchPolicy, ImageLoader
 from llm_server.prompt import PromptBuilder
@@ -129,10 +130,15 @@ def prompts(tiny_models) -> PromptBuilder:
 
 def serving_app(prompts: PromptBuilder, engine: Any, encoder: Any = None, limit: int = 2):
     """The real FastAPI app and ChatService, around a scripted engine (no lifespan: nothing
-    else is started)."""
+    else is started). Images may come from ``localhost``."""
     settings = LLMSettings(max_concurrent_requests=limit, max_request_bytes=10_000_000)  # type: ignore[call-arg]
     images = ImageLoader(
-        ImageFetchPolicy(max_bytes=5_000_000, allowed_hosts=frozenset(), timeout_s=5)
+        ImageFetchPolicy(
+            max_bytes=5_000_000,
+            allowed_hosts=frozenset({"localhost"}),
+            timeout_s=5,
+            allowed_networks=ImageFetchPolicy.networks(["127.0.0.1/32"]),
+        )
     )
     app = create_app(settings)
     app.state.chat = ChatService(engine, encoder or NoImages(), prompts, images, settings)
@@ -348,6 +354,37 @@ def test_the_limit_holds_and_every_slot_comes_back(prompts):
     asyncio.run(scenario())
 
 
+def test_no_image_is_fetched_for_a_request_that_will_be_refused(prompts, image_host):
+    """Admission comes before work: at the limit (429), or with the engine dead (503), a
+    request's remote image is never fetched."""
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        engine = ScriptedEngine(FULL_SCRIPT, gate=gate)
+        app = serving_app(prompts, engine, limit=1)
+        holder = asyncio.create_task(Exchange(chat_body()).run(app))
+        for _ in range(500):
+            if engine.started == 1:
+                break
+            await asyncio.sleep(0.01)
+        before = _CountingImages.fetches
+        content = [{"type": "image_url", "image_url": {"url": image_host}}]
+        with_image = chat_body(messages=[{"role": "user", "content": content}])
+        refused = Exchange(with_image)
+        await refused.run(app)
+        assert refused.status == 429
+        gate.set()
+        await holder
+        engine.errored = True
+        dead = Exchange(with_image)
+        await dead.run(app)
+        assert dead.status == 503
+        assert _CountingImages.fetches == before  # neither request fetched its image
+        assert_released(app, engine)
+
+    asyncio.run(scenario())
+
+
 # ---- the gRPC image client against a misbehaving stand-in vision service ----------------
 
 
@@ -359,8 +396,10 @@ class StandInVision:
         self,
         behaviour: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]],
         max_receive_bytes: int = 64 * 1024 * 1024,
+        model_info_delay_s: float = 0.0,
     ) -> None:
         self.behaviour = behaviour
+        self.model_info_delay_s = model_info_delay_s
         self.max_receive_bytes = max_receive_bytes
         self.cancelled = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -375,6 +414,7 @@ class StandInVision:
             raise
 
     async def _model_info(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(self.model_info_delay_s)
         return vision_pb2.ModelInfo(model_id="stand-in", hidden_size=HIDDEN).SerializeToString()
 
     async def __aenter__(self) -> StandInVision:
@@ -489,6 +529,32 @@ def test_message_size_limits_are_413_not_429():
             with pytest.raises(VisionBadResponse) as bad:
                 await call
             assert bad.value.status_code == 502
+            await encoder.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_vision_service_costs_one_timeout_even_on_the_first_call():
+    """The model check before the first Encode shares the call's deadline: a vision service
+    that accepts connections but never answers fails every concurrent request within
+    --vision-timeout-s."""
+
+    async def never(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        await asyncio.sleep(30)
+        yield b""
+
+    async def scenario() -> None:
+        async with StandInVision(never, model_info_delay_s=30) as vision:
+            encoder = GrpcImageEncoder(vision.target, timeout_s=1.0, expected_hidden_size=HIDDEN)
+            started = time.monotonic()
+            calls = [
+                encoder.encode([ImageInput(b"png")], EncodeOptions(), f"r{i}") for i in range(3)
+            ]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert time.monotonic() - started < 1.8
+            for outcome in outcomes:
+                assert isinstance(outcome, VisionUnavailable) and outcome.status_code == 503
+                assert "did not answer in time" in outcome.message
             await encoder.close()
 
     asyncio.run(scenario())

@@ -84,36 +84,41 @@ class GrpcImageEncoder:
         self._model_checked = False
         self._model_check_lock = asyncio.Lock()
 
-    async def _check_model(self) -> None:
+    async def _check_model(self, timeout_s: float) -> None:
         """Once, before the first Encode: ask the vision service what it serves and refuse to
-        mix its rows into prompts of a language model they cannot belong to."""
+        mix its rows into prompts of a language model they cannot belong to. Waiting for
+        another request's check counts against ``timeout_s`` too."""
         if self._model_checked:
             return
-        async with self._model_check_lock:
-            if self._model_checked:
-                return
-            try:
-                info = await self._model_info(
-                    vision_pb2.GetModelInfoRequest(), timeout=min(10.0, self.timeout_s)
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise vision_error(exc.code(), exc.details() or "") from exc
-            if info.hidden_size != self.expected_hidden_size:
-                logger.error(
-                    "vision service at %s serves %s with %d-wide embeddings; this language "
-                    "model is %d wide",
-                    self.target,
-                    info.model_id,
-                    info.hidden_size,
-                    self.expected_hidden_size,
-                )
-                raise VisionUnavailable(
-                    f"the vision service serves {info.model_id!r}, whose embeddings are "
-                    f"{info.hidden_size} wide, but the language model is "
-                    f"{self.expected_hidden_size} wide: the two services run different models"
-                )
-            logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
-            self._model_checked = True
+        try:
+            async with asyncio.timeout(timeout_s), self._model_check_lock:
+                if not self._model_checked:
+                    info = await self._model_info(
+                        vision_pb2.GetModelInfoRequest(), timeout=timeout_s
+                    )
+                    self._accept_model(info)
+        except TimeoutError as exc:
+            raise vision_error(grpc.StatusCode.DEADLINE_EXCEEDED, "model check") from exc
+        except grpc.aio.AioRpcError as exc:
+            raise vision_error(exc.code(), exc.details() or "") from exc
+
+    def _accept_model(self, info: vision_pb2.ModelInfo) -> None:
+        if info.hidden_size != self.expected_hidden_size:
+            logger.error(
+                "vision service at %s serves %s with %d-wide embeddings; this language "
+                "model is %d wide",
+                self.target,
+                info.model_id,
+                info.hidden_size,
+                self.expected_hidden_size,
+            )
+            raise VisionUnavailable(
+                f"the vision service serves {info.model_id!r}, whose embeddings are "
+                f"{info.hidden_size} wide, but the language model is "
+                f"{self.expected_hidden_size} wide: the two services run different models"
+            )
+        logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
+        self._model_checked = True
 
     async def ready(self) -> bool:
         try:
@@ -127,7 +132,10 @@ class GrpcImageEncoder:
     async def encode(
         self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
     ) -> list[VisualEmbedding]:
-        await self._check_model()
+        # One deadline for the whole call, the model check included: a hung vision service
+        # costs a request --vision-timeout-s at most.
+        deadline = time.monotonic() + self.timeout_s
+        await self._check_model(self.timeout_s)
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
             images=[
@@ -140,7 +148,7 @@ class GrpcImageEncoder:
                 vir_threshold=options.vir_threshold,
             ),
         )
-        call = self._encode(request, timeout=self.timeout_s)
+        call = self._encode(request, timeout=max(deadline - time.monotonic(), 0.001))
         try:
             results = await self._receive(call)
         except grpc.aio.AioRpcError as exc:
