@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
 from llm_server.vision.base import ImageEncoder
 from llm_server.vision.grpc_client import GrpcImageEncoder
-from llm_server.vision.inprocess import InProcessImageEncoder
+from llm_server.vision.inprocess import InProcessImageEncoder, shares_llm_gpu
 
 logger = logging.getLogger("llm_server")
 
@@ -35,11 +36,25 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     model_name = settings.served_model_name or model_id
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = PromptBuilder(tokenizer, spec.image_tokens)
-    engine = LanguageEngine.start(spec, settings, model_name, cache_dir)
-    encoder: ImageEncoder
-    if settings.vision == "inprocess":
-        encoder = await InProcessImageEncoder.start(path, cache_dir, settings.vision_device)
-    else:
+    encoder: ImageEncoder | None = None
+    utilization = settings.gpu_memory_utilization
+    llm_gpus = settings.tensor_parallel_size * settings.pipeline_parallel_size
+    if settings.vision == "inprocess" and shares_llm_gpu(settings.vision_device, llm_gpus):
+        # The ViT first, at its peak, so that vLLM sizes its KV cache around it.
+        coupled = await InProcessImageEncoder.start(
+            path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
+        )
+        utilization = coupled.gpu_share(path, utilization).llm_utilization()
+        encoder = coupled
+    engine = LanguageEngine.start(
+        spec, settings, model_name, cache_dir, gpu_memory_utilization=utilization
+    )
+    if encoder is None and settings.vision == "inprocess":
+        # After vLLM on CPU: its engine process is forked before this process runs OpenMP.
+        encoder = await InProcessImageEncoder.start(
+            path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
+        )
+    elif encoder is None:
         encoder = GrpcImageEncoder(
             settings.vision_target,
             timeout_s=settings.vision_timeout_s,
@@ -62,14 +77,38 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     return ChatService(engine, encoder, prompts, images, settings)
 
 
-def create_app(settings: LLMSettings) -> FastAPI:
+# How often the engine's liveness is checked, and how long a dead engine's server keeps
+# answering 503 (in-flight requests get theirs, health checks see it) before it stops.
+ENGINE_CHECK_INTERVAL_S = 0.5
+ENGINE_DEATH_GRACE_S = 1.0
+
+
+async def watch_engine(engine: LanguageEngine, on_fatal: Callable[[str], None] | None) -> None:
+    """Wait until vLLM's engine process has died, then report it once through ``on_fatal``
+    (the server stops and exits non-zero, so that its supervisor restarts it)."""
+    # vLLM sets the flag from its own monitor thread; there is no event to await.
+    while not engine.errored:  # noqa: ASYNC110
+        await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+    reason = "the language engine (vLLM's engine core process) has died"
+    logger.error("%s: answering 503 and stopping", reason)
+    await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+    if on_fatal is not None:
+        on_fatal(reason)
+
+
+def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The language service's ASGI app. ``on_fatal(reason)`` is called if the service cannot
+    go on (its engine died); the caller should stop serving and exit non-zero."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         chat = await build_chat_service(settings)
         app.state.chat = chat
+        watchdog = asyncio.create_task(watch_engine(chat.engine, on_fatal))
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.chat = None
             await chat.encoder.close()
             await chat.images.close()

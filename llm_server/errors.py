@@ -105,6 +105,14 @@ class VisionUnavailable(APIError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class VisionBadResponse(APIError):
+    """The vision service answered with something that is not a valid embedding stream."""
+
+    status_code = 502
+    error_type = "bad_gateway"
+    code = "vision_bad_response"
+
+
 class EngineUnavailable(APIError):
     """The language engine is not running (starting, stopping or dead)."""
 

@@ -25,6 +25,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+logger = logging.getLogger("llm_server")
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that a SIGTERM/SIGINT that led to a graceful drain ends the process with
     status 0 (uvicorn re-raises the signal after shutting down, which exits with 128 + 15)."""
@@ -44,12 +47,23 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     sock = bind_socket(settings.host, settings.port)
+    failures: list[str] = []
+
+    def stop_on_failure(reason: str) -> None:
+        failures.append(reason)
+        server.should_exit = True  # the same graceful stop as SIGTERM
+
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, on_fatal=stop_on_failure),
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
-    asyncio.run(DrainingServer(config).serve(sockets=[sock]))
+    server = DrainingServer(config)
+    asyncio.run(server.serve(sockets=[sock]))
+    if failures:
+        # Non-zero, so that compose or Kubernetes restarts the service.
+        logger.error("exiting with status 1: %s", failures[0])
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class LLMSettings(CheckpointSettings):
     vision_device: str = Field(
         "auto", description="torch device of the in-process encoder (--vision inprocess)"
     )
+    vision_max_batch_tiles: int = Field(
+        32,
+        ge=1,
+        description="most tiles in one forward pass of the in-process encoder (--vision "
+        "inprocess); on a GPU shared with vLLM its memory comes out of "
+        "--gpu-memory-utilization",
+    )
     vision_target: str = Field(
         "127.0.0.1:50051",
         description="gRPC target of the vision service: host:port, or dns:///name:port to "

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from protos.dvd.v1 import vision_pb2
 
@@ -140,15 +141,22 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+_MAX_VARINT_BYTES = 10  # a 64-bit value takes at most 10 bytes of 7 bits
+
+
+def _read_varint(buffer: memoryview, position: int, end: int) -> tuple[int, int]:
+    """The varint at ``position`` (which must end before ``end``) and the position after it."""
     result = shift = 0
-    while True:
+    for _ in range(_MAX_VARINT_BYTES):
+        if position >= end:
+            raise CodecError("truncated varint in a chunk message")
         byte = buffer[position]
         position += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return result, position
         shift += 7
+    raise CodecError(f"varint longer than {_MAX_VARINT_BYTES} bytes in a chunk message")
 
 
 def chunk_message(image_index: int, offset: int, data: bytes | memoryview) -> bytes:
@@ -177,32 +185,36 @@ def encode_chunk_messages(
 
 def parse_response(raw: bytes) -> vision_pb2.ImageHeader | tuple[int, int, memoryview]:
     """A serialized ``EncodeResponse``: its ``ImageHeader``, or ``(image_index, offset, data)``
-    for a chunk, ``data`` being a view into ``raw`` (no copy)."""
+    for a chunk, ``data`` being a view into ``raw`` (no copy). Raises ``CodecError`` for
+    anything malformed (truncated fields, bad varints, unknown fields), never another error."""
     view = memoryview(raw)
     if not view or view[0] != _RESPONSE_CHUNK_TAG:
-        message = vision_pb2.EncodeResponse.FromString(raw)
+        try:
+            message = vision_pb2.EncodeResponse.FromString(raw)
+        except DecodeError as exc:
+            raise CodecError(f"malformed stream message: {exc}") from None
         if not message.HasField("header"):
             raise CodecError("stream message is neither a header nor a chunk")
         return message.header
-    size, position = _read_varint(view, 1)
+    size, position = _read_varint(view, 1, len(view))
     end = position + size
     if end != len(view):
-        raise CodecError("malformed chunk message")
+        raise CodecError("malformed chunk message: its length does not match its size")
     image_index = offset = 0
     data = view[0:0]
     while position < end:
         tag = view[position]
         position += 1
         if tag == _CHUNK_INDEX_TAG:
-            image_index, position = _read_varint(view, position)
+            image_index, position = _read_varint(view, position, end)
         elif tag == _CHUNK_OFFSET_TAG:
-            offset, position = _read_varint(view, position)
+            offset, position = _read_varint(view, position, end)
         elif tag == _CHUNK_DATA_TAG:
-            length, position = _read_varint(view, position)
+            length, position = _read_varint(view, position, end)
+            if position + length > end:
+                raise CodecError("truncated data field in a chunk message")
             data = view[position : position + length]
             position += length
         else:
             raise CodecError(f"unexpected field tag {tag} in a chunk message")
-    if position != end:
-        raise CodecError("malformed chunk message")
     return image_index, offset, data

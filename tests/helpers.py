@@ -302,3 +302,17 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
 
     mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
     return f"data:{mime};base64,{base64.b64encode(encode_image(image, fmt)).decode()}"
+
+
+def scrape_metric(base_url: str, name: str) -> float:
+    """The sum of one Prometheus series' samples on ``base_url``/metrics (0 if absent)."""
+    import re
+
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        match = re.match(r"^([\w:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if match and match.group(1) == name:
+            total += float(match.group(3))
+    return total

@@ -152,3 +152,41 @@ def test_hand_written_field_tags_match_the_proto():
     assert chunk["offset"].number << 3 | varint == codec._CHUNK_OFFSET_TAG
     assert chunk["data"].number << 3 | length_delimited == codec._CHUNK_DATA_TAG
     assert set(chunk) == {"image_index", "offset", "data"}, "a new chunk field needs the codec"
+
+
+MALFORMED_FRAMES = [
+    ("truncated length varint", b"\x12\x80"),
+    ("length varint over 10 bytes", b"\x12" + b"\xff" * 11),
+    ("truncated image index", b"\x12\x02\x08\x80"),
+    ("truncated offset", b"\x12\x03\x08\x01\x10"),
+    ("data longer than the message", b"\x12\x03\x1a\x05a"),
+    ("data length varint over 10 bytes", b"\x12\x0c\x1a" + b"\xff" * 11),
+    ("length beyond the frame", b"\x12\x7f\x08\x01"),
+    ("unknown field", b"\x12\x02\x20\x01"),
+    ("undecodable header", b"\x0a\xff"),
+    ("header field truncated", b"\x0a\x05\x08\x01"),
+]
+
+
+@pytest.mark.parametrize(
+    "raw", [f[1] for f in MALFORMED_FRAMES], ids=[f[0] for f in MALFORMED_FRAMES]
+)
+def test_malformed_frames_raise_codec_errors(raw):
+    with pytest.raises(codec.CodecError):
+        codec.parse_response(raw)
+
+
+def test_random_and_truncated_frames_only_ever_raise_codec_errors():
+    """Whatever bytes arrive, the reader either parses them or raises CodecError (never an
+    IndexError or a protobuf error that would surface as a 500)."""
+    import contextlib
+    import random
+
+    rng = random.Random(7)
+    good = codec.chunk_message(3, 2**40, bytes(range(200)))
+    frames = [good[:cut] for cut in range(len(good))]
+    frames += [bytes([0x12]) + rng.randbytes(rng.randrange(0, 24)) for _ in range(3000)]
+    frames += [rng.randbytes(rng.randrange(1, 24)) for _ in range(3000)]
+    for raw in frames:
+        with contextlib.suppress(codec.CodecError):
+            codec.parse_response(raw)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
 from llm_server.api.serving import ChatService
@@ -68,7 +70,33 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         return task.result()
     task.cancel()
+    # Let the work unwind (vLLM request aborted, gRPC call cancelled) before the caller's
+    # scope ends, so that the request's slot is released after its work, not before.
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # the client is gone: nobody else reads how the work ended
     raise ClientDisconnected()
+
+
+class ScopedStreamingResponse(StreamingResponse):
+    """A stream that owns its request's scope (the admission slot): when the response ends,
+    however it ends (finished, failed, the client gone before or during it), the event
+    generator is closed and the scope exited, exactly once, without waiting for the garbage
+    collector."""
+
+    def __init__(
+        self,
+        events: AsyncGenerator[str, None],
+        request_scope: contextlib.AsyncExitStack,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(events, **kwargs)
+        self._events = events
+        self._request_scope = request_scope
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._request_scope, contextlib.aclosing(self._events):
+            await super().__call__(scope, receive, send)
 
 
 @router.post("/v1/chat/completions")
@@ -77,14 +105,20 @@ async def create_chat_completion(
 ) -> Response:
     request_id = completion_id()
     headers = {"X-Request-Id": request_id}
-    prepared = await until_disconnected(request, chat.prepare(body, request_id))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = chat.stream(
-            prepared, include_usage=include_usage, return_token_ids=body.return_token_ids
-        )
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    response = await until_disconnected(request, chat.complete(prepared, body.return_token_ids))
+    async with contextlib.AsyncExitStack() as request_scope:
+        # A slot first: an overloaded server refuses before fetching or decoding any image.
+        await request_scope.enter_async_context(chat.admission.slot())
+        prepared = await until_disconnected(request, chat.prepare(body, request_id))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat.stream(
+                prepared, include_usage=include_usage, return_token_ids=body.return_token_ids
+            )
+            # The stream outlives this function: its response takes the slot over.
+            return ScopedStreamingResponse(
+                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
+            )
+        response = await until_disconnected(request, chat.complete(prepared, body.return_token_ids))
     return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
 

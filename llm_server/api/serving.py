@@ -8,14 +8,16 @@ tokens the encoder reports; hand vLLM the token ids plus the visual rows; stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm_server import metrics
+from llm_server.api.admission import Admission
 from llm_server.api.choices import ChoiceOutput
 from llm_server.api.features import OpenAIFeatures, OutputOptions
 from llm_server.api.protocol import (
@@ -36,8 +38,8 @@ from llm_server.errors import (
     APIError,
     BadRequest,
     ContextLengthExceeded,
+    EngineUnavailable,
     ModelNotFound,
-    Overloaded,
     TooManyImages,
 )
 from llm_server.images import ImageLoader
@@ -63,13 +65,6 @@ class PreparedChat:
     vision: VisionSummary | None = None
     vision_tokens_saved: int = 0
     output: OutputOptions = field(default_factory=OutputOptions)
-
-
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
 
 
 def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
@@ -103,15 +98,8 @@ class ChatService:
         self.features = OpenAIFeatures(prompts.tokenizer, engine.vocab_size, settings.tool_parser)
         self.model_name = engine.model_name
         self.created = int(time.time())
-        self._in_flight = 0
-
-    def _admit(self) -> None:
-        self._in_flight += 1
-        metrics.requests_in_flight.inc()
-
-    def _release(self) -> None:
-        self._in_flight -= 1
-        metrics.requests_in_flight.dec()
+        # Callers hold a slot (``admission.slot()``) around prepare + complete/stream.
+        self.admission = Admission(settings.max_concurrent_requests)
 
     def models(self) -> ModelList:
         return ModelList(
@@ -222,20 +210,12 @@ class ChatService:
         return requested if requested is not None else limit - num_prompt_tokens
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedChat:
-        """Validate, fetch and encode images, build the engine prompt. Counts the request as
-        in flight until ``complete``/``stream`` finishes (or this raises)."""
+        """Validate, fetch and encode images, build the engine prompt. Run inside an
+        ``admission.slot()`` that also covers ``complete``/``stream``."""
         arrived = time.perf_counter()
-        if self._in_flight >= self.settings.max_concurrent_requests:
-            raise Overloaded(
-                f"the server is at its limit of {self.settings.max_concurrent_requests} "
-                "concurrent requests; retry later"
-            )
-        self._admit()
-        try:
-            chat = await self._prepare(request, request_id, arrived)
-        except BaseException:
-            self._release()
-            raise
+        if self.engine.errored:  # no image work for a request the engine cannot serve
+            raise EngineUnavailable("the language engine has stopped; retry later")
+        chat = await self._prepare(request, request_id, arrived)
         metrics.prompt_tokens.inc(chat.num_prompt_tokens)
         if chat.vision is not None:
             metrics.images.inc(chat.vision.images)
@@ -305,32 +285,33 @@ class ChatService:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _generate(self, chat: PreparedChat) -> AsyncIterator[Any]:
-        """vLLM's outputs for one prepared chat, with latency and token accounting."""
+    async def _generate(self, chat: PreparedChat) -> AsyncGenerator[Any, None]:
+        """vLLM's outputs for one prepared chat, with latency and token accounting. Closing
+        this generator aborts the request in vLLM."""
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         first_token_at: float | None = None
         generated = 0
+        engine_outputs = self.engine.generate(
+            chat.engine_prompt, chat.sampling_params, chat.request_id
+        )
         try:
-            try:
-                stream = self.engine.generate(
-                    chat.engine_prompt, chat.sampling_params, chat.request_id
-                )
-                first = await anext(stream, None)
-            except VLLMClientError as exc:  # the engine refused the request as submitted
-                raise BadRequest(str(exc)) from exc
-            outputs = [] if first is None else [first]
-            async for output in _chain(outputs, stream):
-                produced = sum(len(completion.token_ids) for completion in output.outputs)
-                if produced and first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    metrics.time_to_first_token.observe(first_token_at - chat.arrived)
-                generated += produced
-                yield output
+            async with contextlib.aclosing(engine_outputs) as outputs:
+                async for output in outputs:
+                    produced = sum(len(completion.token_ids) for completion in output.outputs)
+                    if produced and first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        metrics.time_to_first_token.observe(first_token_at - chat.arrived)
+                    generated += produced
+                    yield output
             metrics.e2e_request_latency.observe(time.perf_counter() - chat.arrived)
+        except VLLMClientError as exc:  # the engine refused the request as submitted
+            raise BadRequest(str(exc)) from exc
+        except EngineDeadError as exc:  # the engine process died; the server is exiting
+            raise EngineUnavailable("the language engine has stopped; retry later") from exc
         finally:
             metrics.generation_tokens.inc(generated)
-            self._release()
 
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False
@@ -339,9 +320,10 @@ class ChatService:
             ChoiceOutput(i, chat.output, streaming=False, return_token_ids=return_token_ids)
             for i in range(chat.n)
         ]
-        async for output in self._generate(chat):
-            for completion in output.outputs:
-                choices[completion.index].add(completion)
+        async with contextlib.aclosing(self._generate(chat)) as engine_outputs:
+            async for output in engine_outputs:
+                for completion in output.outputs:
+                    choices[completion.index].add(completion)
         return ChatCompletionResponse(
             id=chat.request_id,
             created=chat.created,
@@ -370,7 +352,7 @@ class ChatService:
 
     async def stream(
         self, chat: PreparedChat, include_usage: bool = False, return_token_ids: bool = False
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
         completion_tokens = 0
         outputs = [
@@ -386,15 +368,16 @@ class ChatService:
                 ],
                 vision=chat.vision,
             )
-            async for output in self._generate(chat):
-                choices = []
-                for completion in output.outputs:
-                    completion_tokens += len(completion.token_ids)
-                    chunk = outputs[completion.index].add(completion)
-                    if chunk is not None:
-                        choices.append(chunk)
-                if choices:
-                    yield self._chunk(chat, choices)
+            async with contextlib.aclosing(self._generate(chat)) as engine_outputs:
+                async for output in engine_outputs:
+                    choices = []
+                    for completion in output.outputs:
+                        completion_tokens += len(completion.token_ids)
+                        chunk = outputs[completion.index].add(completion)
+                        if chunk is not None:
+                            choices.append(chunk)
+                    if choices:
+                        yield self._chunk(chat, choices)
             if include_usage:
                 usage = self._usage(chat, completion_tokens)
                 yield self._chunk(chat, [], usage=usage, vision=chat.vision)

@@ -10,9 +10,10 @@ input path vLLM keeps; handing ``generate`` raw prompt dicts is deprecated there
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,16 @@ class LanguageEngine:
 
     @classmethod
     def start(
-        cls, spec: CheckpointSpec, settings: LLMSettings, model_name: str, cache_dir: Path
+        cls,
+        spec: CheckpointSpec,
+        settings: LLMSettings,
+        model_name: str,
+        cache_dir: Path,
+        gpu_memory_utilization: float | None = None,
     ) -> LanguageEngine:
-        """Start vLLM (spawns its engine process; takes tens of seconds). Blocking."""
+        """Start vLLM (spawns its engine process; takes tens of seconds). Blocking.
+        ``gpu_memory_utilization`` overrides the setting (coupled mode leaves room for the
+        vision encoder)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -76,7 +84,7 @@ class LanguageEngine:
             max_model_len=settings.max_model_len,  # type: ignore[arg-type]
             tensor_parallel_size=settings.tensor_parallel_size,
             pipeline_parallel_size=settings.pipeline_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
+            gpu_memory_utilization=gpu_memory_utilization or settings.gpu_memory_utilization,
             max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
@@ -154,10 +162,12 @@ class LanguageEngine:
 
     async def generate(
         self, prompt: dict[str, Any], sampling_params: Any, request_id: str
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """vLLM's output stream for one request; closing it aborts the request."""
-        async for output in self.llm.generate(prompt, sampling_params, request_id=request_id):
-            yield output
+        stream = self.llm.generate(prompt, sampling_params, request_id=request_id)
+        async with contextlib.aclosing(stream) as outputs:
+            async for output in outputs:
+                yield output
 
     @property
     def errored(self) -> bool:

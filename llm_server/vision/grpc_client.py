@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_server import metrics
-from llm_server.errors import APIError, VisionUnavailable
+from llm_server.errors import VisionBadResponse, VisionUnavailable
 from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
 from llm_server.vision.errors import vision_error
 from protos import codec
@@ -94,38 +94,47 @@ class GrpcImageEncoder:
         self._model_checked = False
         self._model_check_lock = asyncio.Lock()
 
-    async def _check_model(self) -> None:
+    async def _check_model(self, timeout_s: float) -> None:
         """Once, before the first Encode: ask the vision service what it serves and refuse to
-        mix its rows into prompts of a language model they cannot belong to."""
+        mix its rows into prompts of a language model they cannot belong to. Waiting for
+        another request's check counts against ``timeout_s`` too."""
         if self._model_checked:
             return
-        async with self._model_check_lock:
-            if self._model_checked:
-                return
-            try:
-                info = await self._model_info(vision_pb2.GetModelInfoRequest(), timeout=10.0)
-            except grpc.aio.AioRpcError as exc:
-                raise vision_error(exc.code(), exc.details() or "") from exc
-            if info.hidden_size != self.expected_hidden_size:
-                logger.error(
-                    "vision service at %s serves %s with %d-wide embeddings; this language "
-                    "model is %d wide",
-                    self.target,
-                    info.model_id,
-                    info.hidden_size,
-                    self.expected_hidden_size,
-                )
-                raise VisionUnavailable(
-                    f"the vision service serves {info.model_id!r}, whose embeddings are "
-                    f"{info.hidden_size} wide, but the language model is "
-                    f"{self.expected_hidden_size} wide: the two services run different models"
-                )
-            logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
-            self._model_checked = True
+        try:
+            async with asyncio.timeout(timeout_s), self._model_check_lock:
+                if not self._model_checked:
+                    info = await self._model_info(
+                        vision_pb2.GetModelInfoRequest(), timeout=timeout_s
+                    )
+                    self._accept_model(info)
+        except TimeoutError as exc:
+            raise vision_error(grpc.StatusCode.DEADLINE_EXCEEDED, "model check") from exc
+        except grpc.aio.AioRpcError as exc:
+            raise vision_error(exc.code(), exc.details() or "") from exc
+
+    def _accept_model(self, info: vision_pb2.ModelInfo) -> None:
+        if info.hidden_size != self.expected_hidden_size:
+            logger.error(
+                "vision service at %s serves %s with %d-wide embeddings; this language "
+                "model is %d wide",
+                self.target,
+                info.model_id,
+                info.hidden_size,
+                self.expected_hidden_size,
+            )
+            raise VisionUnavailable(
+                f"the vision service serves {info.model_id!r}, whose embeddings are "
+                f"{info.hidden_size} wide, but the language model is "
+                f"{self.expected_hidden_size} wide: the two services run different models"
+            )
+        logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
+        self._model_checked = True
 
     async def ready(self) -> bool:
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=min(2.0, self.timeout_s)
+            )
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -133,7 +142,10 @@ class GrpcImageEncoder:
     async def encode(
         self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
     ) -> list[VisualEmbedding]:
-        await self._check_model()
+        # One deadline for the whole call, the model check included: a hung vision service
+        # costs a request --vision-timeout-s at most.
+        deadline = time.monotonic() + self.timeout_s
+        await self._check_model(self.timeout_s)
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
             images=[
@@ -146,66 +158,82 @@ class GrpcImageEncoder:
                 vir_threshold=options.vir_threshold,
             ),
         )
-        call = self._encode(request, timeout=self.timeout_s)
+        call = self._encode(request, timeout=max(deadline - time.monotonic(), 0.001))
+        try:
+            results = await self._receive(call)
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            raise vision_error(exc.code(), details, request_bytes=request.ByteSize()) from exc
+        except codec.CodecError as exc:
+            raise VisionBadResponse(f"vision service sent a malformed stream: {exc}") from exc
+        finally:
+            # Whatever ended this (a local error, the client going away), the call ends on the
+            # vision service now, which drops its queued tiles, rather than whenever the call
+            # object is collected. A finished call ignores this.
+            call.cancel()
+        if len(results) != len(images):
+            raise VisionBadResponse(
+                f"vision service returned {len(results)} of {len(images)} images"
+            )
+        return results
+
+    async def _receive(self, call: grpc.aio.UnaryStreamCall) -> list[VisualEmbedding]:
+        """Reassemble the streamed images of one Encode call."""
         results: list[VisualEmbedding] = []
         header: vision_pb2.ImageHeader | None = None
         assembler: codec.EmbeddingAssembler | None = None
         header_at = 0.0
-        try:
-            # Cancelling this coroutine (client gone) cancels the call on the vision service.
-            async for raw in call:
-                message = codec.parse_response(raw)
-                if isinstance(message, vision_pb2.ImageHeader):
-                    header = message
-                    self._check_header(header, len(results))
-                    header_at = time.perf_counter()
-                    metrics.vision_queue_wait.observe(header.queue_ms / 1000)
-                    metrics.vision_encode.observe(header.encode_ms / 1000)
-                    assembler = codec.EmbeddingAssembler(
-                        (header.num_visual_tokens, header.hidden_size), header.dtype
+        async for raw in call:
+            message = codec.parse_response(raw)
+            if isinstance(message, vision_pb2.ImageHeader):
+                header = message
+                self._check_header(header, len(results))
+                header_at = time.perf_counter()
+                metrics.vision_queue_wait.observe(header.queue_ms / 1000)
+                metrics.vision_encode.observe(header.encode_ms / 1000)
+                assembler = codec.EmbeddingAssembler(
+                    (header.num_visual_tokens, header.hidden_size), header.dtype
+                )
+                if assembler.num_bytes != header.num_bytes:
+                    raise VisionBadResponse(
+                        f"vision service header announces {header.num_bytes} bytes for a "
+                        f"tensor of {assembler.num_bytes}"
                     )
-                    if assembler.num_bytes != header.num_bytes:
-                        raise APIError(
-                            f"vision service header announces {header.num_bytes} bytes for a "
-                            f"tensor of {assembler.num_bytes}"
-                        )
-                    continue
-                image_index, offset, data = message
-                if assembler is None or header is None or image_index != header.image_index:
-                    raise APIError("vision service sent embedding bytes without a matching header")
-                assembler.add(offset, data)
-                metrics.embedding_bytes.inc(len(data))
-                if assembler.complete:
-                    metrics.vision_transfer.observe(time.perf_counter() - header_at)
-                    results.append(
-                        VisualEmbedding(
-                            assembler.tensor(),
-                            list(header.tokens_per_tile),
-                            header.full_tokens_per_tile or max(header.tokens_per_tile),
-                            vir_from_wire(header.vir_mode),
-                        )
+                continue
+            image_index, offset, data = message
+            if assembler is None or header is None or image_index != header.image_index:
+                raise VisionBadResponse(
+                    "vision service sent embedding bytes without a matching header"
+                )
+            assembler.add(offset, data)
+            metrics.embedding_bytes.inc(len(data))
+            if assembler.complete:
+                metrics.vision_transfer.observe(time.perf_counter() - header_at)
+                results.append(
+                    VisualEmbedding(
+                        assembler.tensor(),
+                        list(header.tokens_per_tile),
+                        header.full_tokens_per_tile or max(header.tokens_per_tile),
+                        vir_from_wire(header.vir_mode),
                     )
-                    assembler = None
-        except grpc.aio.AioRpcError as exc:
-            raise vision_error(exc.code(), exc.details() or "") from exc
-        except codec.CodecError as exc:
-            raise APIError(f"vision service sent malformed embeddings: {exc}") from exc
-        if len(results) != len(images):
-            raise APIError(f"vision service returned {len(results)} of {len(images)} images")
+                )
+                assembler = None
         return results
 
     def _check_header(self, header: vision_pb2.ImageHeader, expected_index: int) -> None:
         if header.image_index != expected_index:
-            raise APIError(
+            raise VisionBadResponse(
                 f"vision service sent image {header.image_index}, expected {expected_index}"
             )
         if header.hidden_size != self.expected_hidden_size:
-            raise APIError(
+            raise VisionBadResponse(
                 f"vision service embeddings are {header.hidden_size} wide but the language model "
                 f"is {self.expected_hidden_size} wide: the two services run different models"
             )
         if sum(header.tokens_per_tile) != header.num_visual_tokens:
-            raise APIError("vision service header is inconsistent (tokens per tile vs total)")
+            raise VisionBadResponse(
+                "vision service header is inconsistent (tokens per tile vs total)"
+            )
 
     async def close(self) -> None:
         await self._channel.close()
