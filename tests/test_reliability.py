@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY
 
 from llm_server.api.serving import ChatService
 from llm_server.app import create_app
+from llm_server.engine.backbone import Backbone
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.errors import (
     BadRequest,
@@ -82,7 +83,15 @@ class ScriptedEngine:
     hidden_size = HIDDEN
     dtype = torch.float32
     errored = False
+    vocab_size = 2048
+    backbone = Backbone(model_type="qwen3", architecture="Qwen3ForCausalLM")
     build_prompt = LanguageEngine.build_prompt
+
+    def render(self, request_prompt: dict[str, Any]) -> dict[str, Any]:
+        return request_prompt  # vLLM's renderer is not running here
+
+    def check_sampling_params(self, sampling_params: Any, constraint: str | None = None) -> None:
+        pass
 
     def __init__(self, script: list[Any], gate: asyncio.Event | None = None) -> None:
         self.script = script
