@@ -24,7 +24,6 @@ refused at once, and ``on_fatal`` tells the server, which reports NOT_SERVING an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -193,8 +192,7 @@ class TileBatcher(Generic[Piece]):
         self._fail_queued(ShuttingDown("vision service is shutting down"))
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.wait({self._loop_task})  # however it ended (a dead loop raised)
         if self._failure is not None:
             # A failed device may never finish what it was given: do not wait for it.
             self._launcher.shutdown(wait=False, cancel_futures=True)
