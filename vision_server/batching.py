@@ -148,7 +148,7 @@ class TileBatcher(Generic[Piece]):
         on_pass: Callable[[int, float], None] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
-        self._run_pass = run_pass
+        self.run_pass = run_pass
         self.max_batch_tiles = max_batch_tiles
         self.max_wait = max_wait_ms / 1000
         self.max_queued_tiles = max_queued_tiles
@@ -301,7 +301,7 @@ class TileBatcher(Generic[Piece]):
                 return
 
     def _launch(self, slices: list[PassSlice]) -> LaunchedPass[Piece]:
-        return self._run_pass(slices)
+        return self.run_pass(slices)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
