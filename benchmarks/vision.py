@@ -1,0 +1,460 @@
+"""`dvd-bench-vision`: the vision service's throughput, raw and served, on CPU or CUDA.
+
+    dvd-bench-vision --preset vision-300m --concurrency 1 16 64 --vir off auto
+    dvd-bench-vision --model /models/InternVL3_5-1B-Flash --output vision.json
+
+**Raw**: the encoder alone, as the service runs it (uint8 tiles already on the device,
+normalisation, InternViT, pixel shuffle, projectors, and on Flash checkpoints the router):
+tiles/s for each batch size.
+
+**Served**: a real ``dvd-vision-server`` process, fed by concurrent Encode calls from this
+process through the language service's own gRPC client, with synthetic images of the chosen
+size (text-like on the left, flat on the right, so the router has something to decide):
+tiles/s, latency percentiles, and the ratio to raw at the server's batch size.
+
+Without ``--model`` the checkpoint is one of ``dvd-tiny-model``'s presets (random weights,
+real geometry; written once under ``--cache-dir``). JSON goes to ``--output``; a table is
+printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
+from checkpoints.tiny import PRESETS, write_tiny_checkpoint
+from llm_server.vision.base import EncodeOptions, ImageInput
+from llm_server.vision.grpc_client import GrpcImageEncoder
+from protos.options import VirMode
+from vision_server.engine import compute_dtype_for_device, resolve_device
+from vision_server.model.encoder import TileNormaliser, VisionEncoder
+from vision_server.tiling import plan_tiles
+
+DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
+
+
+# ---- the checkpoint -------------------------------------------------------------------------
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--model``, or the preset's checkpoint (written on first use)."""
+    if args.model:
+        return Path(args.model)
+    name = f"{args.preset}{'-flash' if args.flash else ''}"
+    path = Path(args.cache_dir).expanduser() / name
+    if not (path / "config.json").exists():
+        print(f"writing the {name} checkpoint to {path} (once)", file=sys.stderr, flush=True)
+        write_tiny_checkpoint(path, seed=0, layout="original", flash=args.flash, preset=args.preset)
+    return path
+
+
+# ---- raw ------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_raw(
+    spec: CheckpointSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_sizes: list[int],
+    min_seconds: float,
+    min_iters: int,
+) -> list[dict[str, Any]]:
+    """tiles/s of the encoder alone, per batch size (random uint8 tiles on the device)."""
+    encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
+    normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
+    size = spec.vision.image_size
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
+            tiles = tiles.to(torch.uint8).to(device)
+            for _ in range(2):  # warm-up: kernels, allocator, lazy initialisation
+                encoder(normalise(tiles, dtype))
+            _synchronize(device)
+            iterations, started = 0, time.perf_counter()
+            while iterations < min_iters or time.perf_counter() - started < min_seconds:
+                encoder(normalise(tiles, dtype))
+                iterations += 1
+                if device.type == "cuda" and iterations % 4 == 0:
+                    _synchronize(device)  # keep the queue short, so the clock means something
+            _synchronize(device)
+            seconds = time.perf_counter() - started
+            results.append(
+                {
+                    "batch_tiles": batch,
+                    "iterations": iterations,
+                    "ms_per_pass": 1000 * seconds / iterations,
+                    "tiles_per_s": batch * iterations / seconds,
+                }
+            )
+            print(
+                f"raw batch {batch}: {results[-1]['tiles_per_s']:.1f} tiles/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    del encoder
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+# ---- served ---------------------------------------------------------------------------------
+
+
+def synthetic_image(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
+    """Text-like dark marks on white on the left half, one flat colour on the right."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), 235, dtype=np.uint8)
+    half = width // 2
+    for top in range(8, height - 16, 20):  # lines of "words": short dark runs
+        left = 8
+        while left < half - 24:
+            word = int(rng.integers(12, 48))
+            pixels[top : top + 12, left : min(left + word, half - 8)] = rng.integers(0, 60)
+            left += word + int(rng.integers(6, 14))
+    pixels[:, half:] = (90, 140, 200)
+    buffer = io.BytesIO()
+    options = {"quality": 90} if fmt.lower() == "jpeg" else {}
+    Image.fromarray(pixels).save(buffer, fmt.upper(), **options)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serving(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def vision_server(
+    model: Path, server_args: list[str], log_path: Path, start_timeout: float
+) -> Iterator[str]:
+    """A ``dvd-vision-server`` process on a free port; yields its target."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vision_server.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *server_args,
+    ]
+    target = f"127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while not _serving(target):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"vision server exited ({process.returncode}); see {log_path}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vision server not serving after {start_timeout:.0f} s")
+                time.sleep(0.5)
+            yield target
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def measure_served(
+    target: str,
+    hidden_size: int,
+    image: bytes,
+    vir: VirMode,
+    concurrency: int,
+    requests: int,
+) -> dict[str, Any]:
+    """``requests`` Encode calls, ``concurrency`` at a time, after one warm-up round."""
+    client = GrpcImageEncoder(target, timeout_s=900, expected_hidden_size=hidden_size)
+    options = EncodeOptions(vir=vir)
+    latencies: list[float] = []
+    tiles: list[int] = []
+    tokens: list[int] = []
+    remaining = requests
+
+    async def one(record: bool) -> None:
+        started = time.perf_counter()
+        (encoded,) = await client.encode([ImageInput(image)], options, "bench-vision")
+        if record:
+            latencies.append(time.perf_counter() - started)
+            tiles.append(len(encoded.tokens_per_tile))
+            tokens.append(encoded.num_visual_tokens)
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await one(record=True)
+
+    try:
+        await asyncio.gather(*(one(record=False) for _ in range(concurrency)))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    finally:
+        await client.close()
+    return {
+        "vir": vir.value,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": wall,
+        "tiles_per_s": sum(tiles) / wall,
+        "images_per_s": len(latencies) / wall,
+        "tiles_per_image": statistics.mean(tiles),
+        "visual_tokens_per_image": statistics.mean(tokens),
+        "latency_ms": {
+            "mean": 1000 * statistics.mean(latencies),
+            "p50": 1000 * percentile(latencies, 0.5),
+            "p90": 1000 * percentile(latencies, 0.9),
+            "p99": 1000 * percentile(latencies, 0.99),
+        },
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
+    return next((r["tiles_per_s"] for r in raw if r["batch_tiles"] == batch), None)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"device: {report['device']} ({report['dtype']}), checkpoint: {report['checkpoint']}",
+        "",
+        "| raw batch (tiles) | ms per pass | tiles/s |",
+        "|---|---|---|",
+    ]
+    for r in report["raw"]:
+        lines.append(f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} |")
+    served = report["served"]
+    if served:
+        settings = report["settings"]
+        lines += [
+            "",
+            f"served: {settings['image_size']} {settings['image_format']} images, "
+            f"--max-batch-tiles {settings['max_batch_tiles']}; ratio to raw at that batch",
+            "",
+            "| vir | concurrency | requests | tiles/s | x raw | p50 ms | p90 ms | p99 ms | "
+            "tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in served:
+            ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
+            latency = s["latency_ms"]
+            lines.append(
+                f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
+                f"| {ratio} | {latency['p50']:.0f} | {latency['p90']:.0f} | {latency['p99']:.0f} "
+                f"| {s['visual_tokens_per_image']:.0f} |"
+            )
+        alone = report.get("alone")
+        if alone:
+            lines += [
+                "",
+                f"one {alone['tiles']}-tile image alone (vir={alone['vir']}, c=1): p50 "
+                f"{alone['p50_ms']:.1f} ms; 2 x raw forward of {alone['tiles']} tiles + 10 ms = "
+                f"{alone['budget_ms']:.1f} ms",
+            ]
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvd-bench-vision", description=(__doc__ or "").splitlines()[0]
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint folder (default: a preset)")
+    source.add_argument(
+        "--preset", choices=sorted(PRESETS), default="bench", help="dvd-tiny-model preset"
+    )
+    parser.add_argument(
+        "--flash",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="preset with the Visual Resolution Router (default: yes)",
+    )
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where presets are written")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="timing per batch size")
+    parser.add_argument("--raw-min-iters", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--vir", nargs="+", default=["off", "auto"], choices=[m.value for m in VirMode]
+    )
+    parser.add_argument("--requests", type=int, default=0, help="per level (0: 4 x concurrency)")
+    parser.add_argument("--image-size", default="896x896", help="WIDTHxHEIGHT")
+    parser.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"])
+    parser.add_argument("--max-batch-tiles", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--preprocess-workers", type=int, default=4)
+    parser.add_argument(
+        "--server-args", default="", help="more dvd-vision-server flags, as one string"
+    )
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw measurement")
+    parser.add_argument("--no-served", action="store_true", help="skip the served measurement")
+    parser.add_argument("--output", type=Path, help="write the JSON report here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    path = checkpoint_path(args)
+    spec = load_checkpoint_spec(path)
+    device = resolve_device(args.device)
+    dtype = compute_dtype_for_device(args.dtype, device)
+    width, height = parse_size(args.image_size)
+    grid = plan_tiles(width, height, min_tiles=spec.min_tiles, max_tiles=spec.max_tiles)
+    tiles_per_image = grid.num_tiles
+    batch_sizes = sorted({*args.batch_sizes, args.max_batch_tiles, tiles_per_image})
+
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["dvd-bench-vision", *(sys.argv[1:] if argv is None else argv)]),
+        "checkpoint": args.model or f"preset {args.preset}{' (Flash)' if args.flash else ''}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "max_batch_tiles": args.max_batch_tiles,
+            "max_wait_ms": args.max_wait_ms,
+            "preprocess_workers": args.preprocess_workers,
+            "image_size": f"{width}x{height}",
+            "image_format": args.image_format,
+            "tiles_per_image": tiles_per_image,
+        },
+        "raw": [],
+        "served": [],
+    }
+    if not args.no_raw:
+        report["raw"] = measure_raw(
+            spec, device, dtype, batch_sizes, args.raw_seconds, args.raw_min_iters
+        )
+    if not args.no_served:
+        modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
+        image = synthetic_image(width, height, args.image_format)
+        server_args = [
+            "--device",
+            str(device),
+            "--dtype",
+            args.dtype,
+            "--max-batch-tiles",
+            str(args.max_batch_tiles),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--preprocess-workers",
+            str(args.preprocess_workers),
+            "--max-queued-tiles",
+            "1000000",
+            *shlex.split(args.server_args),
+        ]
+        reference = raw_rate(report["raw"], args.max_batch_tiles)
+        with tempfile.TemporaryDirectory() as scratch:
+            log = Path(scratch) / "vision-server.log"
+            with vision_server(path, server_args, log, args.start_timeout) as target:
+                for mode in modes:
+                    for concurrency in args.concurrency:
+                        requests = args.requests or max(8, 4 * concurrency)
+                        level = asyncio.run(
+                            measure_served(
+                                target, spec.llm_hidden_size, image, mode, concurrency, requests
+                            )
+                        )
+                        level["ratio_to_raw"] = (
+                            level["tiles_per_s"] / reference if reference else None
+                        )
+                        report["served"].append(level)
+                        print(
+                            f"served vir={mode.value} c={concurrency}: "
+                            f"{level['tiles_per_s']:.1f} tiles/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        alone = next((s for s in report["served"] if s["concurrency"] == 1), None)
+        forward = next((r for r in report["raw"] if r["batch_tiles"] == tiles_per_image), None)
+        if alone and forward:
+            report["alone"] = {
+                "vir": alone["vir"],
+                "tiles": tiles_per_image,
+                "p50_ms": alone["latency_ms"]["p50"],
+                "raw_forward_ms": forward["ms_per_pass"],
+                "budget_ms": 2 * forward["ms_per_pass"] + 10,
+            }
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
