@@ -228,17 +228,18 @@ class EncoderEngine:
                 return _LaunchedPass(self._slice_outputs(out, slices))
             # [n, 3, H, W] uint8 in pinned memory, then to the device on the copy-in stream.
             staging = self._gather(slices)
-            with streams.on(streams.copy_in):
-                tiles = staging.to(self.device, non_blocking=True)
-            streams.compute.wait_stream(streams.copy_in)
-            with streams.on(streams.compute):
-                tiles.record_stream(streams.compute)  # allocated on copy-in, used here
-                out = self.encoder(self._normalise(tiles, self.dtype))
-            streams.copy_out.wait_stream(streams.compute)
-            with streams.on(streams.copy_out):
-                outputs = self._slice_outputs(out, slices)
-                done = torch.cuda.Event()
-                done.record()
+            with torch.cuda.device(self.device):
+                with streams.on(streams.copy_in):
+                    tiles = staging.to(self.device, non_blocking=True)
+                streams.compute.wait_stream(streams.copy_in)
+                with streams.on(streams.compute):
+                    tiles.record_stream(streams.compute)  # allocated on copy-in, used here
+                    out = self.encoder(self._normalise(tiles, self.dtype))
+                streams.copy_out.wait_stream(streams.compute)
+                with streams.on(streams.copy_out):
+                    outputs = self._slice_outputs(out, slices)
+                    done = torch.cuda.Event()
+                    done.record()
             return _LaunchedPass(outputs, done, out)
 
     def _gather(self, slices: Sequence[PassSlice]) -> torch.Tensor:
