@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import gc
 import io
 import json
 import os
@@ -81,53 +80,41 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_raw(
-    spec: CheckpointSpec,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_sizes: list[int],
-    min_seconds: float,
-    min_iters: int,
-) -> list[dict[str, Any]]:
-    """tiles/s of the encoder alone, per batch size (random uint8 tiles on the device)."""
-    encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
-    normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
-    size = spec.vision.image_size
-    generator = torch.Generator().manual_seed(0)
-    results = []
-    with torch.inference_mode():
-        for batch in batch_sizes:
-            tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
-            tiles = tiles.to(torch.uint8).to(device)
+class RawEncoder:
+    """The encoder alone, loaded once, timed on random uint8 tiles already on the device."""
+
+    def __init__(self, spec: CheckpointSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
+        self.normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
+        self.device, self.dtype = device, dtype
+        self.tile_size = spec.vision.image_size
+
+    def measure(self, batch: int, min_seconds: float, min_iters: int) -> dict[str, Any]:
+        """tiles/s at one batch size."""
+        generator = torch.Generator().manual_seed(batch)
+        size = self.tile_size
+        tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
+        tiles = tiles.to(torch.uint8).to(self.device)
+        with torch.inference_mode():
             for _ in range(2):  # warm-up: kernels, allocator, lazy initialisation
-                encoder(normalise(tiles, dtype))
-            _synchronize(device)
+                self.encoder(self.normalise(tiles, self.dtype))
+            _synchronize(self.device)
             iterations, started = 0, time.perf_counter()
             while iterations < min_iters or time.perf_counter() - started < min_seconds:
-                encoder(normalise(tiles, dtype))
+                self.encoder(self.normalise(tiles, self.dtype))
                 iterations += 1
-                if device.type == "cuda" and iterations % 4 == 0:
-                    _synchronize(device)  # keep the queue short, so the clock means something
-            _synchronize(device)
+                if iterations % 4 == 0:
+                    _synchronize(self.device)  # a short queue, so the clock means something
+            _synchronize(self.device)
             seconds = time.perf_counter() - started
-            results.append(
-                {
-                    "batch_tiles": batch,
-                    "iterations": iterations,
-                    "ms_per_pass": 1000 * seconds / iterations,
-                    "tiles_per_s": batch * iterations / seconds,
-                }
-            )
-            print(
-                f"raw batch {batch}: {results[-1]['tiles_per_s']:.1f} tiles/s",
-                file=sys.stderr,
-                flush=True,
-            )
-    del encoder
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return results
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # leave the device's memory to the server
+        return {
+            "batch_tiles": batch,
+            "iterations": iterations,
+            "ms_per_pass": 1000 * seconds / iterations,
+            "tiles_per_s": batch * iterations / seconds,
+        }
 
 
 # ---- served ---------------------------------------------------------------------------------
@@ -279,7 +266,12 @@ def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        f"device: {report['device']} ({report['dtype']}), checkpoint: {report['checkpoint']}",
+        f"device: {report['device']} ({report['dtype']}), checkpoint: {report['checkpoint']}"
+        + (
+            f", median of {report['settings']['rounds']} rounds"
+            if report["settings"]["rounds"] > 1
+            else ""
+        ),
         "",
         "| raw batch (tiles) | ms per pass | tiles/s |",
         "|---|---|---|",
@@ -356,11 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server-args", default="", help="more dvd-vision-server flags, as one string"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat raw + served this many times and report the median round of each figure "
+        "(for shared machines)",
+    )
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--no-raw", action="store_true", help="skip the raw measurement")
     parser.add_argument("--no-served", action="store_true", help="skip the served measurement")
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     return parser
+
+
+def median_of_rounds(rounds: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
+    """Per entry (same position in every round), the round with the median ``key``."""
+    merged = []
+    for entries in zip(*rounds, strict=True):
+        ordered = sorted(entries, key=lambda entry: entry[key])
+        merged.append(dict(ordered[(len(ordered) - 1) // 2], rounds=len(entries)))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -385,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": platform.machine(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0],
         },
         "settings": {
             "max_batch_tiles": args.max_batch_tiles,
@@ -393,64 +402,83 @@ def main(argv: list[str] | None = None) -> None:
             "image_size": f"{width}x{height}",
             "image_format": args.image_format,
             "tiles_per_image": tiles_per_image,
+            "rounds": args.rounds,
         },
         "raw": [],
         "served": [],
     }
-    if not args.no_raw:
-        report["raw"] = measure_raw(
-            spec, device, dtype, batch_sizes, args.raw_seconds, args.raw_min_iters
-        )
-    if not args.no_served:
-        modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
-        image = synthetic_image(width, height, args.image_format)
-        server_args = [
-            "--device",
-            str(device),
-            "--dtype",
-            args.dtype,
-            "--max-batch-tiles",
-            str(args.max_batch_tiles),
-            "--max-wait-ms",
-            str(args.max_wait_ms),
-            "--preprocess-workers",
-            str(args.preprocess_workers),
-            "--max-queued-tiles",
-            "1000000",
-            *shlex.split(args.server_args),
-        ]
-        reference = raw_rate(report["raw"], args.max_batch_tiles)
+    raw = None if args.no_raw else RawEncoder(spec, device, dtype)
+    modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
+    image = synthetic_image(width, height, args.image_format)
+    server_args = [
+        "--device",
+        str(device),
+        "--dtype",
+        args.dtype,
+        "--max-batch-tiles",
+        str(args.max_batch_tiles),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--preprocess-workers",
+        str(args.preprocess_workers),
+        "--max-queued-tiles",
+        "1000000",
+        *shlex.split(args.server_args),
+    ]
+    raw_rounds: list[list[dict[str, Any]]] = []
+    served_rounds: list[list[dict[str, Any]]] = []
+
+    def one_round(target: str | None) -> None:
+        """Raw, then served, back to back: on a shared machine both see the same load."""
+        if raw is not None:
+            raw_rounds.append([])
+            for batch in batch_sizes:
+                raw_rounds[-1].append(raw.measure(batch, args.raw_seconds, args.raw_min_iters))
+                rate = raw_rounds[-1][-1]["tiles_per_s"]
+                print(f"raw batch {batch}: {rate:.1f} tiles/s", file=sys.stderr, flush=True)
+        if target is None:
+            return
+        reference = raw_rate(raw_rounds[-1], args.max_batch_tiles) if raw_rounds else None
+        served_rounds.append([])
+        for mode in modes:
+            for concurrency in args.concurrency:
+                requests = args.requests or max(8, 4 * concurrency)
+                level = asyncio.run(
+                    measure_served(target, spec.llm_hidden_size, image, mode, concurrency, requests)
+                )
+                level["ratio_to_raw"] = level["tiles_per_s"] / reference if reference else None
+                served_rounds[-1].append(level)
+                print(
+                    f"served vir={mode.value} c={concurrency}: {level['tiles_per_s']:.1f} tiles/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    if args.no_served:
+        for _ in range(args.rounds):
+            one_round(None)
+    else:
         with tempfile.TemporaryDirectory() as scratch:
             log = Path(scratch) / "vision-server.log"
             with vision_server(path, server_args, log, args.start_timeout) as target:
-                for mode in modes:
-                    for concurrency in args.concurrency:
-                        requests = args.requests or max(8, 4 * concurrency)
-                        level = asyncio.run(
-                            measure_served(
-                                target, spec.llm_hidden_size, image, mode, concurrency, requests
-                            )
-                        )
-                        level["ratio_to_raw"] = (
-                            level["tiles_per_s"] / reference if reference else None
-                        )
-                        report["served"].append(level)
-                        print(
-                            f"served vir={mode.value} c={concurrency}: "
-                            f"{level['tiles_per_s']:.1f} tiles/s",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-        alone = next((s for s in report["served"] if s["concurrency"] == 1), None)
-        forward = next((r for r in report["raw"] if r["batch_tiles"] == tiles_per_image), None)
-        if alone and forward:
-            report["alone"] = {
-                "vir": alone["vir"],
-                "tiles": tiles_per_image,
-                "p50_ms": alone["latency_ms"]["p50"],
-                "raw_forward_ms": forward["ms_per_pass"],
-                "budget_ms": 2 * forward["ms_per_pass"] + 10,
-            }
+                for _ in range(args.rounds):
+                    one_round(target)
+    if raw_rounds:
+        report["raw"] = median_of_rounds(raw_rounds, "tiles_per_s")
+    if served_rounds:
+        report["served"] = median_of_rounds(served_rounds, "ratio_to_raw" if raw else "tiles_per_s")
+    if args.rounds > 1:
+        report["rounds"] = {"raw": raw_rounds, "served": served_rounds}
+    alone = next((s for s in report["served"] if s["concurrency"] == 1), None)
+    forward = next((r for r in report["raw"] if r["batch_tiles"] == tiles_per_image), None)
+    if alone and forward:
+        report["alone"] = {
+            "vir": alone["vir"],
+            "tiles": tiles_per_image,
+            "p50_ms": alone["latency_ms"]["p50"],
+            "raw_forward_ms": forward["ms_per_pass"],
+            "budget_ms": 2 * forward["ms_per_pass"] + 10,
+        }
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))
     print(table(report))

@@ -34,6 +34,8 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         "max",
         "--requests",
         "3",
+        "--rounds",
+        "2",
         "--image-size",
         "700x300",
         "--output",
@@ -63,6 +65,9 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     assert served[("max", 1)]["visual_tokens_per_image"] == 11 * 64
     assert 11 * 64 < served[("auto", 1)]["visual_tokens_per_image"] < 11 * 256
     assert report["alone"]["tiles"] == 11
+    # Two rounds, each with every figure; the report keeps the median round of each.
+    assert len(report["rounds"]["raw"]) == len(report["rounds"]["served"]) == 2
+    assert all(level["rounds"] == 2 for level in report["served"])
 
     table = done.stdout
     assert "| raw batch (tiles) | ms per pass | tiles/s |" in table
