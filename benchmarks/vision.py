@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of the raw encoder and of the server (0: torch's default)",
+    )
+    parser.add_argument(
         "--server-args", default="", help="more dvd-vision-server flags, as one string"
     )
     parser.add_argument(
@@ -392,7 +398,6 @@ def main(argv: list[str] | None = None) -> None:
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg()[0],
         },
         "settings": {
@@ -403,10 +408,13 @@ def main(argv: list[str] | None = None) -> None:
             "image_format": args.image_format,
             "tiles_per_image": tiles_per_image,
             "rounds": args.rounds,
+            "torch_threads": args.torch_threads or torch.get_num_threads(),
         },
         "raw": [],
         "served": [],
     }
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     raw = None if args.no_raw else RawEncoder(spec, device, dtype)
     modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
     image = synthetic_image(width, height, args.image_format)
@@ -423,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         str(args.preprocess_workers),
         "--max-queued-tiles",
         "1000000",
+        "--torch-threads",
+        str(args.torch_threads),
         *shlex.split(args.server_args),
     ]
     raw_rounds: list[list[dict[str, Any]]] = []
