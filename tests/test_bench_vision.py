@@ -58,6 +58,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         assert level["requests"] == 3
         assert level["tiles_per_image"] == 11
         assert level["tiles_per_s"] > 0 and level["ratio_to_raw"] > 0
+        assert 0 < level["ratio_to_best_raw"] <= level["ratio_to_raw"]
         latency = level["latency_ms"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
     # The router's modes show in the rows sent: 256 per tile, 64 per tile, in between.
