@@ -346,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"])
     parser.add_argument("--max-batch-tiles", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--preprocess-workers", type=int, default=4)
+    parser.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=min(16, os.cpu_count() or 4),
+        help="the server's decode and tiling threads (default: one per core, at most 16)",
+    )
     parser.add_argument(
         "--torch-threads",
         type=int,
