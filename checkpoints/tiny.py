@@ -43,7 +43,19 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # "tiny": the test and default model. "bench": InternVL3.5-1B (InternViT-300M + Qwen3-0.6B)
 # scaled down 4x in width, with depths chosen so that a tile's ViT work stays about 3x the
 # LLM's prefill work for its 256 tokens, as in the real model (see docs/benchmarks.md).
-PRESETS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+# "vision-300m" and "vision-6b": real vision halves at full size, for benchmarking the vision
+# service (dvd-bench-vision) on a GPU: InternVL3.5-1B's InternViT-300M (LLM width 1024), and
+# InternViT-6B as InternVL3.5-38B uses it (RMSNorm, q/k norm, no qkv bias; LLM width 5120).
+# Their language model is a single layer of the real width: the vision service needs only
+# the width.
+_ONE_LLM_LAYER = dict(
+    intermediate_size=1024,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=128,
+)
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
     "tiny": (
         dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
         dict(
@@ -65,6 +77,24 @@ PRESETS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
             num_key_value_heads=2,
             head_dim=64,
         ),
+    ),
+    "vision-300m": (
+        dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+        ),
+        dict(hidden_size=1024, **_ONE_LLM_LAYER),
+    ),
+    "vision-6b": (
+        dict(
+            hidden_size=3200,
+            num_hidden_layers=45,
+            num_attention_heads=25,
+            intermediate_size=12800,
+            norm_type="rms_norm",
+            use_qk_norm=True,
+            attention_bias=False,
+        ),
+        dict(hidden_size=5120, **_ONE_LLM_LAYER),
     ),
 }
 MAX_CONTEXT = 8192
@@ -167,7 +197,6 @@ def build_hf_model(seed: int, preset: str = "tiny", llm: str = "qwen3") -> Any:
     eos = vocab[chat_format.eos_token]
     config = InternVLConfig(
         vision_config=dict(
-            **vision_dims,
             image_size=448,
             patch_size=14,
             attention_bias=True,
@@ -176,7 +205,8 @@ def build_hf_model(seed: int, preset: str = "tiny", llm: str = "qwen3") -> Any:
             layer_norm_eps=1e-6,
             hidden_act="gelu",
             use_mean_pooling=True,
-        ),
+        )
+        | vision_dims,
         text_config=dict(
             **text_config,
             vocab_size=tokenizer.get_vocab_size(),
@@ -602,7 +632,9 @@ def main(argv: list[str] | None = None) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="tiny: the test model; bench: InternVL3.5-1B's ViT:LLM compute ratio, scaled down",
+        help="tiny: the test model; bench: InternVL3.5-1B's ViT:LLM compute ratio, scaled down; "
+        "vision-300m / vision-6b: InternViT-300M / InternViT-6B at full size with a one-layer "
+        "language model (for dvd-bench-vision)",
     )
     parser.add_argument(
         "--flash",

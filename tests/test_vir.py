@@ -180,6 +180,24 @@ def test_router_decisions_follow_the_rule(
     assert mixed_decisions >= 2  # the images really exercise the router
 
 
+def test_router_decides_over_the_whole_request(
+    flash_vision, oracle, flash_weights, flash_thresholds
+):
+    """The quantile spans every tile of every image of the call, as in the published
+    ``generate_flash``: a one-tile image can be compressed next to others (alone it cannot)."""
+    relative, absolute = flash_thresholds
+    images = [ROUTED_IMAGES[0], noise_image(448, 448, seed=5)]
+    replies = encode_over_grpc(flash_vision["hf"][0], [encode_image(i) for i in images])
+    p0 = [reference_compress_prob(flash_weights, vit_features(oracle, i)) for i in images]
+    expected = rule(torch.cat(p0), relative, absolute)
+    got = [tokens == 64 for reply in replies for tokens in reply.header.tokens_per_tile]
+    assert got == expected
+    assert expected[-1]  # the one-tile image is compressed...
+    assert rule(p0[1], relative, absolute) == [False]  # ...which it never is on its own
+    (alone,) = encode_over_grpc(flash_vision["hf"][0], [encode_image(images[1])])
+    assert list(alone.header.tokens_per_tile) == [256]
+
+
 def test_threshold_override(flash_vision, oracle, flash_weights, flash_thresholds):
     relative, _ = flash_thresholds
     image = ROUTED_IMAGES[1]

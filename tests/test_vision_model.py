@@ -87,3 +87,27 @@ def test_variant_matches_transformers(tmp_path, variant, feature_layer, layout):
     assert got.shape == expected.shape == (3, 256, 48)
     assert (got - expected).abs().max().item() <= 1e-4
     assert expected.std() > 0.1
+
+
+@pytest.mark.parametrize("size", [(448, 448), (700, 300), (333, 777)], ids=str)
+def test_uint8_tiles_normalised_by_the_encoder_equal_transformers_bitwise(tiny_models, size):
+    """Tiles travel as uint8 and are normalised on the encoder's device; in float32 the result
+    is bit-for-bit what transformers' image processor gives."""
+    from helpers import encode_image, noise_image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    from vision_server.model.encoder import TileNormaliser
+    from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
+
+    image = noise_image(*size, seed=size[0] + size[1])
+    processor = GotOcr2ImageProcessorPil.from_pretrained(str(tiny_models["hf"]))
+    expected = processor(image, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+    spec = load_checkpoint_spec(tiny_models["hf"])
+    prepared = prepare_image(encode_image(image), ImageLimits(), TilingOptions())
+    assert prepared.tiles.dtype == torch.uint8
+    normalise = TileNormaliser(spec.image_mean, spec.image_std, "cpu")
+    got = normalise(prepared.tiles, torch.float32)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)

@@ -1,19 +1,46 @@
-"""The vision engine: one encoder model, fed by the tile batcher, plus per-image routing.
+"""The vision engine: one encoder model fed by the tile batcher, its device data path, and
+per-request routing.
 
 The gRPC layer hands it prepared images and gets embeddings back; it knows nothing of gRPC.
+
+One pass on a GPU (the batcher launches it on one thread and waits for it on another):
+
+- host: the pass's uint8 tiles are gathered into one pinned buffer;
+- copy-in stream: host to device, overlapping the previous pass's compute;
+- compute stream: normalisation, InternViT, pixel shuffle, ``mlp1`` (and on Flash checkpoints
+  ``mlp2`` and the router's p0);
+- copy-out stream: back into pinned host memory, only what each image will send: the
+  256-token rows (``vir`` off, or no router), the 64-token rows (``vir`` max), or only p0
+  (``vir`` auto: the rows wait on the device until the whole request is routed, then only the
+  chosen ones are copied back);
+- an event marks the end; the waiting thread, never the event loop, blocks on it.
+
+On the CPU the same steps run without streams, pinned memory or events.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 import torch
 
 from protos.options import VirMode
 from vision_server import metrics
-from vision_server.batching import BatchStats, TileBatcher
-from vision_server.model.encoder import TileEmbeddings, VisionEncoder
+from vision_server.batching import (
+    BatchStats,
+    PassSlice,
+    TileBatcher,
+    is_fatal,
+    pass_error,
+)
+from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
 from vision_server.tiling import TileGrid
@@ -23,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EncodedImage:
-    embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden], on CPU, engine dtype
+    embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden], on the host, engine dtype
     tokens_per_tile: list[int]
     grid: TileGrid
     stats: BatchStats
@@ -32,6 +59,55 @@ class EncodedImage:
     @property
     def num_visual_tokens(self) -> int:
         return int(self.embeddings.shape[0])
+
+
+class RowSelection(StrEnum):
+    """Which rows of its tiles an image sends, as far as is known when its tiles are encoded."""
+
+    FULL = "full"  # every tile's 256 rows: vir off, or a checkpoint without a router
+    COMPRESSED = "compressed"  # every tile's 64 rows: vir max
+    ROUTED = "routed"  # decided by the router over the whole request: vir auto
+
+
+_SELECTION = {
+    None: RowSelection.FULL,
+    VirMode.OFF: RowSelection.FULL,
+    VirMode.MAX: RowSelection.COMPRESSED,
+    VirMode.AUTO: RowSelection.ROUTED,
+}
+
+
+@dataclass
+class SliceOutput:
+    """One image's share of one finished pass."""
+
+    rows: torch.Tensor | None = None  # [k, tokens, hidden] on the host (FULL, COMPRESSED)
+    # ROUTED: both kinds of rows, still on the device, and p0 on the host.
+    full: torch.Tensor | None = None  # [k, 256, hidden]
+    compressed: torch.Tensor | None = None  # [k, 64, hidden]
+    compress_prob: torch.Tensor | None = None  # [k], the compute dtype
+
+
+class _LaunchedPass:
+    """A pass queued on the device; ``wait`` blocks (on the batcher's wait thread) until done."""
+
+    def __init__(
+        self,
+        outputs: list[SliceOutput],
+        done: torch.cuda.Event | None = None,
+        device_outputs: TileEmbeddings | None = None,
+    ) -> None:
+        self._outputs = outputs
+        self._done = done
+        # The copies out read these; they must not be freed (and their memory reused by the
+        # next pass) before the copies are done.
+        self._device_outputs = device_outputs
+
+    def wait(self) -> list[SliceOutput]:
+        if self._done is not None:
+            self._done.synchronize()
+        self._device_outputs = None
+        return self._outputs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,8 +127,42 @@ def compute_dtype_for_device(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _split(outputs: TileEmbeddings, sizes: list[int]) -> list[object]:
-    return list(outputs.split(sizes))
+class _Streams:
+    """CUDA streams of the data path (None on the CPU, where everything is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy_in = torch.cuda.Stream(device)
+            self.compute = torch.cuda.Stream(device)
+            self.copy_out = torch.cuda.Stream(device)
+            self.copy_back = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def on(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+        """Make ``stream`` (and its device) current in this thread."""
+        if stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            yield
+
+    def host_empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor to copy to or from the device asynchronously (pinned on CUDA)."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.cuda)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensor`` back on the current stream, into pinned memory, and wait for it
+        (on the calling thread)."""
+        if not self.cuda:
+            return tensor
+        host = self.host_empty(tensor.shape, tensor.dtype)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        copied.synchronize()
+        return host
 
 
 class EncoderEngine:
@@ -67,20 +177,28 @@ class EncoderEngine:
         max_batch_tiles: int,
         max_wait_ms: float,
         max_queued_tiles: int,
+        max_queued_bytes: int = 1 << 40,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.encoder = encoder
         self.spec = encoder.spec
         self.device = device
         self.dtype = dtype
         self.hidden_size = encoder.spec.llm_hidden_size
-        self.batcher: TileBatcher[TileEmbeddings] = TileBatcher(
-            self._run_pass,
-            _split,
+        self._streams = _Streams(device)
+        self._normalise = TileNormaliser(self.spec.image_mean, self.spec.image_std, device)
+        self.batcher: TileBatcher[SliceOutput] = TileBatcher(
+            self.run_pass,
             max_batch_tiles=max_batch_tiles,
             max_wait_ms=max_wait_ms,
             max_queued_tiles=max_queued_tiles,
+            max_queued_bytes=max_queued_bytes,
             on_pass=metrics.observe_pass,
+            on_fatal=on_fatal,
         )
+        # Assembling images and copying routed rows back: off the event loop, and not behind
+        # the next pass on the launch thread.
+        self._copy_back = ThreadPoolExecutor(max_workers=2, thread_name_prefix="copy-back")
         # Read at scrape time, so the gauge is exact without bookkeeping on the hot path.
         metrics.queued_tiles.set_function(lambda: self.batcher.queued_tiles)
 
@@ -88,69 +206,216 @@ class EncoderEngine:
     def has_router(self) -> bool:
         return self.encoder.has_router
 
-    def _run_pass(self, tiles: torch.Tensor) -> TileEmbeddings:
-        # Runs on the batcher's thread: [n, 3, 448, 448] -> per-tile embeddings on the CPU
-        # (the router's ViT features stay on the device until their image is complete).
-        with torch.inference_mode():
-            out = self.encoder(tiles.to(self.device, self.dtype, non_blocking=True))
-            return TileEmbeddings(
-                out.full.to("cpu"),
-                out.compressed.to("cpu") if out.compressed is not None else None,
-                out.features,
-            )
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine stopped serving for good (None while it serves)."""
+        return self.batcher.failure
 
-    def _finalize(
-        self, pieces: list[TileEmbeddings], vir_mode: VirMode, absolute_threshold: float | None
-    ) -> tuple[torch.Tensor, list[bool], VirMode | None]:
-        """On the batcher's thread: route the image's tiles and assemble its rows."""
-        tiles = TileEmbeddings.concat(pieces)
-        flash = self.spec.flash
-        if flash is None or tiles.compressed is None or tiles.features is None:
-            return tiles.full.reshape(-1, self.hidden_size), [False] * len(tiles.full), None
-        if vir_mode is VirMode.AUTO:
-            with torch.inference_mode():
-                p0 = self.encoder.compress_prob(tiles.features).float().to("cpu")
-        else:
-            p0 = torch.zeros(len(tiles.full))  # not needed: every tile goes the same way
-        threshold = flash.absolute_threshold if absolute_threshold is None else absolute_threshold
-        compress = route_tiles(p0, vir_mode, flash.relative_threshold, threshold)
-        rows = [
-            tiles.compressed[i] if squeeze else tiles.full[i] for i, squeeze in enumerate(compress)
-        ]
-        return torch.cat(rows), compress, vir_mode
+    def set_fatal_handler(self, handler: Callable[[BaseException], None]) -> None:
+        """Called (on the event loop) once, if the engine can no longer serve."""
+        self.batcher.on_fatal = handler
+
+    # ---- one pass (launch thread) -----------------------------------------------------------
+
+    def run_pass(self, slices: Sequence[PassSlice]) -> _LaunchedPass:
+        """Queue one forward pass over ``slices`` (uint8 tiles on the host); on the CPU it has
+        run when this returns."""
+        streams = self._streams
+        with torch.inference_mode():
+            if not streams.cuda:
+                tiles = self._gather(slices)
+                out = self.encoder(self._normalise(tiles, self.dtype))
+                return _LaunchedPass(self._slice_outputs(out, slices))
+            # [n, 3, H, W] uint8 in pinned memory, then to the device on the copy-in stream.
+            staging = self._gather(slices)
+            with torch.cuda.device(self.device):
+                with streams.on(streams.copy_in):
+                    tiles = staging.to(self.device, non_blocking=True)
+                streams.compute.wait_stream(streams.copy_in)
+                with streams.on(streams.compute):
+                    tiles.record_stream(streams.compute)  # allocated on copy-in, used here
+                    out = self.encoder(self._normalise(tiles, self.dtype))
+                streams.copy_out.wait_stream(streams.compute)
+                with streams.on(streams.copy_out):
+                    outputs = self._slice_outputs(out, slices)
+                    done = torch.cuda.Event()
+                    done.record()
+            return _LaunchedPass(outputs, done, out)
+
+    def _gather(self, slices: Sequence[PassSlice]) -> torch.Tensor:
+        if len(slices) == 1 and not self._streams.cuda:
+            return slices[0].tiles
+        count = sum(int(s.tiles.shape[0]) for s in slices)
+        staging = self._streams.host_empty((count, *slices[0].tiles.shape[1:]), torch.uint8)
+        torch.cat([s.tiles for s in slices], out=staging)
+        return staging
+
+    def _copy_out(self, rows: torch.Tensor) -> torch.Tensor:
+        """Start copying ``rows`` to the host (on CUDA; on the CPU they are there already)."""
+        if not self._streams.cuda:
+            return rows
+        host = self._streams.host_empty(rows.shape, rows.dtype)
+        host.copy_(rows, non_blocking=True)
+        return host
+
+    def _slice_outputs(self, out: TileEmbeddings, slices: Sequence[PassSlice]) -> list[SliceOutput]:
+        outputs: list[SliceOutput] = []
+        start = 0
+        for piece in slices:
+            end = start + int(piece.tiles.shape[0])
+            if piece.want is RowSelection.FULL:
+                outputs.append(SliceOutput(rows=self._copy_out(out.full[start:end])))
+            elif out.compressed is None or out.compress_prob is None:
+                raise RuntimeError("this checkpoint has no Visual Resolution Router")
+            elif piece.want is RowSelection.COMPRESSED:
+                outputs.append(SliceOutput(rows=self._copy_out(out.compressed[start:end])))
+            else:
+                outputs.append(
+                    SliceOutput(
+                        full=out.full[start:end],
+                        compressed=out.compressed[start:end],
+                        compress_prob=self._copy_out(out.compress_prob[start:end]),
+                    )
+                )
+            start = end
+        return outputs
+
+    # ---- one image's rows (copy-back threads) -----------------------------------------------
+
+    def _assemble(self, parts: list[SliceOutput], compress: list[bool] | None) -> torch.Tensor:
+        """An image's rows on the host, ``[num_visual_tokens, hidden]``: as copied out by its
+        passes, or (``compress`` given) chosen per tile on the device and copied back now."""
+        with torch.inference_mode():
+            if compress is None:
+                blocks = [p.rows for p in parts if p.rows is not None]
+                rows = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                return rows.reshape(-1, self.hidden_size)
+            streams = self._streams
+            with streams.on(streams.copy_back if streams.cuda else None):
+                full = [p.full for p in parts if p.full is not None]
+                compressed = [p.compressed for p in parts if p.compressed is not None]
+                full_t = full[0] if len(full) == 1 else torch.cat(full)
+                compressed_t = compressed[0] if len(compressed) == 1 else torch.cat(compressed)
+                per_tile = [compressed_t[i] if c else full_t[i] for i, c in enumerate(compress)]
+                chosen = torch.cat(per_tile)  # [num_visual_tokens, hidden] on the device
+                return streams.to_host(chosen)
+
+    async def _assemble_off_loop(
+        self, parts: list[SliceOutput], compress: list[bool] | None
+    ) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._copy_back, self._assemble, parts, compress)
+        except Exception as exc:
+            logger.error("copying an image's rows back failed", exc_info=exc)
+            if is_fatal(exc):
+                self.batcher.die(exc)
+            tiles = sum(int(p.full.shape[0]) for p in parts if p.full is not None)
+            raise pass_error(exc, tiles or len(parts)) from exc
+
+    # ---- lifecycle --------------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """One forward pass so the first request does not pay for lazy initialisation."""
-        size = self.encoder.spec.vision.image_size
-        self._run_pass(torch.zeros(1, 3, size, size))
+        """One pass (and one routed copy back) so the first request does not pay for lazy
+        initialisation."""
+        size = self.spec.vision.image_size
+        tiles = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+        wants: list[Any] = [RowSelection.FULL]
+        if self.has_router:
+            wants.append(RowSelection.ROUTED)
+        for want in wants:
+            parts = self.run_pass([PassSlice(tiles, want)]).wait()
+            self._assemble(parts, [False] if want is RowSelection.ROUTED else None)
 
     def start(self) -> None:
         self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self._copy_back.shutdown(wait=self.failure is None, cancel_futures=True)
 
-    async def encode(
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def encode_request(
         self,
-        image: PreparedImage,
+        images: Sequence[PreparedImage],
         request_id: str = "",
         vir_mode: VirMode = VirMode.AUTO,
         absolute_threshold: float | None = None,
-    ) -> EncodedImage:
-        """Embeddings of one prepared image: each tile's 256 rows, or 64 where routed."""
-        pieces, stats = await self.batcher.submit(image.tiles, request_id)
-        parts = [p for p in pieces if isinstance(p, TileEmbeddings)]
-        embeddings, compress, applied = await self.batcher.run_on_worker(
-            self._finalize, parts, vir_mode, absolute_threshold
-        )
-        tokens = [
-            self.spec.compressed_tokens_per_tile if squeeze else self.spec.tokens_per_tile
-            for squeeze in compress
+    ) -> AsyncGenerator[EncodedImage, None]:
+        """Embeddings of one request's images, in order: each tile's 256 rows, or 64 where
+        routed. Under ``vir`` auto the router decides over all tiles of the request, so the
+        first image comes once every image is encoded; otherwise each as soon as it is done."""
+        if self.failure is not None:
+            raise self.failure
+        applied = vir_mode if self.has_router else None
+        selection = _SELECTION[applied]
+        # All images queue at once so they can share forward passes; results come in order.
+        tasks = [
+            asyncio.create_task(self.batcher.submit(image.tiles, selection, request_id))
+            for image in images
         ]
+        copies: list[asyncio.Task[torch.Tensor]] = []
+        try:
+            if selection is RowSelection.ROUTED:
+                encoded = [await task for task in tasks]
+                routes = self._route(encoded, absolute_threshold)
+                copies = [
+                    asyncio.create_task(self._assemble_off_loop(parts, route))
+                    for (parts, _), route in zip(encoded, routes, strict=True)
+                ]
+                for image, (_, stats), route, copy in zip(
+                    images, encoded, routes, copies, strict=True
+                ):
+                    yield self._encoded(image, await copy, route, stats, applied)
+            else:
+                squeeze = selection is RowSelection.COMPRESSED
+                for image, task in zip(images, tasks, strict=True):
+                    parts, stats = await task
+                    embeddings = await self._assemble_off_loop(parts, None)
+                    yield self._encoded(
+                        image, embeddings, [squeeze] * image.grid.num_tiles, stats, applied
+                    )
+        finally:
+            for task in tasks:
+                task.cancel()
+            for copy in copies:
+                copy.cancel()
+
+    def _route(
+        self, encoded: list[tuple[list[SliceOutput], BatchStats]], absolute_threshold: float | None
+    ) -> list[list[bool]]:
+        """The router's decision for every tile of the request, split per image."""
+        flash = self.spec.flash
+        assert flash is not None  # ROUTED is only chosen when the checkpoint has a router
+        per_image = [
+            torch.cat([p.compress_prob for p in parts if p.compress_prob is not None])
+            for parts, _ in encoded
+        ]
+        threshold = flash.absolute_threshold if absolute_threshold is None else absolute_threshold
+        decisions = route_tiles(
+            torch.cat(per_image), VirMode.AUTO, flash.relative_threshold, threshold
+        )
+        routes, start = [], 0
+        for p0 in per_image:
+            routes.append(decisions[start : start + len(p0)])
+            start += len(p0)
+        return routes
+
+    def _encoded(
+        self,
+        image: PreparedImage,
+        embeddings: torch.Tensor,
+        compress: list[bool],
+        stats: BatchStats,
+        applied: VirMode | None,
+    ) -> EncodedImage:
+        full, small = self.spec.tokens_per_tile, self.spec.compressed_tokens_per_tile
         metrics.observe_routing(
             kept=compress.count(False),
             compressed=compress.count(True),
-            full_tokens=self.spec.tokens_per_tile,
-            compressed_tokens=self.spec.compressed_tokens_per_tile,
+            full_tokens=full,
+            compressed_tokens=small,
         )
+        tokens = [small if squeeze else full for squeeze in compress]
         return EncodedImage(embeddings, tokens, image.grid, stats, applied)

@@ -37,6 +37,25 @@ class ShuttingDown(VisionError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class EncoderOutOfMemory(VisionError):
+    """A forward pass ran out of device memory; only the images in that pass fail."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class EncodeFailed(VisionError):
+    """A forward pass failed for another reason; only the images in that pass fail."""
+
+    status = grpc.StatusCode.INTERNAL
+
+
+class EngineFailed(VisionError):
+    """The encoder can no longer run (a broken device context, a dead batching loop): the
+    process reports NOT_SERVING and exits so that its supervisor restarts it."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
 def grpc_status(error: Exception) -> grpc.StatusCode:
     """The gRPC status code for ``error`` (INTERNAL for anything unexpected)."""
     if isinstance(error, VisionError):

@@ -7,6 +7,7 @@ both run exactly the same code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
@@ -85,8 +86,6 @@ class VisionPipeline:
             max_tiles=max_tiles,
             use_thumbnail=self.spec.use_thumbnail,
             tile_size=self.spec.vision.image_size,
-            mean=self.spec.image_mean,
-            std=self.spec.image_std,
         )
 
     def _image_options(self, options: TilingOptions, max_tiles: int) -> TilingOptions:
@@ -135,23 +134,15 @@ class VisionPipeline:
 
     async def encode(self, call: EncodeCall) -> AsyncGenerator[EncodedImage, None]:
         """Encoded images in request order; raises ``VisionError`` types for bad requests."""
+        if self.engine.failure is not None:  # fail fast, before decoding anything
+            raise self.engine.failure
         options = self._tiling_options(call)
         vir_mode = self._vir_mode(call.vir_mode)
         images = await self._prepare(call, options)
-        # All images queue at once so they can share forward passes; results come in order.
-        tasks = [
-            asyncio.create_task(
-                self.engine.encode(image, call.request_id, vir_mode, call.vir_threshold)
-            )
-            for image in images
-        ]
-        try:
-            for task in tasks:
-                encoded = await task
+        stream = self.engine.encode_request(images, call.request_id, vir_mode, call.vir_threshold)
+        async with contextlib.aclosing(stream) as encoded_images:
+            async for encoded in encoded_images:
                 metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
                 metrics.images.inc()
                 metrics.visual_tokens.inc(encoded.num_visual_tokens)
                 yield encoded
-        finally:
-            for task in tasks:
-                task.cancel()

@@ -1,4 +1,4 @@
-"""Encoded image bytes -> normalised tiles, as InternVL prepares them (Pillow only).
+"""Encoded image bytes -> uint8 tiles, as InternVL cuts them (Pillow only).
 
 CPU-heavy (decode, resize): the service runs it in a thread pool, never on the event loop.
 """
@@ -32,13 +32,13 @@ class TilingOptions:
     max_tiles: int = 12
     use_thumbnail: bool = True
     tile_size: int = 448
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    tiles: torch.Tensor  # [num_tiles, 3, 448, 448] float32, normalised
+    # uint8 pixels, 4x smaller than float32: normalised on the encoder's device
+    # (vision_server.model.encoder.normalise_tiles).
+    tiles: torch.Tensor  # [num_tiles, 3, 448, 448] uint8
     grid: TileGrid
 
 
@@ -82,18 +82,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_tensor(
-    images: list[Image.Image], mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
+def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # [n, h, w, 3]
-    # Division (not multiplication by 1/255) rounds correctly, as torchvision's ToTensor does.
-    scaled = pixels.astype(np.float32) / np.float32(255)
-    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # [n, 3, h, w]
 
 
 def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
-    """Cut a decoded image into InternVL tiles (plus thumbnail) and normalise them."""
+    """Cut a decoded image into InternVL tiles (plus thumbnail), as uint8 pixels."""
     rgb = image.convert("RGB")
     grid = plan_tiles(
         rgb.width,
@@ -107,9 +102,9 @@ def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
     tiles = [resized.crop(box) for box in grid.tile_boxes()]
     if grid.thumbnail:
         tiles.append(rgb.resize((options.tile_size, options.tile_size), Image.Resampling.BICUBIC))
-    return PreparedImage(tiles=_to_tensor(tiles, options.mean, options.std), grid=grid)
+    return PreparedImage(tiles=_to_tensor(tiles), grid=grid)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:
-    """Bytes -> validated, tiled, normalised image."""
+    """Bytes -> validated, tiled image (uint8 pixels; the encoder normalises them)."""
     return tile_image(decode_image(data, limits), options)

@@ -1,10 +1,14 @@
-"""The Visual Resolution Router's decision rule, per image (pure arithmetic).
+"""The Visual Resolution Router's decision rule, per request (pure arithmetic).
 
 A tile is compressed (256 -> 64 tokens) when its compress probability p0 is above the
-``relative_threshold`` quantile of p0 over the tiles of the same image **and** at least the
-``absolute_threshold``. Taking the quantile over one image makes the decision independent of
-whatever else shares the server's forward pass. (OpenGVLab's reference code takes it over all
-tiles of one chat sample; for single-image requests the two agree.)
+``relative_threshold`` quantile of p0 over **all tiles of all images of the request** and at
+least the ``absolute_threshold``, exactly as InternVL3.5-Flash's published ``generate_flash``
+decides over the tiles of one call. The request is the unit, so the decision never depends on
+what else shares the server's forward passes.
+
+Precision follows the published code too: the quantile is taken in float32, but both
+comparisons run in the dtype the router ran in (bfloat16 on a GPU), so p0, the cut-off and the
+absolute threshold are all rounded to that dtype before ``>`` and ``>=``.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ def route_tiles(
     relative_threshold: float,
     absolute_threshold: float,
 ) -> list[bool]:
-    """Which tiles of one image to compress. ``compress_prob``: ``[tiles]`` p0 values."""
+    """Which tiles of one request to compress.
+
+    ``compress_prob``: ``[tiles]`` p0 of every tile of the request, images in request order,
+    in the router's own dtype (not upcast: the comparisons happen in that dtype).
+    """
     count = int(compress_prob.shape[0])
     if mode is VirMode.OFF:
         return [False] * count
     if mode is VirMode.MAX:
         return [True] * count
-    p0 = compress_prob.to(torch.float32)
-    cutoff = torch.quantile(p0, relative_threshold)
+    p0 = compress_prob
+    cutoff = torch.quantile(p0.to(torch.float32), relative_threshold)  # 0-dim float32
+    # A 0-dim tensor and a Python float do not widen a dimensioned tensor's dtype: torch
+    # rounds the cut-off and the threshold to p0's dtype and compares there.
     return ((p0 > cutoff) & (p0 >= absolute_threshold)).tolist()

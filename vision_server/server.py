@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -25,6 +25,8 @@ from vision_server.settings import VisionSettings
 logger = logging.getLogger("vision_server")
 
 SHUTDOWN_GRACE_S = 10.0
+# Exit status after the engine failed for good: non-zero, so that an orchestrator restarts us.
+ENGINE_FAILED_EXIT_CODE = 1
 
 
 @dataclass
@@ -34,6 +36,18 @@ class RunningServer:
     engine: EncoderEngine
     health: health.aio.HealthServicer
     port: int
+    engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_engine_failure(self, cause: BaseException) -> None:
+        """On the event loop, once: NOT_SERVING at once (calls were already failed by the
+        engine), then ``serve`` stops the server and the process exits non-zero."""
+        logger.critical("vision engine failed (%r): reporting NOT_SERVING and exiting", cause)
+        for name in ("", SERVICE_NAME):
+            # set() only updates a dict and notifies watchers: it completes without waiting.
+            asyncio.get_running_loop().create_task(
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+        self.engine_failed.set()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Report NOT_SERVING, let in-flight calls finish (up to ``grace``), then stop."""
@@ -61,6 +75,7 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         max_batch_tiles=settings.max_batch_tiles,
         max_wait_ms=settings.max_wait_ms,
         max_queued_tiles=settings.max_queued_tiles,
+        max_queued_bytes=settings.max_queued_bytes,
     )
     engine.warmup()
     logger.info(
@@ -105,6 +120,8 @@ async def start_server(settings: VisionSettings) -> RunningServer:
     port = server.add_insecure_port(f"{host}:{settings.port}")
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
+    running = RunningServer(server, servicer, engine, health_servicer, port)
+    engine.set_fatal_handler(running.on_engine_failure)
     engine.start()
     await server.start()
     for name in ("", SERVICE_NAME):
@@ -115,19 +132,30 @@ async def start_server(settings: VisionSettings) -> RunningServer:
         port,
         settings.metrics_port,
     )
-    return RunningServer(server, servicer, engine, health_servicer, port)
+    return running
 
 
-async def serve(settings: VisionSettings) -> None:
+async def serve(settings: VisionSettings) -> int:
+    """Serve until SIGINT/SIGTERM (exit status 0) or until the engine fails for good (1)."""
     running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(running.engine_failed.wait())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    failed.cancel()
+    if running.engine_failed.is_set():
+        # Nothing in flight can succeed any more: no drain, just close the port and go.
+        await running.stop(grace=0.5)
+        logger.critical("vision service exiting after an engine failure")
+        return ENGINE_FAILED_EXIT_CODE
     logger.info("shutting down: draining in-flight requests (up to %.0f s)", SHUTDOWN_GRACE_S)
     await running.stop()
     logger.info("vision service stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(settings))
+    status = asyncio.run(serve(settings))
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

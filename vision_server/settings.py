@@ -35,6 +35,12 @@ class VisionSettings(CheckpointSettings):
     max_queued_tiles: int = Field(
         2048, ge=1, description="tiles waiting to be encoded before new requests are refused"
     )
+    max_queued_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="bytes of tiles (uint8 pixels) waiting to be encoded before new requests "
+        "are refused",
+    )
     max_images_per_request: int = Field(16, ge=1, description="images in one Encode call")
     max_tiles_limit: int = Field(
         40, ge=1, description="largest per-image max_tiles a request may ask for"

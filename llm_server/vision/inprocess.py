@@ -203,7 +203,7 @@ class InProcessImageEncoder:
         return results
 
     async def ready(self) -> bool:
-        return True
+        return self.pipeline.engine.failure is None
 
     async def close(self) -> None:
         await self.pipeline.engine.stop()

@@ -23,42 +23,45 @@ class TileEmbeddings:
 
     full: torch.Tensor  # [tiles, 256, llm_hidden]
     compressed: torch.Tensor | None = None  # [tiles, 64, llm_hidden] (Flash only)
-    # ViT features the router reads, kept until the whole image is encoded (Flash only).
-    features: torch.Tensor | None = None  # [tiles, 1024, vit_width]
+    # The router's p0 per tile, in the compute dtype (Flash only); the decision itself needs
+    # every tile of the request and is taken later (vision_server.routing).
+    compress_prob: torch.Tensor | None = None  # [tiles]
 
-    def split(self, sizes: list[int]) -> list[TileEmbeddings]:
-        """One ``TileEmbeddings`` per consecutive group of ``sizes`` tiles."""
-        full = self.full.split(sizes)
-        compressed = self.compressed.split(sizes) if self.compressed is not None else None
-        features = self.features.split(sizes) if self.features is not None else None
-        return [
-            TileEmbeddings(
-                full[i],
-                compressed[i] if compressed is not None else None,
-                features[i] if features is not None else None,
-            )
-            for i in range(len(sizes))
-        ]
 
-    @staticmethod
-    def concat(parts: list[TileEmbeddings]) -> TileEmbeddings:
-        if len(parts) == 1:
-            return parts[0]
-        compressed = [p.compressed for p in parts if p.compressed is not None]
-        features = [p.features for p in parts if p.features is not None]
-        return TileEmbeddings(
-            torch.cat([p.full for p in parts]),
-            torch.cat(compressed) if compressed else None,
-            torch.cat(features) if features else None,
-        )
+class TileNormaliser:
+    """uint8 pixels -> normalised tiles: ``[n, 3, H, W]`` uint8 -> ``[n, 3, H, W]`` ``dtype``.
+
+    In float32, in the order transformers' image processor uses (``/ 255``, ``- mean``,
+    ``/ std``: each op correctly rounded, no reciprocal multiplications), so the result is
+    bit-identical to it; then rounded once to the compute dtype. It runs on the encoder's
+    device, which is why tiles travel as uint8 (4x fewer bytes to copy in). The constants are
+    put on the device once: making them per pass would be a synchronous host-to-device copy.
+    """
+
+    def __init__(
+        self,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        device: torch.device | str,
+    ) -> None:
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
+        # A tensor, not a Python number: CUDA turns division by a host scalar into a
+        # multiplication by its reciprocal, which is not bit-identical.
+        self.full_scale = torch.tensor(255.0, dtype=torch.float32, device=device)
+
+    def __call__(self, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        scaled = tiles.to(torch.float32) / self.full_scale
+        return ((scaled - self.mean) / self.std).to(dtype)
 
 
 class VisionEncoder(nn.Module):
     """Normalised tiles in, LLM-width visual embeddings out.
 
     ``forward``: ``[tiles, 3, 448, 448]`` -> ``TileEmbeddings``: 256 tokens per tile through
-    ``mlp1`` and, on Flash checkpoints, 64 tokens per tile through ``mlp2`` plus the ViT
-    features that ``compress_prob`` (the router) reads once the image is complete. Parameter
+    ``mlp1`` and, on Flash checkpoints, 64 tokens per tile through ``mlp2`` plus the router's
+    p0 per tile (both paths are cheap next to the ViT, about 1% of its FLOPs). Parameter
     names follow OpenGVLab's checkpoints (``vision_model.*``, ``mlp1.*``, ``mlp2.*``,
     ``pooling_before_gating.*``, ``gating.*``).
     """
@@ -94,11 +97,11 @@ class VisionEncoder(nn.Module):
         if not self.has_router:
             return TileEmbeddings(full)
         compressed = self._project(grid, ratio * ratio, self.mlp2)  # [n, 64, llm_hidden]
-        return TileEmbeddings(full, compressed, features)
+        return TileEmbeddings(full, compressed, self.compress_prob(features))
 
     def compress_prob(self, features: torch.Tensor) -> torch.Tensor:
-        """Router p0 per tile: ``[tiles, 1024, vit_width] -> [tiles]``. Run on one image's
-        tiles at a time, so the decision never depends on what shared the ViT's batch."""
+        """Router p0 per tile: ``[tiles, 1024, vit_width] -> [tiles]``. Each tile's p0 reads
+        only that tile's features, so it does not depend on what else shares the pass."""
         return self.gating(self.pooling_before_gating(features))[:, 0]
 
     @classmethod

@@ -1,0 +1,520 @@
+"""`dvd-bench-vision`: the vision service's throughput, raw and served, on CPU or CUDA.
+
+    dvd-bench-vision --preset vision-300m --concurrency 1 16 64 --vir off auto
+    dvd-bench-vision --model /models/InternVL3_5-1B-Flash --output vision.json
+
+**Raw**: the encoder alone, as the service runs it (uint8 tiles already on the device,
+normalisation, InternViT, pixel shuffle, projectors, and on Flash checkpoints the router):
+tiles/s for each batch size.
+
+**Served**: a real ``dvd-vision-server`` process, fed by concurrent Encode calls from this
+process through the language service's own gRPC client, with synthetic images of the chosen
+size (text-like on the left, flat on the right, so the router has something to decide):
+tiles/s, latency percentiles, and the ratio to raw at the server's batch size.
+
+Without ``--model`` the checkpoint is one of ``dvd-tiny-model``'s presets (random weights,
+real geometry; written once under ``--cache-dir``). JSON goes to ``--output``; a table is
+printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
+from checkpoints.tiny import PRESETS, write_tiny_checkpoint
+from llm_server.vision.base import EncodeOptions, ImageInput
+from llm_server.vision.grpc_client import GrpcImageEncoder
+from protos.options import VirMode
+from vision_server.engine import compute_dtype_for_device, resolve_device
+from vision_server.model.encoder import TileNormaliser, VisionEncoder
+from vision_server.tiling import plan_tiles
+
+DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
+
+
+# ---- the checkpoint -------------------------------------------------------------------------
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--model``, or the preset's checkpoint (written on first use)."""
+    if args.model:
+        return Path(args.model)
+    name = f"{args.preset}{'-flash' if args.flash else ''}"
+    path = Path(args.cache_dir).expanduser() / name
+    if not (path / "config.json").exists():
+        print(f"writing the {name} checkpoint to {path} (once)", file=sys.stderr, flush=True)
+        write_tiny_checkpoint(path, seed=0, layout="original", flash=args.flash, preset=args.preset)
+    return path
+
+
+# ---- raw ------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RawEncoder:
+    """The encoder alone, loaded once, timed on random uint8 tiles already on the device."""
+
+    def __init__(self, spec: CheckpointSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
+        self.normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
+        self.device, self.dtype = device, dtype
+        self.tile_size = spec.vision.image_size
+
+    def measure(self, batch: int, min_seconds: float, min_iters: int) -> dict[str, Any]:
+        """tiles/s at one batch size."""
+        generator = torch.Generator().manual_seed(batch)
+        size = self.tile_size
+        tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
+        tiles = tiles.to(torch.uint8).to(self.device)
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up: kernels, allocator, lazy initialisation
+                self.encoder(self.normalise(tiles, self.dtype))
+            _synchronize(self.device)
+            iterations, started = 0, time.perf_counter()
+            while iterations < min_iters or time.perf_counter() - started < min_seconds:
+                self.encoder(self.normalise(tiles, self.dtype))
+                iterations += 1
+                if iterations % 4 == 0:
+                    _synchronize(self.device)  # a short queue, so the clock means something
+            _synchronize(self.device)
+            seconds = time.perf_counter() - started
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # leave the device's memory to the server
+        return {
+            "batch_tiles": batch,
+            "iterations": iterations,
+            "ms_per_pass": 1000 * seconds / iterations,
+            "tiles_per_s": batch * iterations / seconds,
+        }
+
+
+# ---- served ---------------------------------------------------------------------------------
+
+
+def synthetic_image(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
+    """Text-like dark marks on white on the left half, one flat colour on the right."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), 235, dtype=np.uint8)
+    half = width // 2
+    for top in range(8, height - 16, 20):  # lines of "words": short dark runs
+        left = 8
+        while left < half - 24:
+            word = int(rng.integers(12, 48))
+            pixels[top : top + 12, left : min(left + word, half - 8)] = rng.integers(0, 60)
+            left += word + int(rng.integers(6, 14))
+    pixels[:, half:] = (90, 140, 200)
+    buffer = io.BytesIO()
+    options = {"quality": 90} if fmt.lower() == "jpeg" else {}
+    Image.fromarray(pixels).save(buffer, fmt.upper(), **options)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serving(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def vision_server(
+    model: Path, server_args: list[str], log_path: Path, start_timeout: float
+) -> Iterator[str]:
+    """A ``dvd-vision-server`` process on a free port; yields its target."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vision_server.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *server_args,
+    ]
+    target = f"127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while not _serving(target):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"vision server exited ({process.returncode}); see {log_path}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vision server not serving after {start_timeout:.0f} s")
+                time.sleep(0.5)
+            yield target
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def measure_served(
+    target: str,
+    hidden_size: int,
+    image: bytes,
+    vir: VirMode,
+    concurrency: int,
+    requests: int,
+) -> dict[str, Any]:
+    """``requests`` Encode calls, ``concurrency`` at a time, after one warm-up round."""
+    client = GrpcImageEncoder(target, timeout_s=900, expected_hidden_size=hidden_size)
+    options = EncodeOptions(vir=vir)
+    latencies: list[float] = []
+    tiles: list[int] = []
+    tokens: list[int] = []
+    remaining = requests
+
+    async def one(record: bool) -> None:
+        started = time.perf_counter()
+        (encoded,) = await client.encode([ImageInput(image)], options, "bench-vision")
+        if record:
+            latencies.append(time.perf_counter() - started)
+            tiles.append(len(encoded.tokens_per_tile))
+            tokens.append(encoded.num_visual_tokens)
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await one(record=True)
+
+    try:
+        await asyncio.gather(*(one(record=False) for _ in range(concurrency)))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    finally:
+        await client.close()
+    return {
+        "vir": vir.value,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": wall,
+        "tiles_per_s": sum(tiles) / wall,
+        "images_per_s": len(latencies) / wall,
+        "tiles_per_image": statistics.mean(tiles),
+        "visual_tokens_per_image": statistics.mean(tokens),
+        "latency_ms": {
+            "mean": 1000 * statistics.mean(latencies),
+            "p50": 1000 * percentile(latencies, 0.5),
+            "p90": 1000 * percentile(latencies, 0.9),
+            "p99": 1000 * percentile(latencies, 0.99),
+        },
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
+    return next((r["tiles_per_s"] for r in raw if r["batch_tiles"] == batch), None)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"device: {report['device']} ({report['dtype']}), checkpoint: {report['checkpoint']}"
+        + (
+            f", median of {report['settings']['rounds']} rounds"
+            if report["settings"]["rounds"] > 1
+            else ""
+        ),
+        "",
+        "| raw batch (tiles) | ms per pass | tiles/s |",
+        "|---|---|---|",
+    ]
+    for r in report["raw"]:
+        lines.append(f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} |")
+    served = report["served"]
+    if served:
+        settings = report["settings"]
+        lines += [
+            "",
+            f"served: {settings['image_size']} {settings['image_format']} images, "
+            f"--max-batch-tiles {settings['max_batch_tiles']}; ratio to raw at that batch, "
+            "and to the best raw batch up to it",
+            "",
+            "| vir | concurrency | requests | tiles/s | x raw | x best raw | p50 ms | p90 ms | "
+            "p99 ms | tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in served:
+            ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
+            best = f"{s['ratio_to_best_raw']:.2f}" if s.get("ratio_to_best_raw") else "-"
+            latency = s["latency_ms"]
+            lines.append(
+                f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
+                f"| {ratio} | {best} | {latency['p50']:.0f} | {latency['p90']:.0f} "
+                f"| {latency['p99']:.0f} | {s['visual_tokens_per_image']:.0f} |"
+            )
+        alone = report.get("alone")
+        if alone:
+            lines += [
+                "",
+                f"one {alone['tiles']}-tile image alone (vir={alone['vir']}, c=1): p50 "
+                f"{alone['p50_ms']:.1f} ms; 2 x raw forward of {alone['tiles']} tiles + 10 ms = "
+                f"{alone['budget_ms']:.1f} ms",
+            ]
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvd-bench-vision", description=(__doc__ or "").splitlines()[0]
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint folder (default: a preset)")
+    source.add_argument(
+        "--preset", choices=sorted(PRESETS), default="bench", help="dvd-tiny-model preset"
+    )
+    parser.add_argument(
+        "--flash",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="preset with the Visual Resolution Router (default: yes)",
+    )
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where presets are written")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="timing per batch size")
+    parser.add_argument("--raw-min-iters", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--vir", nargs="+", default=["off", "auto"], choices=[m.value for m in VirMode]
+    )
+    parser.add_argument("--requests", type=int, default=0, help="per level (0: 4 x concurrency)")
+    parser.add_argument("--image-size", default="896x896", help="WIDTHxHEIGHT")
+    parser.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"])
+    parser.add_argument("--max-batch-tiles", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=min(16, os.cpu_count() or 4),
+        help="the server's decode and tiling threads (default: one per core, at most 16)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of the raw encoder and of the server (0: torch's default)",
+    )
+    parser.add_argument(
+        "--server-args", default="", help="more dvd-vision-server flags, as one string"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat raw + served this many times and report the median round of each figure "
+        "(for shared machines)",
+    )
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw measurement")
+    parser.add_argument("--no-served", action="store_true", help="skip the served measurement")
+    parser.add_argument("--output", type=Path, help="write the JSON report here")
+    return parser
+
+
+def median_of_rounds(rounds: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
+    """Per entry (same position in every round), the round with the median ``key``."""
+    merged = []
+    for entries in zip(*rounds, strict=True):
+        ordered = sorted(entries, key=lambda entry: entry[key])
+        merged.append(dict(ordered[(len(ordered) - 1) // 2], rounds=len(entries)))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    path = checkpoint_path(args)
+    spec = load_checkpoint_spec(path)
+    device = resolve_device(args.device)
+    dtype = compute_dtype_for_device(args.dtype, device)
+    width, height = parse_size(args.image_size)
+    grid = plan_tiles(width, height, min_tiles=spec.min_tiles, max_tiles=spec.max_tiles)
+    tiles_per_image = grid.num_tiles
+    batch_sizes = sorted({*args.batch_sizes, args.max_batch_tiles, tiles_per_image})
+
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["dvd-bench-vision", *(sys.argv[1:] if argv is None else argv)]),
+        "checkpoint": args.model or f"preset {args.preset}{' (Flash)' if args.flash else ''}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()[0],
+        },
+        "settings": {
+            "max_batch_tiles": args.max_batch_tiles,
+            "max_wait_ms": args.max_wait_ms,
+            "preprocess_workers": args.preprocess_workers,
+            "image_size": f"{width}x{height}",
+            "image_format": args.image_format,
+            "tiles_per_image": tiles_per_image,
+            "rounds": args.rounds,
+            "torch_threads": args.torch_threads or torch.get_num_threads(),
+        },
+        "raw": [],
+        "served": [],
+    }
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    raw = None if args.no_raw else RawEncoder(spec, device, dtype)
+    modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
+    image = synthetic_image(width, height, args.image_format)
+    server_args = [
+        "--device",
+        str(device),
+        "--dtype",
+        args.dtype,
+        "--max-batch-tiles",
+        str(args.max_batch_tiles),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--preprocess-workers",
+        str(args.preprocess_workers),
+        "--max-queued-tiles",
+        "1000000",
+        "--torch-threads",
+        str(args.torch_threads),
+        *shlex.split(args.server_args),
+    ]
+    raw_rounds: list[list[dict[str, Any]]] = []
+    served_rounds: list[list[dict[str, Any]]] = []
+
+    def one_round(target: str | None) -> None:
+        """Raw, then served, back to back: on a shared machine both see the same load."""
+        if raw is not None:
+            raw_rounds.append([])
+            for batch in batch_sizes:
+                raw_rounds[-1].append(raw.measure(batch, args.raw_seconds, args.raw_min_iters))
+                rate = raw_rounds[-1][-1]["tiles_per_s"]
+                print(f"raw batch {batch}: {rate:.1f} tiles/s", file=sys.stderr, flush=True)
+        if target is None:
+            return
+        reference = raw_rate(raw_rounds[-1], args.max_batch_tiles) if raw_rounds else None
+        # The encoder's best rate at any batch the server may run (on a CPU, smaller batches
+        # can be faster per tile than the cap).
+        best = (
+            max(
+                (
+                    r["tiles_per_s"]
+                    for r in raw_rounds[-1]
+                    if r["batch_tiles"] <= args.max_batch_tiles
+                ),
+                default=None,
+            )
+            if raw_rounds
+            else None
+        )
+        served_rounds.append([])
+        for mode in modes:
+            for concurrency in args.concurrency:
+                requests = args.requests or max(8, 4 * concurrency)
+                level = asyncio.run(
+                    measure_served(target, spec.llm_hidden_size, image, mode, concurrency, requests)
+                )
+                level["ratio_to_raw"] = level["tiles_per_s"] / reference if reference else None
+                level["ratio_to_best_raw"] = level["tiles_per_s"] / best if best else None
+                served_rounds[-1].append(level)
+                print(
+                    f"served vir={mode.value} c={concurrency}: {level['tiles_per_s']:.1f} tiles/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    if args.no_served:
+        for _ in range(args.rounds):
+            one_round(None)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            log = Path(scratch) / "vision-server.log"
+            with vision_server(path, server_args, log, args.start_timeout) as target:
+                for _ in range(args.rounds):
+                    one_round(target)
+    if raw_rounds:
+        report["raw"] = median_of_rounds(raw_rounds, "tiles_per_s")
+    if served_rounds:
+        report["served"] = median_of_rounds(served_rounds, "ratio_to_raw" if raw else "tiles_per_s")
+    if args.rounds > 1:
+        report["rounds"] = {"raw": raw_rounds, "served": served_rounds}
+    alone = next((s for s in report["served"] if s["concurrency"] == 1), None)
+    forward = next((r for r in report["raw"] if r["batch_tiles"] == tiles_per_image), None)
+    if alone and forward:
+        report["alone"] = {
+            "vir": alone["vir"],
+            "tiles": tiles_per_image,
+            "p50_ms": alone["latency_ms"]["p50"],
+            "raw_forward_ms": forward["ms_per_pass"],
+            "budget_ms": 2 * forward["ms_per_pass"] + 10,
+        }
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`dvd-bench-vision` on the CPU: raw and served figures for the tiny Flash checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO_ROOT
+
+
+def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path):
+    output = tmp_path / "vision.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.vision",
+        "--model",
+        str(tiny_flash_models["hf"]),
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--raw-seconds",
+        "0",
+        "--max-batch-tiles",
+        "4",
+        "--concurrency",
+        "1",
+        "3",
+        "--vir",
+        "off",
+        "auto",
+        "max",
+        "--requests",
+        "3",
+        "--rounds",
+        "2",
+        "--image-size",
+        "700x300",
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+
+    # 700x300 is a 5x2 grid plus its thumbnail: 11 tiles; raw covers 1, the batch cap and 11.
+    assert report["settings"]["tiles_per_image"] == 11
+    assert [r["batch_tiles"] for r in report["raw"]] == [1, 4, 11]
+    assert all(r["tiles_per_s"] > 0 and r["iterations"] >= 2 for r in report["raw"])
+
+    served = {(s["vir"], s["concurrency"]): s for s in report["served"]}
+    assert set(served) == {(v, c) for v in ("off", "auto", "max") for c in (1, 3)}
+    for level in served.values():
+        assert level["requests"] == 3
+        assert level["tiles_per_image"] == 11
+        assert level["tiles_per_s"] > 0 and level["ratio_to_raw"] > 0
+        assert 0 < level["ratio_to_best_raw"] <= level["ratio_to_raw"]
+        latency = level["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    # The router's modes show in the rows sent: 256 per tile, 64 per tile, in between.
+    assert served[("off", 1)]["visual_tokens_per_image"] == 11 * 256
+    assert served[("max", 1)]["visual_tokens_per_image"] == 11 * 64
+    assert 11 * 64 < served[("auto", 1)]["visual_tokens_per_image"] < 11 * 256
+    assert report["alone"]["tiles"] == 11
+    # Two rounds, each with every figure; the report keeps the median round of each.
+    assert len(report["rounds"]["raw"]) == len(report["rounds"]["served"]) == 2
+    assert all(level["rounds"] == 2 for level in report["served"])
+
+    table = done.stdout
+    assert "| raw batch (tiles) | ms per pass | tiles/s |" in table
+    assert "| auto | 3 | 3 |" in table
+    assert "one 11-tile image alone" in table

@@ -1,0 +1,175 @@
+"""The vision engine on a CUDA device: bf16 against transformers in bf16, the asynchronous data
+path (pinned buffers, side streams, uint8 tiles normalised on the device), and routing under
+batching. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import encode_image, noise_image
+
+from protos.options import VirMode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SIZES = [(448, 448), (700, 300), (896, 896), (333, 777)]
+
+
+def relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.float().cpu(), expected.float().cpu()
+    return float((got - expected).norm() / expected.norm())
+
+
+def gpu_pipeline(model: Path, **overrides):
+    from vision_server.server import build_pipeline
+    from vision_server.settings import VisionSettings
+
+    settings = VisionSettings(model=str(model), device="cuda", **overrides)  # type: ignore[call-arg]
+    pipeline, _ = build_pipeline(settings)
+    assert pipeline.engine.dtype == torch.bfloat16
+    return pipeline
+
+
+def encode_all(pipeline, requests: list[list[bytes]], vir: VirMode = VirMode.AUTO):
+    """Run ``requests`` concurrently through the pipeline (a fresh event loop)."""
+    from vision_server.batching import TileBatcher
+    from vision_server.pipeline import EncodeCall, ImagePayload
+
+    engine = pipeline.engine
+    engine.batcher = TileBatcher(
+        engine.run_pass,
+        max_batch_tiles=pipeline.settings.max_batch_tiles,
+        max_wait_ms=20,
+        max_queued_tiles=4096,
+        max_queued_bytes=1 << 32,
+    )
+
+    async def one(images: list[bytes]):
+        call = EncodeCall([ImagePayload(data) for data in images], vir_mode=vir)
+        return [encoded async for encoded in pipeline.encode(call)]
+
+    async def run():
+        engine.start()
+        try:
+            return await asyncio.gather(*(one(images) for images in requests))
+        finally:
+            await engine.batcher.stop()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("size", SIZES, ids=str)
+def test_bf16_embeddings_match_transformers_in_bf16(tiny_models, size):
+    from transformers import InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    path = tiny_models["hf"]
+    image = noise_image(*size, seed=size[0] * 3 + size[1])
+    processor = GotOcr2ImageProcessorPil.from_pretrained(str(path))
+    pixel_values = processor(image, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+    reference = InternVLForConditionalGeneration.from_pretrained(str(path), dtype=torch.bfloat16)
+    reference = reference.to("cuda").eval()
+    with torch.no_grad():
+        expected = reference.model.get_image_features(
+            pixel_values=pixel_values.to("cuda", torch.bfloat16)
+        ).pooler_output
+    expected = expected.reshape(-1, expected.shape[-1])  # [tiles * 256, hidden]
+
+    pipeline = gpu_pipeline(path)
+    try:
+        ((encoded,),) = encode_all(pipeline, [[encode_image(image)]])
+    finally:
+        pipeline.close()
+    assert encoded.embeddings.dtype == torch.bfloat16
+    assert encoded.embeddings.device.type == "cpu"
+    assert encoded.embeddings.shape == expected.shape
+    assert relative_l2(encoded.embeddings, expected) <= 2e-2
+    assert expected.float().std() > 0.1
+
+
+def test_async_data_path_equals_a_plain_forward(tiny_flash_models):
+    """Pinned staging, the copy-in/compute/copy-out streams and the row selection give what a
+    plain synchronous forward of the same tiles gives, bit for bit."""
+    from vision_server.batching import PassSlice
+    from vision_server.engine import RowSelection
+    from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
+
+    pipeline = gpu_pipeline(tiny_flash_models["hf"])
+    engine = pipeline.engine
+    images = [
+        prepare_image(encode_image(noise_image(w, h, seed=i)), ImageLimits(), TilingOptions())
+        for i, (w, h) in enumerate(SIZES)
+    ]
+    wants = [RowSelection.FULL, RowSelection.COMPRESSED, RowSelection.ROUTED, RowSelection.FULL]
+    slices = [PassSlice(image.tiles, want) for image, want in zip(images, wants, strict=True)]
+    try:
+        # Two passes launched back to back (the second is copied in while the first runs).
+        first = engine.run_pass(slices)
+        second = engine.run_pass(slices[::-1])
+        outputs, reversed_outputs = first.wait(), second.wait()
+        with torch.inference_mode():
+            tiles = torch.cat([image.tiles for image in images]).to("cuda")
+            plain = engine.encoder(engine._normalise(tiles, torch.bfloat16))
+        torch.cuda.synchronize()
+    finally:
+        pipeline.close()
+    start = 0
+    for image, want, out in zip(images, wants, outputs, strict=True):
+        end = start + image.grid.num_tiles
+        if want is RowSelection.FULL:
+            assert out.rows is not None and out.rows.is_pinned()
+            assert torch.equal(out.rows, plain.full[start:end].cpu())
+        elif want is RowSelection.COMPRESSED:
+            assert out.rows is not None
+            assert torch.equal(out.rows, plain.compressed[start:end].cpu())
+        else:
+            assert out.compress_prob is not None and out.compress_prob.dtype == torch.bfloat16
+            assert torch.equal(out.compress_prob, plain.compress_prob[start:end].cpu())
+            assert out.full is not None and out.full.device.type == "cuda"
+        start = end
+    for out, back in zip(outputs, reversed_outputs[::-1], strict=True):
+        if out.rows is not None:
+            assert back.rows is not None and back.rows.shape == out.rows.shape
+
+
+def test_concurrent_requests_get_their_own_rows(tiny_flash_models):
+    """Many requests at once through the asynchronous path: every image's rows are its own
+    (batching may change bf16 rounding, never which rows an image gets)."""
+    pipeline = gpu_pipeline(tiny_flash_models["hf"], max_batch_tiles=16)
+    payloads = [encode_image(noise_image(300 + 97 * i, 200 + 61 * i, seed=i)) for i in range(12)]
+    try:
+        alone = [encode_all(pipeline, [[p]], VirMode.OFF)[0][0] for p in payloads]
+        together = encode_all(pipeline, [[p] for p in payloads] * 3, VirMode.OFF)
+    finally:
+        pipeline.close()
+    for index, (encoded,) in enumerate(together):
+        solo = alone[index % len(payloads)]
+        assert encoded.embeddings.shape == solo.embeddings.shape
+        assert relative_l2(encoded.embeddings, solo.embeddings) <= 1e-2
+
+
+def test_routing_decisions_are_stable_under_batching(tiny_flash_models):
+    pipeline = gpu_pipeline(tiny_flash_models["hf"], max_batch_tiles=32)
+    probes = [
+        [encode_image(noise_image(1344, 448, seed=71))],
+        [encode_image(noise_image(900, 600, seed=72)), encode_image(noise_image(448, 448, 73))],
+    ]
+    others = [[encode_image(noise_image(448 * (1 + i % 3), 448, seed=400 + i))] for i in range(10)]
+    try:
+        alone = [encode_all(pipeline, [probe])[0] for probe in probes]
+        busy = encode_all(pipeline, [*others[:5], probes[0], *others[5:], probes[1]])
+    finally:
+        pipeline.close()
+    busy_probes = [busy[5], busy[-1]]
+    for solo, shared in zip(alone, busy_probes, strict=True):
+        assert [e.tokens_per_tile for e in solo] == [e.tokens_per_tile for e in shared]
+    decisions = [t for request in alone for e in request for t in e.tokens_per_tile]
+    assert 64 in decisions and 256 in decisions  # the router really decided something
