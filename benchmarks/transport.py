@@ -1,10 +1,16 @@
-"""Embedding transport benchmark: the Encode stream's bytes/s on loopback vs a memory copy.
+"""Embedding transport benchmark: how fast embeddings move from the vision service to the
+language service, by transport (gRPC stream, same-host shared memory), size and concurrency.
 
-    python -m benchmarks.transport [--sizes-mb 1.7 6.8 27] [--chunk-mb 2] [--repeat 20]
+    python -m benchmarks.transport [--sizes-mb 0.5 1.7 6.8 27.3] [--streams 1 16]
+        [--clients 1] [--servers 1] [--channels 1] [--transports grpc shared-memory]
 
-A stand-in vision server (its own process) streams a pre-computed embedding tensor with the
-vision service's registration and chunk encoding; the language service's ``GrpcImageEncoder``
-receives and reassembles it. No model runs, so the numbers are the transport's alone.
+Stand-in vision servers (their own processes) answer every Encode call with a pre-computed
+embedding tensor of the size asked for, through the vision service's own delivery code
+(``vision_server.service.image_messages``); client processes receive them with the language
+service's ``GrpcImageEncoder``. No model runs, so the numbers are the transport's alone.
+
+Per configuration it reports the aggregate GB/s over all concurrent calls, the GB/s of one
+call, the latency of a call (p50/p99), and a plain memory copy of the same size for scale.
 """
 
 from __future__ import annotations
@@ -23,58 +29,72 @@ import torch
 
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
-from protos import codec
+from protos import shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
-from vision_server.service import add_vision_service
+from vision_server.delivery import SharedMemoryDelivery
+from vision_server.service import add_vision_service, image_messages
 
 HIDDEN = 1024  # InternVL3.5-1B's LLM width; sizes are set in MB, the row count follows
+ROW_BYTES = HIDDEN * 2  # bfloat16
 
 
-class _StreamingServicer(vision_pb2_grpc.VisionServiceServicer):
-    """Answers every Encode call with one image of the size asked for (in KiB, via max_tiles)."""
+def rows_for(size_bytes: int) -> int:
+    return max(1, size_bytes // ROW_BYTES)
 
-    def __init__(self, chunk_bytes: int) -> None:
+
+class _StandInServicer(vision_pb2_grpc.VisionServiceServicer):
+    """Answers every Encode call with one image of the byte size written in its data."""
+
+    def __init__(self, chunk_bytes: int, max_rows: int) -> None:
         self.chunk_bytes = chunk_bytes
+        self.max_rows = max_rows
+        self.writer = shm.SegmentWriter() if shm.available() else None
         self.tensors: dict[int, torch.Tensor] = {}
 
-    def tensor(self, num_bytes: int) -> torch.Tensor:
-        if num_bytes not in self.tensors:
-            rows = max(1, num_bytes // (HIDDEN * 2))
-            self.tensors[num_bytes] = torch.randn(rows, HIDDEN).to(torch.bfloat16)
-        return self.tensors[num_bytes]
+    def tensor(self, rows: int) -> torch.Tensor:
+        if rows not in self.tensors:
+            self.tensors[rows] = torch.randn(rows, HIDDEN).to(torch.bfloat16)
+        return self.tensors[rows]
 
     async def Encode(  # noqa: N802
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
-        tensor = self.tensor(request.options.max_tiles * 1024)
+        tensor = self.tensor(rows_for(int(request.images[0].data)))
         rows = int(tensor.shape[0])
-        yield vision_pb2.EncodeResponse(
+        header = vision_pb2.EncodeResponse(
             header=vision_pb2.ImageHeader(
                 image_index=0,
                 num_tiles=1,
                 tokens_per_tile=[rows],
                 num_visual_tokens=rows,
                 hidden_size=HIDDEN,
-                dtype=codec.wire_dtype(tensor.dtype),
-                num_bytes=tensor.numel() * 2,
+                dtype=vision_pb2.DTYPE_BFLOAT16,
+                num_bytes=rows * ROW_BYTES,
                 full_tokens_per_tile=rows,
             )
         )
-        for message in codec.encode_chunk_messages(tensor, 0, self.chunk_bytes):
+        delivery = SharedMemoryDelivery.open(self.writer, request, request.request_id)
+        async for message in image_messages(header, tensor, delivery, self.chunk_bytes):
             yield message
 
     async def GetModelInfo(  # noqa: N802
         self, request: vision_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> vision_pb2.ModelInfo:
         return vision_pb2.ModelInfo(
-            model_id="transport-stand-in", hidden_size=HIDDEN, dtype=vision_pb2.DTYPE_BFLOAT16
+            model_id="transport-stand-in",
+            hidden_size=HIDDEN,
+            dtype=vision_pb2.DTYPE_BFLOAT16,
+            tokens_per_tile=self.max_rows,  # one "tile" per call, as large as the largest size
+            default_max_tiles=1,
+            use_thumbnail=False,
         )
 
 
-def _serve(port: int, chunk_bytes: int, ready: Any) -> None:
+def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any) -> None:
     async def run() -> None:
         server = grpc.aio.server()
-        add_vision_service(_StreamingServicer(chunk_bytes), server)  # type: ignore[arg-type]
+        servicer = _StandInServicer(chunk_bytes, max_rows)
+        add_vision_service(servicer, server)  # type: ignore[arg-type]
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         ready.set()
@@ -83,23 +103,46 @@ def _serve(port: int, chunk_bytes: int, ready: Any) -> None:
     asyncio.run(run())
 
 
-async def _measure(port: int, size_bytes: int, repeat: int) -> list[float]:
-    encoder = GrpcImageEncoder(f"127.0.0.1:{port}", timeout_s=60, expected_hidden_size=HIDDEN)
-    options = EncodeOptions(max_tiles=size_bytes // 1024)
-    rates = []
+async def _client(
+    target: str, size_bytes: int, streams: int, calls: int, channels: int, transport: str
+) -> dict[str, Any]:
+    """``streams`` concurrent callers, ``calls`` calls each; per-call seconds and wall time."""
+    encoder = GrpcImageEncoder(
+        target,
+        timeout_s=120,
+        expected_hidden_size=HIDDEN,
+        channels=channels,
+        transport=transport,  # type: ignore[arg-type]
+        shared_memory_bytes=max(64 << 20, streams * (rows_for(size_bytes) * ROW_BYTES + (1 << 20))),
+    )
+    image = [ImageInput(str(size_bytes).encode())]
+    options = EncodeOptions()
     try:
-        for attempt in range(repeat + 2):
-            started = time.perf_counter()
-            (image,) = await encoder.encode([ImageInput(b"")], options, "transport-bench")
-            elapsed = time.perf_counter() - started
-            if attempt >= 2:  # the first calls set up the connection and the tensor
-                rates.append(image.embeddings.numel() * 2 / elapsed)
+        for _ in range(2):  # connect, check the model, warm the tensors
+            await encoder.encode(image, options, "warm-up")
+        latencies: list[float] = []
+
+        async def caller() -> None:
+            for _ in range(calls):
+                started = time.perf_counter()
+                (result,) = await encoder.encode(image, options, "transport-bench")
+                latencies.append(time.perf_counter() - started)
+                assert result.embeddings.numel() == rows_for(size_bytes) * HIDDEN
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(streams)))
+        wall = time.perf_counter() - started
     finally:
         await encoder.close()
-    return rates
+    return {"latencies": latencies, "wall": wall, "started": started}
 
 
-def memcpy_rate(size_bytes: int, repeat: int) -> float:
+def _client_process(args: tuple[Any, ...], barrier: Any, results: Any) -> None:
+    barrier.wait()
+    results.put(asyncio.run(_client(*args)))
+
+
+def memcpy_rate(size_bytes: int, repeat: int = 20) -> float:
     source = torch.empty(size_bytes, dtype=torch.uint8)
     target = torch.empty_like(source)
     rates = []
@@ -110,49 +153,128 @@ def memcpy_rate(size_bytes: int, repeat: int) -> float:
     return statistics.median(rates)
 
 
+def measure(
+    ports: list[int],
+    size_bytes: int,
+    *,
+    transport: str,
+    streams: int,
+    clients: int,
+    channels: int,
+    calls: int,
+) -> dict[str, Any]:
+    """One configuration: ``clients`` processes x ``streams`` concurrent calls each."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(clients)
+    queue = context.Queue()
+    processes = [
+        context.Process(
+            target=_client_process,
+            args=(
+                (
+                    f"127.0.0.1:{ports[i % len(ports)]}",
+                    size_bytes,
+                    streams,
+                    calls,
+                    channels,
+                    transport,
+                ),
+                barrier,
+                queue,
+            ),
+        )
+        for i in range(clients)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [queue.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join(30)
+    latencies = sorted(x for outcome in outcomes for x in outcome["latencies"])
+    payload = rows_for(size_bytes) * ROW_BYTES
+    wall = max(o["started"] + o["wall"] for o in outcomes) - min(o["started"] for o in outcomes)
+    return {
+        "transport": transport,
+        "size_mb": size_bytes / 2**20,
+        "streams": streams,
+        "clients": clients,
+        "servers": len(ports),
+        "channels": channels,
+        "calls": len(latencies),
+        "aggregate_gb_per_s": payload * len(latencies) / wall / 1e9,
+        "call_gb_per_s_p50": payload / statistics.median(latencies) / 1e9,
+        "call_ms_p50": statistics.median(latencies) * 1000,
+        "call_ms_p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "memcpy_gb_per_s": memcpy_rate(payload) / 1e9,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[0.5, 1.7, 6.8, 27.3])
+    parser.add_argument("--transports", nargs="+", default=["grpc", "shared-memory"])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--clients", type=int, default=1, help="client processes")
+    parser.add_argument("--servers", type=int, default=1, help="stand-in server processes")
+    parser.add_argument("--channels", type=int, default=1, help="gRPC channels per client")
+    parser.add_argument("--calls", type=int, default=20, help="calls per stream")
     parser.add_argument("--chunk-mb", type=float, default=2.0)
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--port", type=int, default=50199)
+    parser.add_argument("--port", type=int, default=50199, help="first stand-in server port")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
 
-    chunk_bytes = int(args.chunk_mb * 1024 * 1024)
+    if "shared-memory" in args.transports and not shm.available():
+        parser.error("shared memory (/dev/shm) is not available on this host")
+    max_rows = max(rows_for(int(mb * 2**20)) for mb in args.sizes_mb)
     context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    server = context.Process(target=_serve, args=(args.port, chunk_bytes, ready), daemon=True)
-    server.start()
-    try:
-        if not ready.wait(30):
+    ports = [args.port + i for i in range(args.servers)]
+    servers = []
+    for port in ports:
+        ready = context.Event()
+        server = context.Process(
+            target=_serve, args=(port, int(args.chunk_mb * 2**20), max_rows, ready), daemon=True
+        )
+        server.start()
+        servers.append(server)
+        if not ready.wait(60):
             raise RuntimeError("transport benchmark server did not start")
-        results = []
-        for size_mb in args.sizes_mb:
-            size = int(size_mb * 1024 * 1024)
-            rates = asyncio.run(_measure(args.port, size, args.repeat))
-            results.append(
-                {
-                    "size_mb": size_mb,
-                    "chunk_mb": args.chunk_mb,
-                    "grpc_gb_per_s": statistics.median(rates) / 1e9,
-                    "grpc_gb_per_s_p10": sorted(rates)[len(rates) // 10] / 1e9,
-                    "memcpy_gb_per_s": memcpy_rate(size, args.repeat) / 1e9,
-                }
-            )
+    results = []
+    try:
+        for transport in args.transports:
+            for size_mb in args.sizes_mb:
+                for streams in args.streams:
+                    results.append(
+                        measure(
+                            ports,
+                            int(size_mb * 2**20),
+                            transport=transport,
+                            streams=streams,
+                            clients=args.clients,
+                            channels=args.channels,
+                            calls=args.calls,
+                        )
+                    )
     finally:
-        server.terminate()
-        server.join(5)
+        for server in servers:
+            server.terminate()
+            server.join(5)
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print("| embeddings | chunk | gRPC stream GB/s (median) | p10 | memory copy GB/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"clients: {args.clients} process(es), servers: {args.servers}, "
+        f"channels per client: {args.channels}\n"
+    )
+    print(
+        "| transport | embeddings | concurrent calls | aggregate GB/s | one call GB/s (p50) "
+        "| call ms p50 | call ms p99 | memory copy GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['size_mb']:.1f} MB | {r['chunk_mb']:g} MiB | {r['grpc_gb_per_s']:.2f} | "
-            f"{r['grpc_gb_per_s_p10']:.2f} | {r['memcpy_gb_per_s']:.1f} | "
-            f"{r['grpc_gb_per_s'] / r['memcpy_gb_per_s']:.3f} |"
+            f"| {r['transport']} | {r['size_mb']:.1f} MB | {r['streams'] * r['clients']} | "
+            f"{r['aggregate_gb_per_s']:.2f} | {r['call_gb_per_s_p50']:.2f} | "
+            f"{r['call_ms_p50']:.2f} | {r['call_ms_p99']:.2f} | {r['memcpy_gb_per_s']:.1f} |"
         )
 
 

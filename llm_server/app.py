@@ -59,6 +59,9 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             settings.vision_target,
             timeout_s=settings.vision_timeout_s,
             expected_hidden_size=engine.hidden_size,
+            channels=settings.vision_channels,
+            transport=settings.embedding_transport,
+            shared_memory_bytes=settings.shared_memory_mb * 1024 * 1024,
         )
     images = ImageLoader(
         ImageFetchPolicy(

@@ -48,7 +48,14 @@ vision_transfer = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 embedding_bytes = Counter(
-    "dvd:image_embedding_bytes", "Embedding bytes received from the vision service."
+    "dvd:image_embedding_bytes",
+    "Embedding bytes received from the vision service, by transport (grpc: streamed; "
+    "shared_memory: written into this process's segment by a vision service on this host).",
+    ["transport"],
+)
+shared_memory_full = Counter(
+    "dvd:image_shared_memory_full",
+    "Encode calls that found no free shared memory for their embeddings (they were streamed).",
 )
 images = Counter("dvd:images", "Images in chat requests.")
 image_tokens = Counter("dvd:image_tokens", "Visual tokens placed in prompts.")

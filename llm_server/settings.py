@@ -51,6 +51,20 @@ class LLMSettings(CheckpointSettings):
     max_tiles: int | None = Field(
         None, ge=1, description="default max tiles per image (unset: the checkpoint's)"
     )
+    embedding_transport: Literal["auto", "grpc", "shared-memory"] = Field(
+        "auto",
+        description="how embeddings come back: auto (shared memory when the vision service is "
+        "on this host, else streamed), grpc (always streamed), shared-memory (required)",
+    )
+    shared_memory_mb: int = Field(
+        256,
+        ge=1,
+        description="shared memory (/dev/shm) reserved for embeddings from a vision service on "
+        "this host; calls that find it full stream instead",
+    )
+    vision_channels: int = Field(
+        1, ge=1, le=64, description="gRPC connections to each vision replica (for large transfers)"
+    )
 
     # ---- language engine (vLLM) ----
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

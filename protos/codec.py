@@ -58,11 +58,41 @@ def swap_bytes(flat: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(swapped).view(flat.dtype)
 
 
-def _as_little_endian_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(shape: tuple[int, ...], wire: int) -> int:
+    """Bytes of a tensor of ``shape`` and wire dtype ``wire``."""
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise CodecError(f"negative dimension in shape {shape}")
+        count *= dim
+    return count * torch.empty((), dtype=torch_dtype(wire)).element_size()
+
+
+def little_endian_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as the wire carries them: a flat ``uint8`` CPU tensor, row-major,
+    little-endian (a view, without a copy, when the tensor is already laid out so)."""
+    wire_dtype(tensor.dtype)
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if sys.byteorder != "little":
         flat = swap_bytes(flat)
-    return memoryview(flat.view(torch.uint8).numpy().data)
+    return flat.view(torch.uint8)
+
+
+def tensor_from_bytes(raw: torch.Tensor, shape: tuple[int, ...], wire: int) -> torch.Tensor:
+    """A new tensor of ``shape`` and wire dtype ``wire`` from ``raw``, a flat ``uint8`` tensor
+    of exactly its bytes in the wire layout (copied, so ``raw`` may be reused at once)."""
+    dtype = torch_dtype(wire)
+    expected = tensor_bytes(shape, wire)
+    if raw.numel() != expected:
+        raise CodecError(f"{raw.numel()} bytes for a tensor of {expected}")
+    out = raw.clone().view(dtype) if expected else torch.empty(0, dtype=dtype)
+    if sys.byteorder != "little":
+        out = swap_bytes(out)
+    return out.reshape(shape)
+
+
+def _as_little_endian_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(little_endian_bytes(tensor).numpy().data)
 
 
 class EmbeddingAssembler:
@@ -74,12 +104,7 @@ class EmbeddingAssembler:
     def __init__(self, shape: tuple[int, ...], wire: int) -> None:
         self.dtype = torch_dtype(wire)
         self.shape = shape
-        count = 1
-        for dim in shape:
-            if dim < 0:
-                raise CodecError(f"negative dimension in shape {shape}")
-            count *= dim
-        self.num_bytes = count * torch.empty((), dtype=self.dtype).element_size()
+        self.num_bytes = tensor_bytes(shape, wire)
         # Uninitialised (every byte is written exactly once), unlike a zero-filled bytearray.
         self._buffer = torch.empty(self.num_bytes, dtype=torch.uint8)
         self._bytes = self._buffer.numpy()
@@ -177,7 +202,6 @@ def encode_chunk_messages(
     """The serialized chunk messages of one image's embeddings."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    wire_dtype(tensor.dtype)
     raw = _as_little_endian_bytes(tensor)
     for offset in range(0, len(raw), chunk_bytes):
         yield chunk_message(image_index, offset, raw[offset : offset + chunk_bytes])

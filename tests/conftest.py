@@ -106,9 +106,17 @@ def stacks(
 ) -> Iterator[dict[str, Stack]]:
     """A vision server and a language server per checkpoint layout ("hf", "original"), one
     pair on the Flash checkpoint ("flash"), and the coupled baseline ("coupled": one language
-    server encoding images in-process, on the Flash checkpoint), as real processes."""
+    server encoding images in-process, on the Flash checkpoint), as real processes. "original"
+    receives embeddings over gRPC, "hf" and "flash" through shared memory."""
     models = {**tiny_models, "flash": tiny_flash_models["hf"], "coupled": tiny_flash_models["hf"]}
-    running = start_stacks(models, log_dir, coupled=frozenset({"coupled"}))
+    # Both embedding transports: the "original" stack streams them over gRPC, the others get
+    # them through shared memory (both services run on this host).
+    running = start_stacks(
+        models,
+        log_dir,
+        coupled=frozenset({"coupled"}),
+        llm_args_by_name={"original": ["--embedding-transport", "grpc"]},
+    )
     try:
         yield running
     finally:

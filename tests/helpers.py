@@ -259,15 +259,19 @@ def start_stacks(
     llm_args: Sequence[str] = (),
     vision_args: Sequence[str] = (),
     coupled: frozenset[str] = frozenset(),
+    llm_args_by_name: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Stack]:
     """Start one vision + one language server per model (just a language server with
     ``--vision inprocess`` for names in ``coupled``), all at once, and wait for them."""
+    llm_args_by_name = llm_args_by_name or {}
     pending = []
     for name, model in models.items():
         vision_port, http_port = free_port(), free_port()
         vision_target = f"127.0.0.1:{vision_port}"
         vision = None
-        extra = [*llm_args, "--vision", "inprocess"] if name in coupled else llm_args
+        extra = [*llm_args, *llm_args_by_name.get(name, ())]
+        if name in coupled:
+            extra += ["--vision", "inprocess"]
         if name not in coupled:
             vision = ServerProcess(
                 f"{name}-vision", vision_server_argv(model, vision_port, vision_args), log_dir

@@ -119,6 +119,9 @@ def test_compose_gpu_file_is_what_operators_expect():
     assert llm["depends_on"] == {"vision": {"condition": "service_healthy"}}
     assert "--grpc" in vision["healthcheck"]["test"] and "--http" in llm["healthcheck"]["test"]
     assert "model-cache" in compose["volumes"]
+    # One IPC namespace, so embeddings can go through shared memory on this node.
+    assert vision["ipc"] == "shareable" and llm["ipc"] == "service:vision"
+    assert vision["shm_size"]
     tuned = load_compose(
         "docker-compose.yml", env={"DVD_MODEL": "org/model", "DVD_TENSOR_PARALLEL_SIZE": "2"}
     )
@@ -133,6 +136,7 @@ def test_compose_variants():
         assert "deploy" not in service  # no GPU reservation
         assert service["build"]["target"] == "cpu"
         assert service["environment"]["DVD_MODEL"] == ""  # empty: the tiny model
+    assert cpu["services"]["llm"]["ipc"] == "service:vision"
     single = load_compose("docker-compose.yml", "docker-compose.single-gpu.yml")
     gpus = [
         single["services"][name]["deploy"]["resources"]["reservations"]["devices"]

@@ -24,7 +24,12 @@ tokens_saved = Counter(
     "dvd:vision_tokens_saved",
     "Visual tokens removed by the router (256 - 64 for every compressed tile).",
 )
-embedding_bytes = Counter("dvd:vision_embedding_bytes", "Embedding bytes streamed to clients.")
+embedding_bytes = Counter(
+    "dvd:vision_embedding_bytes",
+    "Embedding bytes sent to clients, by transport (grpc: streamed; shared_memory: written "
+    "into the client's segment on this host).",
+    ["transport"],
+)
 queue_wait = Histogram(
     "dvd:vision_queue_wait_seconds",
     "Time an image's tiles waited for their first forward pass.",

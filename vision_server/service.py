@@ -10,11 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
-from protos import codec
+from protos import codec, shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from protos.options import vir_from_wire, vir_to_wire
 from vision_server import metrics
+from vision_server.delivery import SharedMemoryDelivery
 from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidRequest, VisionError, grpc_status
 from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
@@ -45,9 +47,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.spec = pipeline.spec
         self.settings = pipeline.settings
         self.model_id = model_id
+        self.shared_memory = (
+            shm.SegmentWriter() if self.settings.shared_memory and shm.available() else None
+        )
 
     def close(self) -> None:
         self.pipeline.close()
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     # ---- RPCs ---------------------------------------------------------------------------------
 
@@ -79,19 +86,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         status = grpc.StatusCode.OK
         try:
             count = 0
+            call = encode_call(request, request_id)
+            delivery = SharedMemoryDelivery.open(self.shared_memory, request, request_id)
             # aclosing: when the call ends early, the images still queued are cancelled at once.
-            stream = self.pipeline.encode(encode_call(request, request_id))
-            async with contextlib.aclosing(stream) as encoded_images:
+            async with contextlib.aclosing(self.pipeline.encode(call)) as encoded_images:
                 async for encoded in encoded_images:
-                    yield self._header(count, encoded)
-                    # Chunks go out pre-serialized (see add_vision_service): one copy each.
-                    for message in codec.encode_chunk_messages(
-                        encoded.embeddings, count, self.settings.chunk_bytes
+                    header = self._header(count, encoded)
+                    async for message in image_messages(
+                        header, encoded.embeddings, delivery, self.settings.chunk_bytes
                     ):
                         yield message
-                    metrics.embedding_bytes.inc(
-                        encoded.embeddings.numel() * encoded.embeddings.element_size()
-                    )
                     count += 1
             logger.debug("request %s: %d images encoded", request_id, count)
         except VisionError as exc:
@@ -131,6 +135,28 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             image_end_token=spec.image_tokens.end,
             device=str(self.engine.device),
         )
+
+
+async def image_messages(
+    header: vision_pb2.EncodeResponse,
+    embeddings: torch.Tensor,
+    delivery: SharedMemoryDelivery | None,
+    chunk_bytes: int,
+) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+    """The stream messages of one image: its header, after its rows were written into the
+    caller's shared memory, or its header followed by its rows as chunk messages."""
+    num_bytes = header.header.num_bytes
+    offset = await delivery.write(embeddings) if delivery is not None else None
+    if offset is not None:
+        header.header.shared_memory_offset = offset
+        yield header
+        metrics.embedding_bytes.labels(transport="shared_memory").inc(num_bytes)
+        return
+    yield header
+    # Chunks go out pre-serialized (see add_vision_service): one copy each.
+    for message in codec.encode_chunk_messages(embeddings, header.header.image_index, chunk_bytes):
+        yield message
+    metrics.embedding_bytes.labels(transport="grpc").inc(num_bytes)
 
 
 def _serialize_response(message: vision_pb2.EncodeResponse | bytes) -> bytes:

@@ -57,6 +57,11 @@ class VisionSettings(CheckpointSettings):
     chunk_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024, description="embedding bytes per message"
     )
+    shared_memory: bool = Field(
+        True,
+        description="write embeddings into a client's shared memory when the client runs on "
+        "this host (and offers it); otherwise, and with --no-shared-memory, stream them",
+    )
     max_message_bytes: int = Field(
         128 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC request accepted"
     )

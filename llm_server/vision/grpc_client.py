@@ -1,7 +1,14 @@
-"""DvD's image encoder: the remote vision service over one gRPC channel.
+"""DvD's image encoder: the remote vision service over gRPC.
 
 A ``dns:///name:port`` target with round-robin load balancing spreads calls over every
 address the name resolves to (several vision replicas behind one Compose/Kubernetes name).
+Several channels (``channels``) give each replica several HTTP/2 connections, so that large
+transfers do not queue behind each other on one connection.
+
+Embeddings come back in one of two ways, chosen per call by the vision service: streamed as
+chunk messages, or written straight into this process's shared memory when the service runs
+on the same host (``transport``: ``auto`` offers shared memory when this host has it,
+``grpc`` never does, ``shared-memory`` requires it).
 """
 
 from __future__ import annotations
@@ -11,15 +18,18 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_server import metrics
 from llm_server.errors import VisionBadResponse, VisionUnavailable
+from llm_server.vision.arena import EmbeddingArena, Reservation
 from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
 from llm_server.vision.errors import vision_error
-from protos import codec
+from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
 from protos.options import vir_from_wire, vir_to_wire
 
@@ -47,50 +57,51 @@ _SERVICE_CONFIG = json.dumps(
     }
 )
 
+
 # Shortest time between two DNS look-ups of a dns:/// target (each triggered by a connection
 # that ended). Bounds how soon a new vision replica gets calls, with the server's connection age.
 DNS_RERESOLUTION_INTERVAL_MS = 5_000
+
+EmbeddingTransport = Literal["auto", "grpc", "shared-memory"]
 
 
 class GrpcImageEncoder:
     """Calls ``dvd.v1.VisionService/Encode`` and reassembles the streamed embeddings."""
 
-    def __init__(self, target: str, *, timeout_s: float, expected_hidden_size: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float,
+        expected_hidden_size: int,
+        channels: int = 1,
+        transport: EmbeddingTransport = "auto",
+        shared_memory_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.expected_hidden_size = expected_hidden_size
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.lb_policy_name", "round_robin"),
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", _SERVICE_CONFIG),
-                ("grpc.max_receive_message_length", 2 * codec.MAX_CHUNK_BYTES),
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                # Notice a dead replica quickly, and come back quickly when it returns.
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2_000),
-                # A replica ending an aged connection (the vision service's
-                # --max-connection-age-ms) makes the channel resolve the name again; gRPC
-                # allows that once per 30 s by default, too slow to pick up new replicas.
-                ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
-            ],
-        )
+        self.transport = transport
+        self._channels = [_open_channel(target, index) for index in range(channels)]
+        self._next_channel = 0
         # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
         # copying them through protobuf objects.
-        self._encode = self._channel.unary_stream(
-            "/dvd.v1.VisionService/Encode",
-            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._model_info = self._channel.unary_unary(
+        self._encode = [
+            channel.unary_stream(
+                "/dvd.v1.VisionService/Encode",
+                request_serializer=vision_pb2.EncodeRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            for channel in self._channels
+        ]
+        self._health = health_pb2_grpc.HealthStub(self._channels[0])
+        self._model_info = self._channels[0].unary_unary(
             "/dvd.v1.VisionService/GetModelInfo",
             request_serializer=vision_pb2.GetModelInfoRequest.SerializeToString,
             response_deserializer=vision_pb2.ModelInfo.FromString,
         )
+        self.info: vision_pb2.ModelInfo | None = None
+        self.arena = _open_arena(transport, shared_memory_bytes)
         self._model_checked = False
         self._model_check_lock = asyncio.Lock()
 
@@ -128,6 +139,7 @@ class GrpcImageEncoder:
                 f"{self.expected_hidden_size} wide: the two services run different models"
             )
         logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
+        self.info = info
         self._model_checked = True
 
     async def ready(self) -> bool:
@@ -158,9 +170,23 @@ class GrpcImageEncoder:
                 vir_threshold=options.vir_threshold,
             ),
         )
-        call = self._encode(request, timeout=max(deadline - time.monotonic(), 0.001))
+        reservation = self._reserve(images, options)
+        if reservation is not None and self.arena is not None:
+            request.shared_memory.CopyFrom(
+                vision_pb2.SharedMemoryTarget(
+                    segment=self.arena.segment.name,
+                    token=self.arena.segment.token,
+                    offset=reservation.offset,
+                    capacity=reservation.size,
+                )
+            )
+        encode = self._encode[self._next_channel]
+        self._next_channel = (self._next_channel + 1) % len(self._encode)
+        call = encode(request, timeout=max(deadline - time.monotonic(), 0.001))
+        done = False
         try:
-            results = await self._receive(call)
+            results = await self._receive(call, reservation)
+            done = True
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             raise vision_error(exc.code(), details, request_bytes=request.ByteSize()) from exc
@@ -171,34 +197,85 @@ class GrpcImageEncoder:
             # vision service now, which drops its queued tiles, rather than whenever the call
             # object is collected. A finished call ignores this.
             call.cancel()
+            if reservation is not None and self.arena is not None:
+                if done:
+                    self.arena.release(reservation)
+                else:  # the vision service may still be writing into it
+                    self.arena.release_later(reservation)
         if len(results) != len(images):
             raise VisionBadResponse(
                 f"vision service returned {len(results)} of {len(images)} images"
             )
         return results
 
-    async def _receive(self, call: grpc.aio.UnaryStreamCall) -> list[VisualEmbedding]:
-        """Reassemble the streamed images of one Encode call."""
+    def _reserve(self, images: Sequence[ImageInput], options: EncodeOptions) -> Reservation | None:
+        """A shared-memory range large enough for the most rows these images can produce."""
+        if self.arena is None or self.info is None:
+            return None
+        info = self.info
+        row_bytes = (
+            info.hidden_size * torch.empty((), dtype=codec.torch_dtype(info.dtype)).element_size()
+        )
+        most_rows = 0
+        for image in images:
+            max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
+            tiles = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
+            most_rows += tiles * info.tokens_per_tile
+        reservation = self.arena.reserve(most_rows * row_bytes)
+        if reservation is None:
+            metrics.shared_memory_full.inc()
+            if self.transport == "shared-memory":
+                raise VisionUnavailable("shared memory for embeddings is full; retry later")
+        return reservation
+
+    async def _receive(
+        self, call: grpc.aio.UnaryStreamCall, reservation: Reservation | None
+    ) -> list[VisualEmbedding]:
+        """Read the Encode stream: per image a header, then its rows from shared memory or
+        from the chunk messages that follow."""
         results: list[VisualEmbedding] = []
         header: vision_pb2.ImageHeader | None = None
         assembler: codec.EmbeddingAssembler | None = None
         header_at = 0.0
+        # Cancelling this coroutine (client gone) cancels the call on the vision service.
         async for raw in call:
             message = codec.parse_response(raw)
             if isinstance(message, vision_pb2.ImageHeader):
+                if assembler is not None:
+                    raise VisionBadResponse(
+                        "vision service started an image before finishing the last"
+                    )
                 header = message
                 self._check_header(header, len(results))
                 header_at = time.perf_counter()
                 metrics.vision_queue_wait.observe(header.queue_ms / 1000)
                 metrics.vision_encode.observe(header.encode_ms / 1000)
-                assembler = codec.EmbeddingAssembler(
-                    (header.num_visual_tokens, header.hidden_size), header.dtype
-                )
-                if assembler.num_bytes != header.num_bytes:
+                shape = (header.num_visual_tokens, header.hidden_size)
+                if codec.tensor_bytes(shape, header.dtype) != header.num_bytes:
                     raise VisionBadResponse(
                         f"vision service header announces {header.num_bytes} bytes for a "
-                        f"tensor of {assembler.num_bytes}"
+                        f"{shape[0]}x{shape[1]} tensor"
                     )
+                if header.HasField("shared_memory_offset"):
+                    if reservation is None or self.arena is None:
+                        raise VisionBadResponse(
+                            "vision service wrote to shared memory it was not given"
+                        )
+                    rows = self.arena.rows(
+                        reservation, header.shared_memory_offset, header.num_bytes
+                    )
+                    embeddings = codec.tensor_from_bytes(rows, shape, header.dtype)
+                    metrics.embedding_bytes.labels(transport="shared_memory").inc(header.num_bytes)
+                    metrics.vision_transfer.observe(time.perf_counter() - header_at)
+                    results.append(_visual_embedding(header, embeddings))
+                    continue
+                if self.transport == "shared-memory":
+                    raise VisionUnavailable(
+                        "the vision service streamed embeddings instead of writing them to "
+                        "shared memory (is it on another host, or started with "
+                        "--no-shared-memory?); use --embedding-transport auto or grpc"
+                    )
+                assembler = codec.EmbeddingAssembler(shape, header.dtype)
                 continue
             image_index, offset, data = message
             if assembler is None or header is None or image_index != header.image_index:
@@ -206,17 +283,10 @@ class GrpcImageEncoder:
                     "vision service sent embedding bytes without a matching header"
                 )
             assembler.add(offset, data)
-            metrics.embedding_bytes.inc(len(data))
+            metrics.embedding_bytes.labels(transport="grpc").inc(len(data))
             if assembler.complete:
                 metrics.vision_transfer.observe(time.perf_counter() - header_at)
-                results.append(
-                    VisualEmbedding(
-                        assembler.tensor(),
-                        list(header.tokens_per_tile),
-                        header.full_tokens_per_tile or max(header.tokens_per_tile),
-                        vir_from_wire(header.vir_mode),
-                    )
-                )
+                results.append(_visual_embedding(header, assembler.tensor()))
                 assembler = None
         return results
 
@@ -236,4 +306,60 @@ class GrpcImageEncoder:
             )
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _visual_embedding(header: vision_pb2.ImageHeader, embeddings: torch.Tensor) -> VisualEmbedding:
+    return VisualEmbedding(
+        embeddings,
+        list(header.tokens_per_tile),
+        header.full_tokens_per_tile or max(header.tokens_per_tile),
+        vir_from_wire(header.vir_mode),
+    )
+
+
+def _open_channel(target: str, index: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.max_receive_message_length", 2 * codec.MAX_CHUNK_BYTES),
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+            # Notice a dead replica quickly, and come back quickly when it returns.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            # Channels with equal arguments share connections; these must not.
+            ("grpc.use_local_subchannel_pool", 1),
+            # A replica ending an aged connection (the vision service's --max-connection-age-ms)
+            # makes the channel resolve the name again; gRPC allows that once per 30 s by
+            # default, too slow to pick up new replicas.
+            ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
+            ("dvd.channel_index", index),
+        ],
+    )
+
+
+def _open_arena(transport: EmbeddingTransport, size_bytes: int) -> EmbeddingArena | None:
+    """The shared-memory arena for ``transport``, None when embeddings are only streamed."""
+    if transport == "grpc":
+        return None
+    try:
+        arena = EmbeddingArena(size_bytes)
+    except shm.SharedMemoryError as exc:
+        if transport == "shared-memory":
+            raise
+        logger.info("embeddings will be streamed over gRPC: %s", exc)
+        return None
+    logger.info(
+        "offering the vision service %d MiB of shared memory (%s) for embeddings",
+        arena.size >> 20,
+        arena.segment.name,
+    )
+    return arena

@@ -47,18 +47,32 @@ class EncodeOptions(_message.Message):
     vir_threshold: float
     def __init__(self, max_tiles: _Optional[int] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., vir_threshold: _Optional[float] = ...) -> None: ...
 
+class SharedMemoryTarget(_message.Message):
+    __slots__ = ("segment", "token", "offset", "capacity")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    token: bytes
+    offset: int
+    capacity: int
+    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "options")
+    __slots__ = ("request_id", "images", "options", "shared_memory")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     options: EncodeOptions
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryTarget
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile")
+    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile", "shared_memory_offset")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_TILES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +87,7 @@ class ImageHeader(_message.Message):
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     VIR_MODE_FIELD_NUMBER: _ClassVar[int]
     FULL_TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_OFFSET_FIELD_NUMBER: _ClassVar[int]
     image_index: int
     num_tiles: int
     tokens_per_tile: _containers.RepeatedScalarFieldContainer[int]
@@ -87,7 +102,8 @@ class ImageHeader(_message.Message):
     encode_ms: float
     vir_mode: VirMode
     full_tokens_per_tile: int
-    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ...) -> None: ...
+    shared_memory_offset: int
+    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ..., shared_memory_offset: _Optional[int] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
     __slots__ = ("image_index", "offset", "data")

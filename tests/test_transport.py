@@ -1,0 +1,328 @@
+"""The two embedding transports: gRPC streaming and same-host shared memory.
+
+Both must deliver bit-identical rows; shared memory must never leak segments (a receiver killed
+mid-call, a vision service restarted while ranges are held), and every failure to use it must
+fall back to streaming, unless shared memory was required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from helpers import (
+    REPO_ROOT,
+    ServerProcess,
+    encode_image,
+    free_port,
+    grpc_serving,
+    noise_image,
+    vision_server_argv,
+)
+
+from llm_server import metrics
+from llm_server.errors import VisionUnavailable
+from llm_server.vision import arena as arena_module
+from llm_server.vision.arena import EmbeddingArena
+from llm_server.vision.base import EncodeOptions, ImageInput
+from llm_server.vision.grpc_client import GrpcImageEncoder
+from protos import shm
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no POSIX shared memory here")
+
+IMAGES = [
+    ImageInput(encode_image(noise_image(900, 500, seed=1), "PNG")),
+    ImageInput(encode_image(noise_image(300, 300, seed=2), "PNG"), max_tiles=1),
+    ImageInput(encode_image(noise_image(640, 1000, seed=3), "JPEG")),
+]
+
+
+def _encoder(target: str, transport: str) -> GrpcImageEncoder:
+    return GrpcImageEncoder(
+        target,
+        timeout_s=60,
+        expected_hidden_size=128,
+        transport=transport,  # type: ignore[arg-type]
+        shared_memory_bytes=64 << 20,
+    )
+
+
+def _bytes_received(transport: str) -> float:
+    return metrics.embedding_bytes.labels(transport=transport)._value.get()
+
+
+async def _encode(target: str, transport: str, options: EncodeOptions) -> list[torch.Tensor]:
+    encoder = _encoder(target, transport)
+    try:
+        results = await encoder.encode(IMAGES, options, f"transport-{transport}")
+    finally:
+        await encoder.close()
+    return [result.embeddings for result in results]
+
+
+@pytest.mark.parametrize("vir", [None, "off"])
+def test_both_transports_give_bit_identical_rows(flash_vision, vir):
+    target, _ = flash_vision["hf"]
+    options = EncodeOptions(max_tiles=4, vir=vir)
+    streamed_before, shared_before = _bytes_received("grpc"), _bytes_received("shared_memory")
+    streamed = asyncio.run(_encode(target, "grpc", options))
+    streamed_bytes = _bytes_received("grpc") - streamed_before
+    shared = asyncio.run(_encode(target, "shared-memory", options))
+    shared_bytes = _bytes_received("shared_memory") - shared_before
+    total = sum(rows.numel() * rows.element_size() for rows in streamed)
+    # Each call really took its own path...
+    assert streamed_bytes == total and shared_bytes == total
+    # ...and the rows are the same, bit for bit.
+    assert len(streamed) == len(shared) == len(IMAGES)
+    for a, b in zip(streamed, shared, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_language_stacks_use_the_transport_they_were_given(stacks):
+    """The e2e exactness tests run "hf" over shared memory and "original" over gRPC."""
+    from test_e2e_chat import CONVERSATIONS, greedy
+
+    for name, transport in (("hf", "shared_memory"), ("original", "grpc")):
+        base_url = stacks[name].base_url
+        before = _scrape_bytes(base_url)
+        greedy(base_url, CONVERSATIONS["one_image"])
+        after = _scrape_bytes(base_url)
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert moved[transport] > 0, (name, moved)
+        assert sum(moved.values()) == moved[transport], (name, moved)
+
+
+def _scrape_bytes(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    pattern = r'^dvd:image_embedding_bytes_total\{transport="(\w+)"\} ([0-9.eE+-]+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, flags=re.MULTILINE)}
+
+
+# ---- failures and fallbacks -------------------------------------------------------------------
+
+
+@pytest.fixture
+def lone_vision(tiny_models, log_dir):
+    """A vision server of its own (these tests restart it), on a fixed port."""
+    port = free_port()
+    servers: list[ServerProcess] = []
+
+    def start(*extra: str) -> str:
+        server = ServerProcess(
+            f"lone-vision-{len(servers)}",
+            vision_server_argv(tiny_models["hf"], port, ["--max-batch-tiles", "4", *extra]),
+            log_dir,
+        )
+        servers.append(server)
+        target = f"127.0.0.1:{port}"
+        server.wait_until(lambda: grpc_serving(target), 120, "serving")
+        return target
+
+    start.servers = servers  # type: ignore[attr-defined]
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_without_shared_memory_on_the_vision_side_embeddings_are_streamed(lone_vision, monkeypatch):
+    monkeypatch.setattr(arena_module, "QUARANTINE_S", 0.2)
+    target = lone_vision("--no-shared-memory")
+    options = EncodeOptions(max_tiles=2)
+
+    async def run() -> None:
+        auto = _encoder(target, "auto")
+        required = _encoder(target, "shared-memory")
+        try:
+            before = _bytes_received("grpc")
+            results = await auto.encode(IMAGES[:1], options, "fallback")
+            assert _bytes_received("grpc") - before == results[0].embeddings.numel() * 4
+            with pytest.raises(VisionUnavailable, match="instead of writing them to shared"):
+                await required.encode(IMAGES[:1], options, "required")
+            await asyncio.sleep(0.5)
+            # Nothing stays reserved after either call (the failed one's after a quarantine).
+            for encoder in (auto, required):
+                assert encoder.arena is not None
+                assert encoder.arena.free_bytes == encoder.arena.size
+        finally:
+            await auto.close()
+            await required.close()
+
+    asyncio.run(run())
+
+
+def test_a_segment_on_another_host_falls_back_to_streaming(flash_vision, monkeypatch):
+    """A receiver on another host names a segment this host does not have: the vision service
+    streams instead, and the request succeeds."""
+    target, _ = flash_vision["hf"]
+
+    async def run() -> list[torch.Tensor]:
+        encoder = _encoder(target, "auto")
+        assert encoder.arena is not None
+        real_name = encoder.arena.segment.name
+        monkeypatch.setattr(encoder.arena.segment, "name", real_name[:-8] + "00000000")
+        before = _bytes_received("grpc")
+        try:
+            results = await encoder.encode(IMAGES[:1], EncodeOptions(max_tiles=2), "elsewhere")
+        finally:
+            monkeypatch.setattr(encoder.arena.segment, "name", real_name)
+            await encoder.close()
+        assert _bytes_received("grpc") - before > 0
+        return [r.embeddings for r in results]
+
+    (rows,) = asyncio.run(run())
+    assert rows.shape[1] == 128
+
+
+def test_vision_restart_while_ranges_are_held(lone_vision, monkeypatch):
+    """The vision service dies in the middle of a call: the call fails with a 503, its range
+    comes back after the quarantine, and the next call after the restart uses shared memory."""
+    monkeypatch.setattr(arena_module, "QUARANTINE_S", 0.5)
+    target = lone_vision()
+    server = lone_vision.servers[-1]  # type: ignore[attr-defined]
+    many = [ImageInput(IMAGES[0].data, max_tiles=12) for _ in range(8)]
+
+    async def run() -> None:
+        encoder = _encoder(target, "shared-memory")
+        assert encoder.arena is not None
+        try:
+            await encoder.encode(IMAGES[:1], EncodeOptions(), "warm-up")
+            call = asyncio.ensure_future(encoder.encode(many, EncodeOptions(), "interrupted"))
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGKILL)
+            with pytest.raises(VisionUnavailable):
+                await asyncio.wait_for(call, 60)
+            assert encoder.arena.free_bytes < encoder.arena.size  # held back, not reused yet
+            await asyncio.sleep(1.0)
+            assert encoder.arena.free_bytes == encoder.arena.size
+            await asyncio.to_thread(lone_vision)
+            before = _bytes_received("shared_memory")
+            deadline = time.monotonic() + 15
+            while True:  # the channel reconnects with a backoff of up to 2 s
+                try:
+                    await encoder.encode(IMAGES[:1], EncodeOptions(), "after-restart")
+                    break
+                except VisionUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert _bytes_received("shared_memory") > before
+            await asyncio.sleep(1.0)  # failed attempts while reconnecting are held back too
+            assert encoder.arena.free_bytes == encoder.arena.size
+        finally:
+            await encoder.close()
+
+    asyncio.run(run())
+
+
+_RECEIVER = """
+import asyncio, sys
+from llm_server.vision.base import EncodeOptions, ImageInput
+from llm_server.vision.grpc_client import GrpcImageEncoder
+
+async def main():
+    encoder = GrpcImageEncoder(sys.argv[1], timeout_s=60, expected_hidden_size=128,
+                               transport="shared-memory", shared_memory_bytes=64 << 20)
+    image = [ImageInput(open(sys.argv[2], "rb").read(), max_tiles=12)]
+    print(encoder.arena.segment.name, flush=True)
+    while True:
+        await encoder.encode(image * 4, EncodeOptions(), "killed-receiver")
+
+asyncio.run(main())
+"""
+
+
+def test_a_receiver_killed_mid_call_leaks_nothing(flash_vision, tmp_path):
+    target, _ = flash_vision["hf"]
+    image = tmp_path / "image.png"
+    image.write_bytes(IMAGES[0].data)
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", _RECEIVER, target, str(image)],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert receiver.stdout is not None
+        name = receiver.stdout.readline().decode().strip()
+        segment = Path("/dev/shm") / name
+        assert segment.exists()
+        time.sleep(2.0)  # in the middle of its calls
+        receiver.send_signal(signal.SIGKILL)
+        receiver.wait(10)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    assert segment.exists()  # SIGKILL: nobody unlinked it...
+    arena = EmbeddingArena(1 << 20)  # ...until the next receiver on this host starts
+    try:
+        assert not segment.exists()
+    finally:
+        arena.close()
+    # The vision service noticed nothing worse than a cancelled call.
+    assert asyncio.run(_encode(target, "shared-memory", EncodeOptions(max_tiles=2)))
+
+
+# ---- the segment format and the arena ---------------------------------------------------------
+
+
+def test_writer_refuses_wrong_tokens_names_and_ranges():
+    segment = shm.OwnedSegment(1 << 20)
+    writer = shm.SegmentWriter()
+    try:
+        writer.check(segment.name, segment.token, 0, 1 << 20)
+        with pytest.raises(shm.SharedMemoryError, match="token"):
+            writer.check(segment.name, bytes(16), 0, 1024)
+        with pytest.raises(shm.SharedMemoryError, match="outside"):
+            writer.check(segment.name, segment.token, 1 << 19, 1 << 20)
+        for name in ("../etc/passwd", "dvd-emb-1-2-zz", "other"):
+            with pytest.raises(shm.SharedMemoryError, match="not an embedding segment name"):
+                writer.check(name, segment.token, 0, 1)
+        payload = torch.arange(256, dtype=torch.uint8)
+        writer.write(segment.name, 4096, payload)
+        assert torch.equal(segment.rows(4096, 256), payload)
+    finally:
+        writer.close()
+        segment.close()
+    assert not (Path("/dev/shm") / segment.name).exists()
+
+
+def test_writer_unmaps_segments_their_owner_unlinked():
+    writer = shm.SegmentWriter()
+    first, second = shm.OwnedSegment(1 << 16), shm.OwnedSegment(1 << 16)
+    try:
+        writer.check(first.name, first.token, 0, 1)
+        first.close()  # its owner is gone
+        writer.check(second.name, second.token, 0, 1)
+        assert writer.open_segments == [second.name]
+    finally:
+        writer.close()
+        second.close()
+
+
+def test_arena_reserves_first_fit_and_merges_on_release():
+    arena = EmbeddingArena(1 << 20)  # 16 ranges of 64 KiB
+    try:
+        a = arena.reserve(1)
+        b = arena.reserve(100_000)  # two ranges
+        c = arena.reserve(64 * 1024)
+        assert a is not None and b is not None and c is not None
+        assert (a.offset, b.offset, c.offset) == (0, 64 * 1024, 3 * 64 * 1024)
+        assert arena.reserve(1 << 20) is None  # not enough left in one piece
+        arena.release(b)
+        d = arena.reserve(64 * 1024)
+        assert d is not None and d.offset == 64 * 1024  # first fit reuses the hole
+        for reservation in (a, c, d):
+            arena.release(reservation)
+        assert arena._free == [(0, arena.size)]  # merged back into one range
+        assert arena.reserve(arena.size) is not None
+    finally:
+        arena.close()

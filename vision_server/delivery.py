@@ -1,0 +1,56 @@
+"""How an encoded image's rows reach the caller: written into its shared memory when it lives
+on this host, or streamed as chunk messages over the gRPC call.
+
+The servicer asks ``SharedMemoryDelivery`` first; whatever it declines (no target, another
+host, a range too small) goes out as chunks, so a request never fails for lack of shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from protos import codec, shm
+from protos.dvd.v1 import vision_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class SharedMemoryDelivery:
+    """Writes one call's images, one after the other, into the caller's reserved range."""
+
+    def __init__(self, writer: shm.SegmentWriter, target: vision_pb2.SharedMemoryTarget) -> None:
+        self._writer = writer
+        self._target = target
+        self._used = 0
+
+    @classmethod
+    def open(
+        cls, writer: shm.SegmentWriter | None, request: vision_pb2.EncodeRequest, request_id: str
+    ) -> SharedMemoryDelivery | None:
+        """The delivery for ``request``, or None when it names no usable segment (shared
+        memory off here, the segment on another host, a wrong token or range)."""
+        if writer is None or not request.HasField("shared_memory"):
+            return None
+        target = request.shared_memory
+        try:
+            writer.check(target.segment, target.token, target.offset, target.capacity)
+        except shm.SharedMemoryError as exc:
+            logger.debug("request %s: streaming embeddings (%s)", request_id, exc)
+            return None
+        return cls(writer, target)
+
+    async def write(self, embeddings: torch.Tensor) -> int | None:
+        """Write one image's rows; its offset within the range, or None if they do not fit."""
+        raw = codec.little_endian_bytes(embeddings)
+        offset = self._used
+        if offset + raw.numel() > self._target.capacity:
+            return None
+        # A copy of up to tens of MB: off the event loop (torch releases the GIL while copying).
+        await asyncio.to_thread(
+            self._writer.write, self._target.segment, self._target.offset + offset, raw
+        )
+        self._used += raw.numel()
+        return offset
