@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from checkpoints.default import default_cache_dir, resolve_model
+from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
 from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from llm_server.api.router import install_error_handlers, ops_router, router
@@ -55,14 +56,19 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
         )
     elif encoder is None:
-        encoder = GrpcImageEncoder(
+        digest = await asyncio.to_thread(checkpoint_digest, path)
+        logger.info("checkpoint %s: the vision service must serve the same", short_digest(digest))
+        remote = GrpcImageEncoder(
             settings.vision_target,
             timeout_s=settings.vision_timeout_s,
             expected_hidden_size=engine.hidden_size,
+            expected_checkpoint_digest=digest,
             channels=settings.vision_channels,
             transport=settings.embedding_transport,
             shared_memory_bytes=settings.shared_memory_mb * 1024 * 1024,
         )
+        remote.start()
+        encoder = remote
     images = ImageLoader(
         ImageFetchPolicy(
             max_bytes=settings.max_image_bytes,

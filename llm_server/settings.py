@@ -86,6 +86,11 @@ class LLMSettings(CheckpointSettings):
         1, ge=1, description="KV-cache size on CPU (GiB; sets VLLM_CPU_KVCACHE_SPACE)"
     )
     seed: int = Field(0, description="engine seed")
+    prefix_caching: bool = Field(
+        True,
+        description="reuse the KV blocks of prompt prefixes vLLM has already computed (image "
+        "rows included: vLLM hashes them by content), e.g. the history of a chat",
+    )
     tool_parser: str = Field(
         "hermes",
         description="vLLM tool-call parser of the model family, which reads tool calls from "

@@ -55,6 +55,7 @@ class EncodedImage:
     grid: TileGrid
     stats: BatchStats
     vir_mode: VirMode | None  # None: the checkpoint has no router
+    from_cache: bool = False  # served by the embedding cache, not encoded for this request
 
     @property
     def num_visual_tokens(self) -> int:

@@ -13,10 +13,14 @@ requests = Counter(
     "Encode calls, by outcome (gRPC status code name).",
     ["status"],
 )
-images = Counter("dvd:vision_images", "Images encoded.")
+images = Counter(
+    "dvd:vision_images",
+    "Images served, embedding cache hits included (misses are the images encoded).",
+)
 tiles = Counter(
     "dvd:vision_tiles",
-    "Tiles encoded, by Visual Resolution Router decision (keep: 256 tokens, compress: 64).",
+    "Tiles of the images served, by Visual Resolution Router decision (keep: 256 tokens, "
+    "compress: 64).",
     ["route"],
 )
 visual_tokens = Counter("dvd:vision_visual_tokens", "Visual tokens produced (embedding rows sent).")
@@ -49,6 +53,24 @@ batch_tiles = Histogram(
     buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256),
 )
 queued_tiles = Gauge("dvd:vision_queued_tiles", "Tiles waiting for a forward pass.")
+embedding_cache_hits = Counter(
+    "dvd:vision_embedding_cache_hits",
+    "Images whose rows came from the embedding cache (not encoded again).",
+)
+embedding_cache_misses = Counter(
+    "dvd:vision_embedding_cache_misses",
+    "Images encoded while the embedding cache is on (each is then kept, within the bound).",
+)
+embedding_cache_evictions = Counter(
+    "dvd:vision_embedding_cache_evictions",
+    "Images dropped from the embedding cache to stay within --embedding-cache-mb.",
+)
+embedding_cache_bytes = Gauge(
+    "dvd:vision_embedding_cache_bytes", "Bytes of embedding rows held by the embedding cache."
+)
+embedding_cache_entries = Gauge(
+    "dvd:vision_embedding_cache_entries", "Images held by the embedding cache."
+)
 
 
 def observe_pass(num_tiles: int, seconds: float) -> None:

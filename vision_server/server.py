@@ -15,7 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from checkpoints.default import resolve_model
+from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
+from vision_server.embedding_cache import EmbeddingCache
 from vision_server.engine import EncoderEngine, compute_dtype_for_device, resolve_device
 from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
@@ -78,11 +80,14 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         max_queued_bytes=settings.max_queued_bytes,
     )
     engine.warmup()
+    digest = checkpoint_digest(path)
     logger.info(
-        "loaded %s (%s layout%s) on %s as %s: ViT %dx%d, %d tokens/tile, LLM width %d",
+        "loaded %s (%s layout%s, checkpoint %s) on %s as %s: ViT %dx%d, %d tokens/tile, "
+        "LLM width %d",
         model_id,
         spec.layout.value,
         ", Flash: Visual Resolution Router on" if spec.flash else "",
+        short_digest(digest),
         device,
         str(dtype).removeprefix("torch."),
         spec.vision.num_layers,
@@ -90,7 +95,12 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         spec.tokens_per_tile,
         spec.llm_hidden_size,
     )
-    return VisionPipeline(engine, spec, settings), model_id
+    cache = None
+    if settings.embedding_cache_mb:
+        cache = EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024)
+        logger.info("embedding cache: up to %d MiB of rows", settings.embedding_cache_mb)
+    pipeline = VisionPipeline(engine, spec, settings, checkpoint_digest=digest, cache=cache)
+    return pipeline, model_id
 
 
 async def start_server(settings: VisionSettings) -> RunningServer:

@@ -75,6 +75,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 encode_ms=encoded.stats.encode_ms,
                 vir_mode=vir_to_wire(encoded.vir_mode),
                 full_tokens_per_tile=self.spec.tokens_per_tile,
+                from_cache=encoded.from_cache,
+                checkpoint_digest=self.pipeline.checkpoint_digest,
             )
         )
 
@@ -134,6 +136,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             image_context_token=spec.image_tokens.context,
             image_end_token=spec.image_tokens.end,
             device=str(self.engine.device),
+            checkpoint_digest=self.pipeline.checkpoint_digest,
+            embedding_cache_bytes=self.pipeline.cache.capacity_bytes if self.pipeline.cache else 0,
         )
 
 

@@ -62,6 +62,13 @@ class VisionSettings(CheckpointSettings):
         description="write embeddings into a client's shared memory when the client runs on "
         "this host (and offers it); otherwise, and with --no-shared-memory, stream them",
     )
+    embedding_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="memory for the embedding cache: the rows sent for recent images, keyed "
+        "by content, tiling, router mode and checkpoint, served again without encoding "
+        "(least recently used first out; 0: off)",
+    )
     max_message_bytes: int = Field(
         128 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC request accepted"
     )

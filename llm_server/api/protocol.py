@@ -236,6 +236,7 @@ def completion_id() -> str:
 
 
 class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose KV blocks vLLM's prefix cache already held (not computed again).
     cached_tokens: int = 0
     image_tokens: int = 0
 
@@ -251,6 +252,8 @@ class VisionSummary(BaseModel):
     """DvD extension: what the vision service did with the request's images."""
 
     images: int
+    # Images whose rows the vision service served from its embedding cache (not encoded).
+    cached_images: int = 0
     tiles: int
     compressed_tiles: int
     image_tokens: int

@@ -65,6 +65,8 @@ class PreparedChat:
     vision: VisionSummary | None = None
     vision_tokens_saved: int = 0
     output: OutputOptions = field(default_factory=OutputOptions)
+    # Set while generating: prompt tokens vLLM found in its prefix cache.
+    cached_tokens: int = 0
 
 
 def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
@@ -72,6 +74,7 @@ def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
         return None
     return VisionSummary(
         images=len(visuals),
+        cached_images=sum(1 for v in visuals if v.from_cache),
         tiles=sum(len(v.tokens_per_tile) for v in visuals),
         compressed_tiles=sum(v.num_compressed_tiles for v in visuals),
         image_tokens=sum(v.num_visual_tokens for v in visuals),
@@ -280,7 +283,9 @@ class ChatService:
             prompt_tokens=chat.num_prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=chat.num_prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(image_tokens=chat.num_image_tokens),
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=chat.cached_tokens, image_tokens=chat.num_image_tokens
+            ),
         )
 
     # ---- generation ------------------------------------------------------------------------
@@ -299,6 +304,9 @@ class ChatService:
         try:
             async with contextlib.aclosing(engine_outputs) as outputs:
                 async for output in outputs:
+                    # vLLM reports it once the prompt is scheduled; every later output repeats it.
+                    if output.num_cached_tokens:
+                        chat.cached_tokens = output.num_cached_tokens
                     produced = sum(len(completion.token_ids) for completion in output.outputs)
                     if produced and first_token_at is None:
                         first_token_at = time.perf_counter()

@@ -89,15 +89,21 @@ class LanguageEngine:
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
             generation_config="auto",
+            enable_prefix_caching=settings.prefix_caching,
         )
         llm = AsyncLLM.from_engine_args(args)
         engine = cls(llm, model_name, backbone)
+        # vLLM turns it off by itself for some models and platforms: say what it decided.
+        prefix_caching = bool(llm.vllm_config.cache_config.enable_prefix_caching)
+        if settings.prefix_caching and not prefix_caching:
+            logger.warning("vLLM turned prefix caching off for this model on this platform")
         logger.info(
-            "language engine ready: %s, %s, %s, context %d tokens",
+            "language engine ready: %s, %s, %s, context %d tokens, prefix caching %s",
             model_name,
             backbone.model_type,
             str(engine.dtype).removeprefix("torch."),
             engine.max_model_len,
+            "on" if prefix_caching else "off",
         )
         return engine
 

@@ -38,6 +38,7 @@ class VisualEmbedding:
     tokens_per_tile: list[int]
     full_tokens_per_tile: int  # tokens of an uncompressed tile (256)
     vir: VirMode | None = None  # router mode applied; None: the checkpoint has no router
+    from_cache: bool = False  # the vision service's embedding cache served it
 
     @property
     def num_visual_tokens(self) -> int:

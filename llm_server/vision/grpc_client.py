@@ -9,6 +9,12 @@ Embeddings come back in one of two ways, chosen per call by the vision service: 
 chunk messages, or written straight into this process's shared memory when the service runs
 on the same host (``transport``: ``auto`` offers shared memory when this host has it,
 ``grpc`` never does, ``shared-memory`` requires it).
+
+Model identity: rows only make sense in prompts of the checkpoint they were computed for.
+``GetModelInfo`` is asked when a connection becomes ready (at start-up and after every
+reconnect) and before the first Encode after that; a service with another width or another
+checkpoint digest gets image requests refused with 503. Every image header carries the digest
+too, which catches one replica behind a shared name that serves another checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from checkpoints.identity import short_digest
 from llm_server import metrics
 from llm_server.errors import VisionBadResponse, VisionUnavailable
 from llm_server.vision.arena import EmbeddingArena, Reservation
@@ -74,6 +81,7 @@ class GrpcImageEncoder:
         *,
         timeout_s: float,
         expected_hidden_size: int,
+        expected_checkpoint_digest: str = "",
         channels: int = 1,
         transport: EmbeddingTransport = "auto",
         shared_memory_bytes: int = 256 * 1024 * 1024,
@@ -81,6 +89,8 @@ class GrpcImageEncoder:
         self.target = target
         self.timeout_s = timeout_s
         self.expected_hidden_size = expected_hidden_size
+        # Empty: compare the width only (a caller that does not know its checkpoint's digest).
+        self.expected_checkpoint_digest = expected_checkpoint_digest
         self.transport = transport
         self._channels = [_open_channel(target, index) for index in range(channels)]
         self._next_channel = 0
@@ -104,11 +114,40 @@ class GrpcImageEncoder:
         self.arena = _open_arena(transport, shared_memory_bytes)
         self._model_checked = False
         self._model_check_lock = asyncio.Lock()
+        # Checkpoint digests vision replicas answered with, and mismatches already logged.
+        self._digests_seen: set[str] = set()
+        self._mismatches_logged: set[str] = set()
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Connect now, and check the model whenever a connection becomes ready (at start-up
+        and after every reconnect). Call on the event loop."""
+        for index, channel in enumerate(self._channels):
+            self._watchers.append(
+                asyncio.get_running_loop().create_task(
+                    self._watch_connection(channel), name=f"vision-connection-{index}"
+                )
+            )
+
+    async def _watch_connection(self, channel: grpc.aio.Channel) -> None:
+        ready = grpc.ChannelConnectivity.READY
+        state = channel.get_state(try_to_connect=True)
+        while True:
+            await channel.wait_for_state_change(state)
+            previous, state = state, channel.get_state(try_to_connect=False)
+            if state is ready and previous is not ready:
+                # Possibly another replica, or the same address serving another model now.
+                self._model_checked = False
+                try:
+                    await self._check_model(self.timeout_s)
+                except Exception as exc:  # logged; requests check again before encoding
+                    logger.info("vision service at %s: model check failed: %s", self.target, exc)
 
     async def _check_model(self, timeout_s: float) -> None:
-        """Once, before the first Encode: ask the vision service what it serves and refuse to
-        mix its rows into prompts of a language model they cannot belong to. Waiting for
-        another request's check counts against ``timeout_s`` too."""
+        """Before the first Encode after a connection became ready: ask the vision service
+        what it serves and refuse to mix its rows into prompts of a language model they
+        cannot belong to. Waiting for another request's check counts against ``timeout_s``
+        too."""
         if self._model_checked:
             return
         try:
@@ -138,9 +177,54 @@ class GrpcImageEncoder:
                 f"{info.hidden_size} wide, but the language model is "
                 f"{self.expected_hidden_size} wide: the two services run different models"
             )
-        logger.info("vision service at %s: %s on %s", self.target, info.model_id, info.device)
+        self._check_digest(info.checkpoint_digest, info.model_id)
+        logger.info(
+            "vision service at %s: %s (checkpoint %s) on %s",
+            self.target,
+            info.model_id,
+            short_digest(info.checkpoint_digest),
+            info.device,
+        )
         self.info = info
         self._model_checked = True
+
+    def _check_digest(self, digest: str, model_id: str | None) -> None:
+        """Refuse rows of another checkpoint (503); log loudly, once per digest, when replicas
+        behind the target disagree."""
+        expected = self.expected_checkpoint_digest
+        if not expected or not digest:  # a side that predates digests: the width was checked
+            return
+        if digest == expected:
+            self._digests_seen.add(digest)
+            return
+        served = short_digest(digest)
+        if model_id:
+            served = f"{model_id!r}, digest {served}"
+        if digest not in self._mismatches_logged:
+            self._mismatches_logged.add(digest)
+            if self._digests_seen:
+                logger.error(
+                    "VISION REPLICAS DISAGREE: replicas behind %s serve different checkpoints "
+                    "(%s, this language model's, and %s); requests that reach the latter get "
+                    "503 until every replica serves the same checkpoint",
+                    self.target,
+                    short_digest(expected),
+                    served,
+                )
+            else:
+                logger.error(
+                    "the vision service at %s serves checkpoint %s, this language service %s: "
+                    "image requests get 503 until both serve the same checkpoint",
+                    self.target,
+                    served,
+                    short_digest(expected),
+                )
+        self._model_checked = False  # ask again before the next call
+        raise VisionUnavailable(
+            f"the vision service at {self.target} serves another checkpoint ({served}) than "
+            f"this language service (digest {short_digest(expected)}): its embeddings cannot "
+            "be used; retry later"
+        )
 
     async def ready(self) -> bool:
         try:
@@ -304,8 +388,11 @@ class GrpcImageEncoder:
             raise VisionBadResponse(
                 "vision service header is inconsistent (tokens per tile vs total)"
             )
+        self._check_digest(header.checkpoint_digest, None)
 
     async def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.cancel()
         for channel in self._channels:
             await channel.close()
         if self.arena is not None:
@@ -318,6 +405,7 @@ def _visual_embedding(header: vision_pb2.ImageHeader, embeddings: torch.Tensor) 
         list(header.tokens_per_tile),
         header.full_tokens_per_tile or max(header.tokens_per_tile),
         vir_from_wire(header.vir_mode),
+        header.from_cache,
     )
 
 

@@ -16,6 +16,7 @@ of memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -187,17 +188,20 @@ class InProcessImageEncoder:
         )
         results = []
         try:
-            async for encoded in self.pipeline.encode(call):
-                metrics.vision_queue_wait.observe(encoded.stats.queue_ms / 1000)
-                metrics.vision_encode.observe(encoded.stats.encode_ms / 1000)
-                results.append(
-                    VisualEmbedding(
-                        encoded.embeddings,
-                        encoded.tokens_per_tile,
-                        self.pipeline.spec.tokens_per_tile,
-                        encoded.vir_mode,
+            # aclosing: a cancelled request lets go of its embedding-cache claims at once.
+            async with contextlib.aclosing(self.pipeline.encode(call)) as encoded_images:
+                async for encoded in encoded_images:
+                    metrics.vision_queue_wait.observe(encoded.stats.queue_ms / 1000)
+                    metrics.vision_encode.observe(encoded.stats.encode_ms / 1000)
+                    results.append(
+                        VisualEmbedding(
+                            encoded.embeddings,
+                            encoded.tokens_per_tile,
+                            self.pipeline.spec.tokens_per_tile,
+                            encoded.vir_mode,
+                            encoded.from_cache,
+                        )
                     )
-                )
         except VisionError as exc:
             raise vision_error(exc.status, str(exc)) from exc
         return results

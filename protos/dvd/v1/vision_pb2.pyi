@@ -72,7 +72,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile", "shared_memory_offset")
+    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile", "shared_memory_offset", "from_cache", "checkpoint_digest")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_TILES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class ImageHeader(_message.Message):
     VIR_MODE_FIELD_NUMBER: _ClassVar[int]
     FULL_TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     image_index: int
     num_tiles: int
     tokens_per_tile: _containers.RepeatedScalarFieldContainer[int]
@@ -103,7 +105,9 @@ class ImageHeader(_message.Message):
     vir_mode: VirMode
     full_tokens_per_tile: int
     shared_memory_offset: int
-    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ..., shared_memory_offset: _Optional[int] = ...) -> None: ...
+    from_cache: bool
+    checkpoint_digest: str
+    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ..., shared_memory_offset: _Optional[int] = ..., from_cache: _Optional[bool] = ..., checkpoint_digest: _Optional[str] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
     __slots__ = ("image_index", "offset", "data")
@@ -128,7 +132,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "checkpoint_layout", "hidden_size", "dtype", "tile_size", "tokens_per_tile", "compressed_tokens_per_tile", "default_max_tiles", "max_tiles_limit", "use_thumbnail", "vir_available", "image_start_token", "image_context_token", "image_end_token", "device")
+    __slots__ = ("model_id", "checkpoint_layout", "hidden_size", "dtype", "tile_size", "tokens_per_tile", "compressed_tokens_per_tile", "default_max_tiles", "max_tiles_limit", "use_thumbnail", "vir_available", "image_start_token", "image_context_token", "image_end_token", "device", "checkpoint_digest", "embedding_cache_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +148,8 @@ class ModelInfo(_message.Message):
     IMAGE_CONTEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     IMAGE_END_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     checkpoint_layout: str
     hidden_size: int
@@ -159,4 +165,6 @@ class ModelInfo(_message.Message):
     image_context_token: str
     image_end_token: str
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., checkpoint_layout: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tile_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., compressed_tokens_per_tile: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., max_tiles_limit: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ..., vir_available: _Optional[bool] = ..., image_start_token: _Optional[str] = ..., image_context_token: _Optional[str] = ..., image_end_token: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    checkpoint_digest: str
+    embedding_cache_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., checkpoint_layout: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tile_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., compressed_tokens_per_tile: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., max_tiles_limit: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ..., vir_available: _Optional[bool] = ..., image_start_token: _Optional[str] = ..., image_context_token: _Optional[str] = ..., image_end_token: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_digest: _Optional[str] = ..., embedding_cache_bytes: _Optional[int] = ...) -> None: ...
