@@ -105,6 +105,16 @@ class VisionUnavailable(APIError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class VisionModelMismatch(VisionUnavailable):
+    """The vision service serves another model or checkpoint than the language model's: its
+    rows cannot be used (until one of the two services is redeployed)."""
+
+    code = "vision_model_mismatch"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=30)
+
+
 class VisionBadResponse(APIError):
     """The vision service answered with something that is not a valid embedding stream."""
 

@@ -273,9 +273,13 @@ def start_stacks(
         if name in coupled:
             extra += ["--vision", "inprocess"]
         if name not in coupled:
+            metrics_port = free_port()
             vision = ServerProcess(
-                f"{name}-vision", vision_server_argv(model, vision_port, vision_args), log_dir
+                f"{name}-vision",
+                vision_server_argv(model, vision_port, vision_args, metrics_port),
+                log_dir,
             )
+            vision.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         llm = ServerProcess(
             f"{name}-llm",
             llm_server_argv(model, http_port, vision_target, extra),

@@ -470,6 +470,7 @@ def test_flash_checkpoint_with_vir_off_equals_transformers(stacks, oracle_answer
     assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
     assert reply["vision"] == {
         "images": 1,
+        "cached_images": 0,  # the first time this image reaches this vision service
         "tiles": 11,
         "compressed_tiles": 0,
         "image_tokens": 11 * 256,
@@ -497,6 +498,7 @@ def test_flash_router_reports_the_real_image_tokens(stacks):
     )
     assert reply["vision"] == {
         "images": 1,
+        "cached_images": 0,
         "tiles": len(tokens),
         "compressed_tiles": compressed,
         "image_tokens": sum(tokens),

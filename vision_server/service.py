@@ -137,7 +137,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             image_end_token=spec.image_tokens.end,
             device=str(self.engine.device),
             checkpoint_digest=self.pipeline.checkpoint_digest,
-            embedding_cache_bytes=self.pipeline.cache.capacity_bytes if self.pipeline.cache else 0,
+            embedding_cache_bytes=(
+                self.pipeline.cache.capacity_bytes if self.pipeline.cache is not None else 0
+            ),
         )
 
 

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from checkpoints.identity import short_digest
 from llm_server import metrics
-from llm_server.errors import VisionBadResponse, VisionUnavailable
+from llm_server.errors import VisionBadResponse, VisionModelMismatch, VisionUnavailable
 from llm_server.vision.arena import EmbeddingArena, Reservation
 from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
 from llm_server.vision.errors import vision_error
@@ -172,7 +172,7 @@ class GrpcImageEncoder:
                 info.hidden_size,
                 self.expected_hidden_size,
             )
-            raise VisionUnavailable(
+            raise VisionModelMismatch(
                 f"the vision service serves {info.model_id!r}, whose embeddings are "
                 f"{info.hidden_size} wide, but the language model is "
                 f"{self.expected_hidden_size} wide: the two services run different models"
@@ -220,7 +220,7 @@ class GrpcImageEncoder:
                     short_digest(expected),
                 )
         self._model_checked = False  # ask again before the next call
-        raise VisionUnavailable(
+        raise VisionModelMismatch(
             f"the vision service at {self.target} serves another checkpoint ({served}) than "
             f"this language service (digest {short_digest(expected)}): its embeddings cannot "
             "be used; retry later"
