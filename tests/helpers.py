@@ -156,6 +156,18 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+def same_pixels_other_file(data: bytes, tag: str) -> bytes:
+    """The same picture as another PNG file (a text chunk differs): the vision service's
+    embedding cache, keyed by the file's bytes, encodes it again."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("dvd-test", tag)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 # ---- gRPC client ----------------------------------------------------------------------------
 
 

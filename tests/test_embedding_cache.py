@@ -9,15 +9,14 @@ cache; a hit must equal it exactly (``torch.equal``), not approximately.
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import encode_image, noise_image
-from PIL import Image, PngImagePlugin
+from helpers import encode_image, noise_image, same_pixels_other_file
+from PIL import Image
 
 from protos.options import VirMode
 from vision_server.batching import TileBatcher
@@ -35,15 +34,6 @@ def stripes(width: int, height: int, regions: list[tuple[int, int]]) -> bytes:
         columns = np.arange(start, end)
         pixels[:, start:end] = np.where((columns // 2) % 2 == 0, 255, 0)[None, :, None]
     return encode_image(Image.fromarray(pixels))
-
-
-def same_pixels_other_bytes(data: bytes, tag: str) -> bytes:
-    """The same picture as another file (a PNG text chunk differs)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("tag", tag)
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(data)).save(buffer, "PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 MIXED = stripes(1344, 448, [(448, 896)])  # flat | stripes | flat (+ thumbnail)
@@ -147,7 +137,7 @@ def assert_identical(got: list[EncodedImage], expected: list[EncodedImage]) -> N
     ],
 )
 def test_a_hit_is_bit_identical_to_a_miss(cached, uncached, images, vir):
-    images = [same_pixels_other_bytes(data, f"{vir}-{len(images)}") for data in images]
+    images = [same_pixels_other_file(data, f"{vir}-{len(images)}") for data in images]
     miss = encode(cached, images, vir)
     hit = encode(cached, images, vir)
     reference = encode(uncached, images, vir)
@@ -164,7 +154,7 @@ def test_a_hit_is_bit_identical_to_a_miss(cached, uncached, images, vir):
 def test_routed_rows_are_keyed_by_the_whole_request(cached, uncached):
     """Under vir=auto an image's rows depend on its company: the same set of images hits in
     any order, the image alone does not (and gets the rows it gets alone)."""
-    mixed, one = (same_pixels_other_bytes(d, "context") for d in (MIXED, ONE_TILE))
+    mixed, one = (same_pixels_other_file(d, "context") for d in (MIXED, ONE_TILE))
     together = encode(cached, [mixed, one], VirMode.AUTO)
     assert together[1].tokens_per_tile == [64]  # compressed next to the striped image
     swapped = encode(cached, [one, mixed], VirMode.AUTO)
@@ -180,12 +170,12 @@ def test_routed_rows_are_keyed_by_the_whole_request(cached, uncached):
 
 
 def test_anything_that_changes_the_rows_is_a_miss(cached, tiny_models):
-    base = same_pixels_other_bytes(MIXED, "misses")
+    base = same_pixels_other_file(MIXED, "misses")
     (first,) = encode(cached, [base], VirMode.AUTO)
     assert not first.from_cache
     assert encode(cached, [base], VirMode.AUTO)[0].from_cache
     cases = {
-        "other bytes, same pixels": ([same_pixels_other_bytes(MIXED, "misses-2")], {}),
+        "other bytes, same pixels": ([same_pixels_other_file(MIXED, "misses-2")], {}),
         "max_tiles": ([base], {"max_tiles": 2}),
         "vir off": ([base], {"vir": VirMode.OFF}),
         "vir max": ([base], {"vir": VirMode.MAX}),

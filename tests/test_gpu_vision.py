@@ -30,6 +30,8 @@ def gpu_pipeline(model: Path, **overrides):
     from vision_server.server import build_pipeline
     from vision_server.settings import VisionSettings
 
+    # No embedding cache: these tests encode the same images again on purpose.
+    overrides.setdefault("embedding_cache_mb", 0)
     settings = VisionSettings(model=str(model), device="cuda", **overrides)  # type: ignore[call-arg]
     pipeline, _ = build_pipeline(settings)
     assert pipeline.engine.dtype == torch.bfloat16

@@ -120,7 +120,10 @@ class StandIn:
     async def _model_info(self, request: bytes, context: Any) -> bytes:
         self.model_info_calls += 1
         info = vision_pb2.ModelInfo(
-            model_id="stand-in", hidden_size=HIDDEN, checkpoint_digest=self.info_digest
+            model_id="stand-in",
+            hidden_size=HIDDEN,
+            dtype=vision_pb2.DTYPE_FLOAT32,
+            checkpoint_digest=self.info_digest,
         )
         return info.SerializeToString()
 

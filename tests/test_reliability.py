@@ -424,7 +424,10 @@ class StandInVision:
 
     async def _model_info(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await asyncio.sleep(self.model_info_delay_s)
-        return vision_pb2.ModelInfo(model_id="stand-in", hidden_size=HIDDEN).SerializeToString()
+        info = vision_pb2.ModelInfo(
+            model_id="stand-in", hidden_size=HIDDEN, dtype=vision_pb2.DTYPE_FLOAT32
+        )
+        return info.SerializeToString()
 
     async def __aenter__(self) -> StandInVision:
         self.server = grpc.aio.server(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import encode_image, encode_over_grpc, noise_image
+from helpers import encode_image, encode_over_grpc, noise_image, same_pixels_other_file
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -220,11 +220,14 @@ def test_routing_does_not_depend_on_the_batch(flash_vision):
     probe = encode_image(ROUTED_IMAGES[0])
     alone = encode_over_grpc(target, [probe])[0]
     others = [encode_image(noise_image(448 * (1 + i % 3), 448, seed=300 + i)) for i in range(8)]
+    # The same picture as another file: encoded again, not served from the embedding cache.
+    probe_again = same_pixels_other_file(probe, "busy")
     with ThreadPoolExecutor(max_workers=9) as pool:
         futures = [pool.submit(encode_over_grpc, target, [payload]) for payload in others]
-        busy = pool.submit(encode_over_grpc, target, [probe]).result()[0]
+        busy = pool.submit(encode_over_grpc, target, [probe_again]).result()[0]
         for future in futures:
             future.result()
+    assert not busy.header.from_cache
     assert list(busy.header.tokens_per_tile) == list(alone.header.tokens_per_tile)
     assert torch.equal(busy.embeddings, alone.embeddings)
 

@@ -12,7 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from helpers import encode_image, encode_over_grpc, gradient_image, noise_image
+from helpers import (
+    encode_image,
+    encode_over_grpc,
+    gradient_image,
+    noise_image,
+    same_pixels_other_file,
+)
 
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 
@@ -95,13 +101,15 @@ def test_concurrent_requests_get_exactly_their_own_embeddings(vision_targets):
     ]
     payloads = [encode_image(noise_image(w, h, seed=100 + i)) for i, (w, h) in enumerate(sizes)]
     alone = [encode_over_grpc(target, [p])[0].embeddings for p in payloads]
-    for _ in range(2):
+    for round_ in range(2):
+        # The same pictures as other files, so that they are encoded again, not served from
+        # the embedding cache.
+        again = [same_pixels_other_file(p, f"round-{round_}") for p in payloads]
         with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
-            together = list(
-                pool.map(lambda p: encode_over_grpc(target, [p])[0].embeddings, payloads)
-            )
-        for solo, shared in zip(alone, together, strict=True):
-            assert torch.equal(solo, shared)
+            replies = list(pool.map(lambda p: encode_over_grpc(target, [p])[0], again))
+        assert not any(reply.header.from_cache for reply in replies)
+        for solo, shared in zip(alone, replies, strict=True):
+            assert torch.equal(solo, shared.embeddings)
 
 
 def test_model_info(vision_targets, tiny_models):
