@@ -9,6 +9,14 @@ It speaks only the public HTTP API (streaming chat completions) and measures wha
 inter-token latency (ITL), end-to-end latency (E2EL) — mean, median, p90, p99 — request
 throughput, output and total token throughput, completed/failed counts, plus the image
 tokens per request that the server reports.
+
+Multi-turn chats (``--dataset multi-turn``, or ``--turns N`` with any dataset): each
+conversation sends its turns one after the other, each with the whole history so far (the
+image, the earlier questions and the model's streamed answers), and holds one concurrency
+slot for all of them, like a user waiting for each answer. TTFT is then also reported per
+turn index, with the prompt tokens the server says it took from its prefix cache
+(``usage.prompt_tokens_details.cached_tokens``) and the images its vision service served
+from its embedding cache (``vision.cached_images``, a DvD extension).
 """
 
 from __future__ import annotations
@@ -44,7 +52,12 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     image_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache held
+    cached_images: int = 0  # images served from the vision service's embedding cache
     started_s: float = 0.0  # since the benchmark started
+    turn: int = 0  # 1, 2, ... in a multi-turn conversation; 0: a single-turn request
+    conversation: int = -1
+    answer: str = ""  # the streamed text (sent back as history in the next turn)
 
     @property
     def tpot_s(self) -> float | None:
@@ -102,7 +115,15 @@ async def send(
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                     details = usage.get("prompt_tokens_details") or {}
                     result.image_tokens = details.get("image_tokens") or 0
+                    result.cached_tokens = details.get("cached_tokens") or 0
+                if chunk.get("vision"):
+                    result.cached_images = chunk["vision"].get("cached_images") or 0
                 choices = chunk.get("choices") or []
+                result.answer += "".join(
+                    (c.get("delta") or {}).get("content") or ""
+                    for c in choices
+                    if c.get("index", 0) == 0
+                )
                 if any((c.get("delta") or {}).get("content") for c in choices):
                     now = time.perf_counter()
                     if result.ttft_s == 0.0:
@@ -117,6 +138,36 @@ async def send(
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+async def converse(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    request: datasets.BenchRequest,
+    ignore_eos: bool,
+    extra_body: dict[str, Any],
+    origin: float,
+) -> list[RequestResult]:
+    """One request, or a conversation: the opening request, then each follow-up question
+    with the whole history (the answers as the server streamed them)."""
+    messages = list(request.messages)
+    results: list[RequestResult] = []
+    for turn in range(1 + len(request.follow_ups)):
+        if turn:
+            messages = [
+                *messages,
+                {"role": "assistant", "content": results[-1].answer},
+                {"role": "user", "content": request.follow_ups[turn - 1]},
+            ]
+        step = datasets.BenchRequest(messages, request.max_tokens, request.num_images)
+        result = await send(client, url, model, step, ignore_eos, extra_body, origin)
+        if request.follow_ups:
+            result.turn = turn + 1
+        results.append(result)
+        if not result.success:
+            break  # the rest of the conversation cannot be sent
+    return results
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -143,35 +194,39 @@ async def run_load(
     extra = json.loads(args.extra_body) if args.extra_body else {}
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=headers) as client:
         for request in requests[: args.warmup]:  # not measured
-            await send(
+            await converse(
                 client, url, args.model, request, args.ignore_eos, extra, time.perf_counter()
             )
         semaphore = asyncio.Semaphore(args.concurrency)
-        progress = _progress(len(requests) - args.warmup, args.quiet)
+        measured = requests[args.warmup :]
+        progress = _progress(sum(1 + len(r.follow_ups) for r in measured), args.quiet)
         origin = time.perf_counter()
 
-        async def one(request: datasets.BenchRequest) -> RequestResult:
-            async with semaphore:
-                result = await send(
+        async def one(index: int, request: datasets.BenchRequest) -> list[RequestResult]:
+            async with semaphore:  # a conversation holds its slot for all its turns
+                results = await converse(
                     client, url, args.model, request, args.ignore_eos, extra, origin
                 )
-            progress.update(1)
-            return result
+            for result in results:
+                result.conversation = index if request.follow_ups else -1
+            progress.update(1 + len(request.follow_ups))
+            return results
 
-        measured = requests[args.warmup :]
         tasks = []
-        for request, gap in zip(
-            measured,
-            arrival_gaps(len(measured), args.request_rate, args.burstiness, args.seed),
-            strict=True,
+        for index, (request, gap) in enumerate(
+            zip(
+                measured,
+                arrival_gaps(len(measured), args.request_rate, args.burstiness, args.seed),
+                strict=True,
+            )
         ):
-            tasks.append(asyncio.create_task(one(request)))
+            tasks.append(asyncio.create_task(one(index, request)))
             if gap:
                 await asyncio.sleep(gap)
-        results = await asyncio.gather(*tasks)
+        conversations = await asyncio.gather(*tasks)
         duration = time.perf_counter() - origin
         progress.close()
-    return list(results), duration
+    return [result for results in conversations for result in results], duration
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -219,8 +274,40 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "itl_ms": summarize([gap for r in done for gap in r.itl_s]),
         "e2el_ms": summarize([r.e2el_s for r in done]),
         "image_tokens_per_request": summarize([float(r.image_tokens) for r in done], scale=1.0),
+        "cached_tokens_per_request": summarize([float(r.cached_tokens) for r in done], scale=1.0),
+        "cached_images": sum(r.cached_images for r in done),
+        "by_turn": turn_metrics(done),
         "errors": sorted({r.error for r in results if not r.success})[:10],
     }
+
+
+def turn_metrics(done: list[RequestResult]) -> dict[str, dict[str, Any]]:
+    """Per turn index of multi-turn conversations (empty for single-turn runs): how many
+    requests, their TTFT, and what the server took from its caches."""
+    by_turn: dict[str, dict[str, Any]] = {}
+    for turn in sorted({r.turn for r in done if r.turn}):
+        at_turn = [r for r in done if r.turn == turn]
+        by_turn[str(turn)] = {
+            "requests": len(at_turn),
+            "ttft_ms": summarize([r.ttft_s for r in at_turn]),
+            "prompt_tokens_mean": float(np.mean([r.prompt_tokens for r in at_turn])),
+            "cached_tokens_mean": float(np.mean([r.cached_tokens for r in at_turn])),
+            "cached_images": sum(r.cached_images for r in at_turn),
+            "images": sum(1 for r in at_turn if r.image_tokens),
+        }
+    return by_turn
+
+
+def later_turns_ratio(metrics: dict[str, Any]) -> float | None:
+    """Mean TTFT of turns 2 and later over the mean TTFT of turn 1 (None: single-turn)."""
+    by_turn = metrics.get("by_turn") or {}
+    first = by_turn.get("1")
+    later = [entry for turn, entry in by_turn.items() if turn != "1"]
+    if not first or not later or not first["ttft_ms"]["mean"]:
+        return None
+    total = sum(entry["ttft_ms"]["mean"] * entry["requests"] for entry in later)
+    mean_later = total / sum(entry["requests"] for entry in later)
+    return float(mean_later / first["ttft_ms"]["mean"])
 
 
 def print_report(label: str, metrics: dict[str, Any]) -> None:
@@ -244,6 +331,16 @@ def print_report(label: str, metrics: dict[str, Any]) -> None:
             f"p90 {m['p90']:8.1f}  p99 {m['p99']:8.1f}"
         )
     lines.append(f"image tokens / request   {metrics['image_tokens_per_request']['mean']:.0f}")
+    for turn, entry in (metrics.get("by_turn") or {}).items():
+        lines.append(
+            f"turn {turn:<3} TTFT ms  mean {entry['ttft_ms']['mean']:8.1f}  median "
+            f"{entry['ttft_ms']['median']:8.1f}  cached tokens {entry['cached_tokens_mean']:7.0f}"
+            f" / {entry['prompt_tokens_mean']:.0f}  cached images {entry['cached_images']}"
+            f" / {entry['images']}"
+        )
+    ratio = later_turns_ratio(metrics)
+    if ratio is not None:
+        lines.append(f"TTFT turns 2+ / turn 1   {ratio:.3f}")
     for error in metrics["errors"]:
         lines.append(f"error: {error}")
     print("\n".join(lines))
@@ -322,6 +419,7 @@ def command_run(args: argparse.Namespace) -> int:
         prompt_words=args.prompt_len,
         output_len=args.output_len,
         seed=args.seed,
+        turns=args.turns or (4 if args.dataset == "multi-turn" else 1),
     )
     requests = datasets.load(args.dataset, options)
     warm, measured = requests[: args.warmup], requests[args.warmup :]
@@ -333,7 +431,9 @@ def command_run(args: argparse.Namespace) -> int:
     record = {
         "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "label": label},
         "metrics": metrics,
-        "requests": [{k: v for k, v in asdict(r).items() if k != "itl_s"} for r in results],
+        "requests": [
+            {k: v for k, v in asdict(r).items() if k not in ("itl_s", "answer")} for r in results
+        ],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if args.output:
@@ -380,6 +480,22 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
                 cell += f" ({value / reference:.2f}x)"
             cells.append(cell)
         out.append(f"| {title} | " + " | ".join(cells) + " |")
+    turns = sorted({int(t) for run in runs for t in (run["metrics"].get("by_turn") or {})})
+    for turn in turns:
+        cells = []
+        for run in runs:
+            entry = (run["metrics"].get("by_turn") or {}).get(str(turn))
+            cells.append(
+                "-"
+                if entry is None
+                else f"{entry['ttft_ms']['mean']:.0f} ({entry['cached_tokens_mean']:.0f} cached, "
+                f"{entry['cached_images']}/{entry['images']} images)"
+            )
+        out.append(f"| TTFT mean, turn {turn} (ms) | " + " | ".join(cells) + " |")
+    if turns:
+        ratios = [later_turns_ratio(run["metrics"]) for run in runs]
+        cells = ["-" if ratio is None else f"{ratio:.3f}" for ratio in ratios]
+        out.append("| TTFT turns 2+ / turn 1 | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -408,7 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1: Poisson)"
     )
-    run.add_argument("--dataset", default="synthetic", help="synthetic | folder:PATH | jsonl:PATH")
+    run.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic | multi-turn | folder:PATH | jsonl:PATH",
+    )
+    run.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help="user turns per conversation, each re-sending the history (default: 4 for "
+        "multi-turn, else 1); --num-requests and --warmup count conversations",
+    )
     run.add_argument("--images-per-request", type=int, default=1)
     run.add_argument("--min-tiles", type=int, default=1, help="synthetic images: fewest tiles")
     run.add_argument("--max-tiles", type=int, default=12, help="synthetic images: most tiles")

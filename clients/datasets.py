@@ -5,7 +5,13 @@
   something to decide; prompts of a chosen length; deterministic for a seed.
 - ``folder:PATH``: the images of a folder (PNG, JPEG, WebP), cycled.
 - ``jsonl:PATH``: one request per line: ``{"prompt": str, "images": [path or URL, ...],
-  "max_tokens": int}`` (``images`` and ``max_tokens`` optional).
+  "max_tokens": int, "follow_ups": [str, ...]}`` (all but ``prompt`` optional).
+- ``multi-turn``: synthetic conversations, one image each, ``turns`` user turns (4 unless
+  said otherwise); every turn re-sends the whole history (image, earlier questions and the
+  model's answers), as chat UIs do.
+
+Any dataset becomes conversations with ``turns`` > 1: each request then opens a chat and is
+followed by ``turns - 1`` questions about the same image.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class BenchRequest:
     max_tokens: int
     num_images: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Questions asked after the answer to ``messages``, one per turn, each with the whole
+    # history before it (empty: a single-turn request).
+    follow_ups: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +61,7 @@ class SyntheticOptions:
     output_len: int = 64
     image_format: str = "JPEG"
     seed: int = 0
+    turns: int = 1  # user turns per conversation (1: independent requests)
 
 
 def _grid_for(tiles: int, rng: random.Random) -> tuple[int, int]:
@@ -187,14 +197,14 @@ def from_jsonl(path: Path, options: SyntheticOptions) -> list[BenchRequest]:
             else:
                 file = (path.parent / image) if not Path(image).is_absolute() else Path(image)
                 urls.append(_file_url(file))
-        requests.append(
-            _request(
-                record["prompt"],
-                urls,
-                int(record.get("max_tokens", options.output_len)),
-                {"line": line_number},
-            )
+        request = _request(
+            record["prompt"],
+            urls,
+            int(record.get("max_tokens", options.output_len)),
+            {"line": line_number},
         )
+        request.follow_ups = [str(question) for question in record.get("follow_ups", [])]
+        requests.append(request)
         if len(requests) == options.num_requests:
             break
     if not requests:
@@ -205,13 +215,27 @@ def from_jsonl(path: Path, options: SyntheticOptions) -> list[BenchRequest]:
     return requests
 
 
+def with_follow_ups(requests: list[BenchRequest], options: SyntheticOptions) -> list[BenchRequest]:
+    """Each request opens a conversation of ``options.turns`` user turns: the follow-up
+    questions (deterministic for the seed) are added to the ones that have none."""
+    rng = random.Random(options.seed + 1)
+    for request in requests:
+        if options.turns > 1 and not request.follow_ups:
+            request.follow_ups = [
+                _prompt(rng, options.prompt_words) for _ in range(options.turns - 1)
+            ]
+    return requests
+
+
 def load(spec: str, options: SyntheticOptions) -> list[BenchRequest]:
-    """``synthetic``, ``folder:PATH`` or ``jsonl:PATH``."""
-    if spec == "synthetic":
-        return synthetic(options)
+    """``synthetic``, ``multi-turn``, ``folder:PATH`` or ``jsonl:PATH``."""
+    if spec in ("synthetic", "multi-turn"):
+        return with_follow_ups(synthetic(options), options)
     kind, _, location = spec.partition(":")
     if kind == "folder" and location:
-        return from_folder(Path(location), options)
+        return with_follow_ups(from_folder(Path(location), options), options)
     if kind == "jsonl" and location:
-        return from_jsonl(Path(location), options)
-    raise ValueError(f"unknown dataset {spec!r}; use synthetic, folder:PATH or jsonl:PATH")
+        return with_follow_ups(from_jsonl(Path(location), options), options)
+    raise ValueError(
+        f"unknown dataset {spec!r}; use synthetic, multi-turn, folder:PATH or jsonl:PATH"
+    )

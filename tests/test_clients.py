@@ -53,6 +53,92 @@ def test_folder_and_jsonl_datasets(tmp_path):
         datasets.load("nonsense", options)
 
 
+def test_multi_turn_conversations(tmp_path):
+    options = datasets.SyntheticOptions(num_requests=3, max_tiles=2, turns=4, seed=5)
+    conversations = datasets.load("multi-turn", options)
+    assert len(conversations) == 3
+    assert all(len(c.follow_ups) == 3 and c.num_images == 1 for c in conversations)
+    again = datasets.load("multi-turn", options)
+    assert [c.follow_ups for c in conversations] == [c.follow_ups for c in again]
+    single = datasets.load("synthetic", datasets.SyntheticOptions(num_requests=2, max_tiles=2))
+    assert all(not r.follow_ups for r in single)
+    line = {"prompt": "hi", "follow_ups": ["and then?", "why?"]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(line))
+    (record,) = datasets.load(f"jsonl:{tmp_path / 'chat.jsonl'}", datasets.SyntheticOptions(1))
+    assert record.follow_ups == ["and then?", "why?"]
+
+
+def test_each_turn_sends_the_whole_history():
+    """Against a scripted server: turn N carries the image, every question so far and every
+    answer as it was streamed."""
+    import asyncio
+
+    import httpx
+
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        turn = len(bodies)
+        events = [
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+             "vision": {"cached_images": int(turn > 1)}},
+            {"choices": [{"index": 0, "delta": {"content": f"answer {turn}"}}]},
+            {"choices": [{"index": 0, "delta": {"content": "."}}]},
+            {"choices": [], "usage": {"prompt_tokens": 100 * turn, "completion_tokens": 2,
+                                      "prompt_tokens_details": {"cached_tokens": 90 * (turn - 1),
+                                                                "image_tokens": 64}}},
+        ]  # fmt: skip
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    options = datasets.SyntheticOptions(num_requests=1, max_tiles=1, turns=3, seed=2)
+    (conversation,) = datasets.load("multi-turn", options)
+
+    async def run() -> list[benchmark.RequestResult]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await benchmark.converse(
+                client, "http://test/v1/chat/completions", "m", conversation, False, {}, 0.0
+            )
+
+    results = asyncio.run(run())
+    assert [r.turn for r in results] == [1, 2, 3] and all(r.success for r in results)
+    assert [r.cached_images for r in results] == [0, 1, 1]
+    assert [r.cached_tokens for r in results] == [0, 90, 180]
+    assert [len(b["messages"]) for b in bodies] == [1, 3, 5]
+    last = bodies[-1]["messages"]
+    assert last[0] == conversation.messages[0]  # the image, every turn
+    assert [m["content"] for m in last[1::2]] == ["answer 1.", "answer 2."]
+    assert [m["content"] for m in last[2::2]] == conversation.follow_ups
+
+
+def test_turn_metrics_and_their_comparison():
+    def run(label: str, ttfts: list[float]) -> dict:
+        results = [
+            benchmark.RequestResult(
+                True, ttft_s=ttft, e2el_s=1.0, output_tokens=4, prompt_tokens=100, turn=turn,
+                cached_tokens=0 if turn == 1 else 80, image_tokens=64, cached_images=int(turn > 1),
+            )
+            for conversation in range(2)
+            for turn, ttft in enumerate(ttfts, start=1)
+        ]  # fmt: skip
+        return {"config": {"label": label}, "metrics": benchmark.compute_metrics(results, 4.0)}
+
+    on, off = run("cache on", [1.0, 0.2, 0.2, 0.2]), run("cache off", [1.0, 1.0, 1.2, 1.4])
+    by_turn = on["metrics"]["by_turn"]
+    assert list(by_turn) == ["1", "2", "3", "4"]
+    assert by_turn["2"]["requests"] == 2 and by_turn["2"]["cached_images"] == 2
+    assert by_turn["2"]["ttft_ms"]["mean"] == pytest.approx(200.0)
+    assert benchmark.later_turns_ratio(on["metrics"]) == pytest.approx(0.2)
+    assert benchmark.later_turns_ratio(off["metrics"]) == pytest.approx(1.2)
+    table = benchmark.compare_table([off, on])
+    assert "| TTFT mean, turn 1 (ms) | 1000" in table
+    assert "| TTFT turns 2+ / turn 1 | 1.200 | 0.200 |" in table
+    single = benchmark.compute_metrics([benchmark.RequestResult(True, ttft_s=0.1)], 1.0)
+    assert single["by_turn"] == {} and benchmark.later_turns_ratio(single) is None
+
+
 def test_metrics_are_consistent():
     results = [
         benchmark.RequestResult(
@@ -183,6 +269,30 @@ def test_benchmark_against_the_served_model(stacks, tmp_path):
     assert "| request throughput (/s) |" in compared.stdout and "x)" in compared.stdout
     with Image.open(tmp_path / "cmp.png") as plot:
         assert np.asarray(plot.convert("L"), dtype=np.float32).std() > 5
+
+
+@pytest.mark.slow
+def test_multi_turn_benchmark_against_the_served_model(stacks, tmp_path):
+    """Three 3-turn conversations about fresh images: from turn 2 on, the vision service
+    serves every image from its cache and vLLM reuses the history's KV blocks."""
+    output = tmp_path / "multi-turn.json"
+    result = run_client(
+        "clients/benchmark.py", "run",
+        "--base-url", stacks["flash"].base_url,
+        "--dataset", "multi-turn", "--turns", "3", "--seed", "7",
+        "--num-requests", "3", "--warmup", "0", "--concurrency", "2",
+        "--max-tiles", "2", "--output-len", "4", "--ignore-eos",
+        "--label", "multi-turn", "--output", str(output), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    metrics = json.loads(output.read_text())["metrics"]
+    assert metrics["completed"] == 9 and metrics["failed"] == 0
+    by_turn = metrics["by_turn"]
+    assert [by_turn[t]["requests"] for t in ("1", "2", "3")] == [3, 3, 3]
+    assert by_turn["1"]["cached_images"] == 0
+    assert by_turn["2"]["cached_images"] == by_turn["3"]["cached_images"] == 3
+    assert by_turn["2"]["cached_tokens_mean"] > 0 and by_turn["3"]["cached_tokens_mean"] > 0
+    assert "TTFT turns 2+ / turn 1" in result.stdout
 
 
 @pytest.mark.slow
