@@ -30,6 +30,13 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     """Load the checkpoint description, start vLLM and connect to the vision service."""
     from transformers import AutoTokenizer
 
+    if settings.vision == "grpc":
+        # This process only copies embedding rows around; the model runs in vLLM's own
+        # processes. One intra-op thread keeps torch from starting an OpenMP team for every
+        # executor thread that copies rows (they would compete with vLLM for the cores).
+        import torch
+
+        torch.set_num_threads(1)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
     path, model_id = resolve_model(settings.model, settings.revision, cache_dir)
     spec = load_checkpoint_spec(path)

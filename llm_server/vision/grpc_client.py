@@ -213,9 +213,10 @@ class GrpcImageEncoder:
         if self.arena is None or self.info is None:
             return None
         info = self.info
-        row_bytes = (
-            info.hidden_size * torch.empty((), dtype=codec.torch_dtype(info.dtype)).element_size()
-        )
+        try:
+            row_bytes = codec.tensor_bytes((info.hidden_size,), info.dtype)
+        except codec.CodecError:  # a service that does not describe its rows: they stream
+            return None
         most_rows = 0
         for image in images:
             max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
