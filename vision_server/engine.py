@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -43,6 +42,7 @@ from vision_server.batching import (
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
+from vision_server.threads import started_pool
 from vision_server.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class EncoderEngine:
         )
         # Assembling images and copying routed rows back: off the event loop, and not behind
         # the next pass on the launch thread.
-        self._copy_back = ThreadPoolExecutor(max_workers=2, thread_name_prefix="copy-back")
+        self._copy_back = started_pool(2, "copy-back")
         # Read at scrape time, so the gauge is exact without bookkeeping on the hot path.
         metrics.queued_tiles.set_function(lambda: self.batcher.queued_tiles)
 

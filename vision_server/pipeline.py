@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from checkpoints.spec import CheckpointSpec
@@ -21,6 +20,7 @@ from vision_server.engine import EncodedImage, EncoderEngine
 from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
 from vision_server.settings import VisionSettings
+from vision_server.threads import started_pool
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,7 @@ class VisionPipeline:
         self.limits = ImageLimits(
             max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
-        self._preprocess_pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
-        )
+        self._preprocess_pool = started_pool(settings.preprocess_workers, "preprocess")
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
