@@ -185,7 +185,9 @@ def grey_level_frames(count: int, width: int = 320, height: int = 240) -> list[n
     return [np.full((height, width, 3), 8 * k, dtype=np.uint8) for k in range(count)]
 
 
-def mixed_frames(count: int, width: int = 320, height: int = 240, seed: int = 0) -> list[np.ndarray]:
+def mixed_frames(
+    count: int, width: int = 320, height: int = 240, seed: int = 0
+) -> list[np.ndarray]:
     """Frames that alternate between noise and smooth gradients (varied answers, varied
     router decisions)."""
     rng = np.random.default_rng(seed)

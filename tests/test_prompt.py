@@ -96,9 +96,7 @@ VIDEO = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}
 
 
 def with_video(*parts) -> ChatMessage:
-    content = [
-        part if isinstance(part, dict) else {"type": "text", "text": part} for part in parts
-    ]
+    content = [part if isinstance(part, dict) else {"type": "text", "text": part} for part in parts]
     return ChatMessage.model_validate({"role": "user", "content": content})
 
 
