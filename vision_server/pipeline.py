@@ -148,6 +148,11 @@ class VisionPipeline:
         self._check_counts(call)
         per_image = [self._image_options(options, image.max_tiles) for image in call.images]
         frames = [self._num_frames(video) for video in call.videos]
+        if sum(frames) > self.settings.max_tiles_per_request:  # known before decoding anything
+            raise TooManyImages(
+                f"the videos of this request make {sum(frames)} frames; the limit is "
+                f"{self.settings.max_tiles_per_request} tiles (lower num_frames)"
+            )
         loop = asyncio.get_running_loop()
         pool = self._preprocess_pool
         image_jobs = [
