@@ -7,8 +7,8 @@
 It speaks only the public HTTP API (streaming chat completions) and measures what
 ``vllm bench serve`` measures: time to first token (TTFT), time per output token (TPOT),
 inter-token latency (ITL), end-to-end latency (E2EL) — mean, median, p90, p99 — request
-throughput, output and total token throughput, completed/failed counts, plus the image
-tokens per request that the server reports.
+throughput, output and total token throughput, completed/failed counts, plus the image and
+video tokens per request that the server reports.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     image_tokens: int = 0
+    video_tokens: int = 0
     started_s: float = 0.0  # since the benchmark started
 
     @property
@@ -102,6 +103,7 @@ async def send(
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                     details = usage.get("prompt_tokens_details") or {}
                     result.image_tokens = details.get("image_tokens") or 0
+                    result.video_tokens = details.get("video_tokens") or 0
                 choices = chunk.get("choices") or []
                 if any((c.get("delta") or {}).get("content") for c in choices):
                     now = time.perf_counter()
@@ -219,6 +221,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "itl_ms": summarize([gap for r in done for gap in r.itl_s]),
         "e2el_ms": summarize([r.e2el_s for r in done]),
         "image_tokens_per_request": summarize([float(r.image_tokens) for r in done], scale=1.0),
+        "video_tokens_per_request": summarize([float(r.video_tokens) for r in done], scale=1.0),
         "errors": sorted({r.error for r in results if not r.success})[:10],
     }
 
@@ -244,6 +247,9 @@ def print_report(label: str, metrics: dict[str, Any]) -> None:
             f"p90 {m['p90']:8.1f}  p99 {m['p99']:8.1f}"
         )
     lines.append(f"image tokens / request   {metrics['image_tokens_per_request']['mean']:.0f}")
+    if "video_tokens_per_request" in metrics:
+        video_tokens = metrics["video_tokens_per_request"]["mean"]
+        lines.append(f"video tokens / request   {video_tokens:.0f}")
     for error in metrics["errors"]:
         lines.append(f"error: {error}")
     print("\n".join(lines))
@@ -322,6 +328,7 @@ def command_run(args: argparse.Namespace) -> int:
         prompt_words=args.prompt_len,
         output_len=args.output_len,
         seed=args.seed,
+        video_frames=args.video_frames,
     )
     requests = datasets.load(args.dataset, options)
     warm, measured = requests[: args.warmup], requests[args.warmup :]
@@ -358,6 +365,7 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
         ("E2EL p50 (ms)", "e2el_ms", "median", False),
         ("E2EL p99 (ms)", "e2el_ms", "p99", False),
         ("image tokens / request", "image_tokens_per_request", "mean", None),
+        ("video tokens / request", "video_tokens_per_request", "mean", None),
         ("completed", "completed", None, None),
         ("failed", "failed", None, None),
     ]
@@ -366,6 +374,8 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
     out = [header, "|" + "---|" * (len(labels) + 1)]
     for title, key, sub, _higher_is_better in rows:
         cells = []
+        if any(key not in run["metrics"] for run in runs):
+            continue  # results written before the metric existed
         for index, run in enumerate(runs):
             value = run["metrics"][key] if sub is None else run["metrics"][key][sub]
             reference = base[key] if sub is None else base[key][sub]
@@ -408,7 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1: Poisson)"
     )
-    run.add_argument("--dataset", default="synthetic", help="synthetic | folder:PATH | jsonl:PATH")
+    run.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic | synthetic-video | folder:PATH | jsonl:PATH",
+    )
+    run.add_argument(
+        "--video-frames",
+        type=int,
+        default=64,
+        help="synthetic-video: frames of each video (the server samples num_frames of them)",
+    )
     run.add_argument("--images-per-request", type=int, default=1)
     run.add_argument("--min-tiles", type=int, default=1, help="synthetic images: fewest tiles")
     run.add_argument("--max-tiles", type=int, default=12, help="synthetic images: most tiles")

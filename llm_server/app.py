@@ -76,7 +76,8 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             allowed_hosts=frozenset(settings.allowed_image_hosts),
             timeout_s=settings.image_fetch_timeout_s,
             allowed_networks=ImageFetchPolicy.networks(settings.allowed_image_networks),
-        )
+        ),
+        max_video_bytes=settings.max_video_bytes,
     )
     logger.info(
         "chat template: %s content, image marker %r; vision: %s",
@@ -84,7 +85,9 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
         prompts.marker,
         "in this process" if settings.vision == "inprocess" else settings.vision_target,
     )
-    return ChatService(engine, encoder, prompts, images, settings)
+    return ChatService(
+        engine, encoder, prompts, images, settings, default_num_frames=spec.video_frames
+    )
 
 
 # How often the engine's liveness is checked, and how long a dead engine's server keeps

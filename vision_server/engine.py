@@ -44,6 +44,7 @@ from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
 from vision_server.threads import started_pool
 from vision_server.tiling import TileGrid
+from vision_server.video import SampledFrames
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class EncodedImage:
     grid: TileGrid
     stats: BatchStats
     vir_mode: VirMode | None  # None: the checkpoint has no router
+    video: SampledFrames | None = None  # set for a video: one tile per sampled frame
 
     @property
     def num_visual_tokens(self) -> int:
@@ -374,7 +376,7 @@ class EncoderEngine:
                     parts, stats = await task
                     embeddings = await self._assemble_off_loop(parts, None)
                     yield self._encoded(
-                        image, embeddings, [squeeze] * image.grid.num_tiles, stats, applied
+                        image, embeddings, [squeeze] * int(image.tiles.shape[0]), stats, applied
                     )
         finally:
             for task in tasks:

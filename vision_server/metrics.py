@@ -14,6 +14,8 @@ requests = Counter(
     ["status"],
 )
 images = Counter("dvd:vision_images", "Images encoded.")
+videos = Counter("dvd:vision_videos", "Videos encoded.")
+video_frames = Counter("dvd:vision_video_frames", "Video frames sampled and encoded (a tile each).")
 tiles = Counter(
     "dvd:vision_tiles",
     "Tiles encoded, by Visual Resolution Router decision (keep: 256 tokens, compress: 64).",

@@ -1,5 +1,10 @@
 """One encode request, end to end, without any transport: validate, prepare, encode, route.
 
+A request's items are its images, then its videos; a video is its sampled frames, one tile
+each, encoded as one item. All tiles of the request, images and frames alike, go to the engine
+in one call, so the router decides over all of them together, as the reference decides over
+all pixel values of one call: a video's frames are never routed one by one.
+
 Used by the gRPC servicer (DvD) and, in-process, by the language service's coupled mode, so
 both run exactly the same code.
 """
@@ -12,15 +17,17 @@ import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from checkpoints.spec import CheckpointSpec
 from protos.options import VirMode
 from vision_server import metrics
 from vision_server.engine import EncodedImage, EncoderEngine
-from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages
+from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
 from vision_server.settings import VisionSettings
 from vision_server.threads import started_pool
+from vision_server.video import PreparedVideo, SampledFrames, VideoLimits, prepare_video
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +39,15 @@ class ImagePayload:
 
 
 @dataclass(frozen=True)
+class VideoPayload:
+    data: bytes  # the encoded file
+    num_frames: int = 0  # 0: the service's default
+
+
+@dataclass(frozen=True)
 class EncodeCall:
     images: Sequence[ImagePayload]
+    videos: Sequence[VideoPayload] = ()
     max_tiles: int = 0  # 0: the checkpoint's
     vir_mode: VirMode | None = None  # None: the default (auto)
     vir_threshold: float | None = None
@@ -52,6 +66,13 @@ class VisionPipeline:
         self.limits = ImageLimits(
             max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
+        self.video_limits = VideoLimits(
+            max_bytes=settings.max_video_bytes,
+            max_pixels=settings.max_video_pixels,
+            max_duration_s=settings.max_video_duration_s,
+            max_decoded_frames=settings.max_video_decoded_frames,
+        )
+        self.default_num_frames = settings.num_frames or spec.video_frames
         self._preprocess_pool = started_pool(settings.preprocess_workers, "preprocess")
 
     def close(self) -> None:
@@ -96,51 +117,98 @@ class VisionPipeline:
             )
         return dataclasses.replace(options, max_tiles=max_tiles)
 
-    async def _prepare(self, call: EncodeCall, options: TilingOptions) -> list[PreparedImage]:
-        if not call.images:
-            raise InvalidRequest("request has no images")
+    def _num_frames(self, video: VideoPayload) -> int:
+        num_frames = video.num_frames or self.default_num_frames
+        if num_frames > self.settings.max_num_frames:
+            raise InvalidRequest(
+                f"num_frames={num_frames} exceeds this service's limit of "
+                f"{self.settings.max_num_frames} frames per video"
+            )
+        return num_frames
+
+    def _check_counts(self, call: EncodeCall) -> None:
+        if not call.images and not call.videos:
+            raise InvalidRequest("request has no images or videos")
         if len(call.images) > self.settings.max_images_per_request:
             raise TooManyImages(
                 f"{len(call.images)} images in one request; the limit is "
                 f"{self.settings.max_images_per_request}"
             )
-        per_image = [self._image_options(options, image.max_tiles) for image in call.images]
-        loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(
-                self._preprocess_pool, prepare_image, image.data, self.limits, opts
+        if len(call.videos) > self.settings.max_videos_per_request:
+            raise TooManyImages(
+                f"{len(call.videos)} videos in one request; the limit is "
+                f"{self.settings.max_videos_per_request}"
             )
+
+    async def _prepare(
+        self, call: EncodeCall, options: TilingOptions
+    ) -> tuple[list[PreparedImage], list[PreparedVideo]]:
+        self._check_counts(call)
+        per_image = [self._image_options(options, image.max_tiles) for image in call.images]
+        frames = [self._num_frames(video) for video in call.videos]
+        if sum(frames) > self.settings.max_tiles_per_request:  # known before decoding anything
+            raise TooManyImages(
+                f"the videos of this request make {sum(frames)} frames; the limit is "
+                f"{self.settings.max_tiles_per_request} tiles (lower num_frames)"
+            )
+        loop = asyncio.get_running_loop()
+        pool = self._preprocess_pool
+        image_jobs = [
+            loop.run_in_executor(pool, prepare_image, image.data, self.limits, opts)
             for image, opts in zip(call.images, per_image, strict=True)
         ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        prepared: list[PreparedImage] = []
+        tile_size = self.spec.vision.image_size
+        video_jobs = [
+            loop.run_in_executor(
+                pool, prepare_video, video.data, count, self.video_limits, tile_size
+            )
+            for video, count in zip(call.videos, frames, strict=True)
+        ]
+        results = await asyncio.gather(*image_jobs, *video_jobs, return_exceptions=True)
         for index, result in enumerate(results):
             if isinstance(result, InvalidImage):
                 raise InvalidImage(f"image {index}: {result}")
+            if isinstance(result, InvalidVideo):
+                raise InvalidVideo(f"video {index - len(image_jobs)}: {result}")
             if isinstance(result, BaseException):
                 raise result
-            prepared.append(result)
-        tiles = sum(image.grid.num_tiles for image in prepared)
+        images = cast(list[PreparedImage], results[: len(image_jobs)])
+        videos = cast(list[PreparedVideo], results[len(image_jobs) :])
+        tiles = sum(int(image.tiles.shape[0]) for image in images)
+        tiles += sum(video.num_frames for video in videos)
         if tiles > self.settings.max_tiles_per_request:
             raise TooManyImages(
-                f"the images of this request make {tiles} tiles; the limit is "
-                f"{self.settings.max_tiles_per_request} (lower max_tiles or send fewer images)"
+                f"the images and video frames of this request make {tiles} tiles; the limit is "
+                f"{self.settings.max_tiles_per_request} (lower max_tiles or num_frames, or send "
+                "fewer images or videos)"
             )
-        return prepared
+        return images, videos
 
     # ---- encoding ---------------------------------------------------------------------------
 
     async def encode(self, call: EncodeCall) -> AsyncGenerator[EncodedImage, None]:
-        """Encoded images in request order; raises ``VisionError`` types for bad requests."""
+        """Encoded items in request order, the images then the videos (``video`` set);
+        raises ``VisionError`` types for bad requests."""
         if self.engine.failure is not None:  # fail fast, before decoding anything
             raise self.engine.failure
         options = self._tiling_options(call)
         vir_mode = self._vir_mode(call.vir_mode)
-        images = await self._prepare(call, options)
-        stream = self.engine.encode_request(images, call.request_id, vir_mode, call.vir_threshold)
-        async with contextlib.aclosing(stream) as encoded_images:
-            async for encoded in encoded_images:
+        images, videos = await self._prepare(call, options)
+        items = [*images, *(video.frames for video in videos)]
+        stream = self.engine.encode_request(items, call.request_id, vir_mode, call.vir_threshold)
+        async with contextlib.aclosing(stream) as encoded_items:
+            index = 0
+            async for encoded in encoded_items:
                 metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
-                metrics.images.inc()
                 metrics.visual_tokens.inc(encoded.num_visual_tokens)
-                yield encoded
+                if index < len(images):
+                    metrics.images.inc()
+                    yield encoded
+                else:
+                    video_index = index - len(images)
+                    video = videos[video_index]
+                    metrics.videos.inc()
+                    metrics.video_frames.inc(video.num_frames)
+                    sampled = SampledFrames(video_index, video.frame_numbers, video.info)
+                    yield dataclasses.replace(encoded, video=sampled)
+                index += 1
