@@ -16,6 +16,7 @@ from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddlew
 from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
+from llm_server.executor import default_executor_workers, install_default_executor
 from llm_server.images import ImageFetchPolicy, ImageLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
@@ -115,6 +116,7 @@ def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await install_default_executor(default_executor_workers())
         chat = await build_chat_service(settings)
         app.state.chat = chat
         watchdog = asyncio.create_task(watch_engine(chat.engine, on_fatal))

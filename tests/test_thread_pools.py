@@ -1,10 +1,12 @@
-"""The vision service's thread pools start every thread up front (fixed thread count)."""
+"""Both services start every thread of their pools up front (fixed thread count)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+from llm_server.executor import install_default_executor
 from vision_server.threads import started_pool
 
 
@@ -21,3 +23,16 @@ def test_every_thread_runs_on_return_and_a_burst_adds_none() -> None:
     finally:
         pool.shutdown(wait=True)
     assert threading.active_count() == before
+
+
+def test_the_api_default_executor_is_started_whole() -> None:
+    async def scenario() -> tuple[int, int]:
+        before = threading.active_count()
+        executor = await install_default_executor(4)
+        started = threading.active_count() - before
+        await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.01) for _ in range(16)))
+        after_burst = threading.active_count() - before
+        executor.shutdown(wait=True)
+        return started, after_burst
+
+    assert asyncio.run(scenario()) == (4, 4)
