@@ -67,7 +67,12 @@ start_coupled() {
 bench() { dvd-bench run --base-url http://127.0.0.1:8000 "$@"; }
 
 if [[ " $STEPS " == *" transport "* ]]; then
-  python -m benchmarks.transport --chunk-mb 2 --repeat 30 | tee "$OUT/transport.md"
+  python -m benchmarks.transport --sizes-mb 0.002 0.5 1.7 6.8 27.3 --streams 1 16 \
+    --transports shared-memory grpc --json > "$OUT/transport.json"
+  for cores in 0 0,1; do  # gRPC and shared memory on one core, then on two
+    taskset -c "$cores" python -m benchmarks.transport --sizes-mb 1.7 6.8 --streams 16 \
+      --calls 10 --json > "$OUT/transport-cores-$cores.json"
+  done
 fi
 
 if [[ " $STEPS " == *" sweep "* ]]; then
