@@ -22,6 +22,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import AsyncIterator
+from queue import Empty
 from typing import Any
 
 import grpc
@@ -90,7 +91,10 @@ class _StandInServicer(vision_pb2_grpc.VisionServiceServicer):
         )
 
 
-def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any) -> None:
+def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any, torch_threads: int) -> None:
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+
     async def run() -> None:
         server = grpc.aio.server()
         servicer = _StandInServicer(chunk_bytes, max_rows)
@@ -104,16 +108,23 @@ def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any) -> None:
 
 
 async def _client(
-    target: str, size_bytes: int, streams: int, calls: int, channels: int, transport: str
+    target: str,
+    size_bytes: int,
+    streams: int,
+    calls: int,
+    channels: int,
+    transport: str,
+    reserve_bytes: int,
 ) -> dict[str, Any]:
-    """``streams`` concurrent callers, ``calls`` calls each; per-call seconds and wall time."""
+    """``streams`` concurrent callers, ``calls`` calls each; per-call seconds and wall time.
+    ``reserve_bytes``: the shared memory one call reserves (the stand-in's largest image)."""
     encoder = GrpcImageEncoder(
         target,
         timeout_s=120,
         expected_hidden_size=HIDDEN,
         channels=channels,
         transport=transport,  # type: ignore[arg-type]
-        shared_memory_bytes=max(64 << 20, streams * (rows_for(size_bytes) * ROW_BYTES + (1 << 20))),
+        shared_memory_bytes=max(64 << 20, streams * (reserve_bytes + (1 << 20))),
     )
     image = [ImageInput(str(size_bytes).encode())]
     options = EncodeOptions()
@@ -138,8 +149,24 @@ async def _client(
 
 
 def _client_process(args: tuple[Any, ...], barrier: Any, results: Any) -> None:
+    torch.set_num_threads(1)  # as the language service's API process does
     barrier.wait()
     results.put(asyncio.run(_client(*args)))
+
+
+def _next_outcome(queue: Any, processes: list[Any], limit_s: float = 600) -> dict[str, Any]:
+    """The next client's result; fails at once if a client process died without one."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1)
+        except Empty:
+            failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if failed:
+                for process in processes:
+                    process.kill()
+                raise RuntimeError(f"a client process failed (exit codes {failed})") from None
+    raise TimeoutError(f"no client result within {limit_s:.0f} s")
 
 
 def memcpy_rate(size_bytes: int, repeat: int = 20) -> float:
@@ -162,6 +189,7 @@ def measure(
     clients: int,
     channels: int,
     calls: int,
+    reserve_bytes: int,
 ) -> dict[str, Any]:
     """One configuration: ``clients`` processes x ``streams`` concurrent calls each."""
     context = multiprocessing.get_context("spawn")
@@ -178,6 +206,7 @@ def measure(
                     calls,
                     channels,
                     transport,
+                    reserve_bytes,
                 ),
                 barrier,
                 queue,
@@ -187,7 +216,7 @@ def measure(
     ]
     for process in processes:
         process.start()
-    outcomes = [queue.get(timeout=600) for _ in processes]
+    outcomes = [_next_outcome(queue, processes) for _ in processes]
     for process in processes:
         process.join(30)
     latencies = sorted(x for outcome in outcomes for x in outcome["latencies"])
@@ -220,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=20, help="calls per stream")
     parser.add_argument("--chunk-mb", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=50199, help="first stand-in server port")
+    parser.add_argument(
+        "--server-torch-threads",
+        type=int,
+        default=0,
+        help="torch threads of each stand-in server, as the vision service's --torch-threads",
+    )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
 
@@ -232,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     for port in ports:
         ready = context.Event()
         server = context.Process(
-            target=_serve, args=(port, int(args.chunk_mb * 2**20), max_rows, ready), daemon=True
+            target=_serve,
+            args=(port, int(args.chunk_mb * 2**20), max_rows, ready, args.server_torch_threads),
+            daemon=True,
         )
         server.start()
         servers.append(server)
@@ -252,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                             clients=args.clients,
                             channels=args.channels,
                             calls=args.calls,
+                            reserve_bytes=max_rows * ROW_BYTES,
                         )
                     )
     finally:

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Frames sampled per video when neither the request nor the checkpoint says: the model card's
+# video example uses 8.
+DEFAULT_VIDEO_FRAMES = 8
 
 
 class CheckpointError(ValueError):
@@ -103,6 +106,9 @@ class CheckpointSpec(BaseModel):
     use_thumbnail: bool = True
     checkpoint_dtype: str = "bfloat16"
     flash: FlashSpec | None = None
+    # Frames sampled per video by default (a transformers video processor config's
+    # ``num_frames``, else the model card's 8).
+    video_frames: int = DEFAULT_VIDEO_FRAMES
 
     @property
     def tokens_per_tile(self) -> int:
@@ -178,6 +184,7 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         raise CheckpointError(f"{path} has no config.json")
     layout = detect_layout(config)
     preprocessor = _read_json(path / "preprocessor_config.json")
+    video_preprocessor = _read_json(path / "video_preprocessor_config.json")
     tokenizer_config = _read_json(path / "tokenizer_config.json")
 
     if layout is Layout.ORIGINAL:
@@ -237,4 +244,10 @@ def load_checkpoint_spec(path: Path) -> CheckpointSpec:
         use_thumbnail=use_thumbnail,
         checkpoint_dtype=checkpoint_dtype,
         flash=flash,
+        video_frames=_video_frames(video_preprocessor),
     )
+
+
+def _video_frames(video_preprocessor: dict[str, Any]) -> int:
+    frames = video_preprocessor.get("num_frames")
+    return int(frames) if isinstance(frames, int) and frames > 0 else DEFAULT_VIDEO_FRAMES

@@ -8,7 +8,7 @@ It speaks only the public HTTP API (streaming chat completions) and measures wha
 ``vllm bench serve`` measures: time to first token (TTFT), time per output token (TPOT),
 inter-token latency (ITL), end-to-end latency (E2EL) — mean, median, p90, p99 — request
 throughput, output and total token throughput, completed/failed counts, plus the image
-tokens per request that the server reports.
+and video tokens per request that the server reports.
 
 Multi-turn chats (``--dataset multi-turn``, or ``--turns N`` with any dataset): each
 conversation sends its turns one after the other, each with the whole history so far (the
@@ -54,6 +54,7 @@ class RequestResult:
     image_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the server's prefix cache held
     cached_images: int = 0  # images served from the vision service's embedding cache
+    video_tokens: int = 0
     started_s: float = 0.0  # since the benchmark started
     turn: int = 0  # 1, 2, ... in a multi-turn conversation; 0: a single-turn request
     conversation: int = -1
@@ -115,6 +116,7 @@ async def send(
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                     details = usage.get("prompt_tokens_details") or {}
                     result.image_tokens = details.get("image_tokens") or 0
+                    result.video_tokens = details.get("video_tokens") or 0
                     result.cached_tokens = details.get("cached_tokens") or 0
                 if chunk.get("vision"):
                     result.cached_images = chunk["vision"].get("cached_images") or 0
@@ -277,6 +279,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "cached_tokens_per_request": summarize([float(r.cached_tokens) for r in done], scale=1.0),
         "cached_images": sum(r.cached_images for r in done),
         "by_turn": turn_metrics(done),
+        "video_tokens_per_request": summarize([float(r.video_tokens) for r in done], scale=1.0),
         "errors": sorted({r.error for r in results if not r.success})[:10],
     }
 
@@ -331,6 +334,9 @@ def print_report(label: str, metrics: dict[str, Any]) -> None:
             f"p90 {m['p90']:8.1f}  p99 {m['p99']:8.1f}"
         )
     lines.append(f"image tokens / request   {metrics['image_tokens_per_request']['mean']:.0f}")
+    if "video_tokens_per_request" in metrics:
+        video_tokens = metrics["video_tokens_per_request"]["mean"]
+        lines.append(f"video tokens / request   {video_tokens:.0f}")
     for turn, entry in (metrics.get("by_turn") or {}).items():
         lines.append(
             f"turn {turn:<3} TTFT ms  mean {entry['ttft_ms']['mean']:8.1f}  median "
@@ -420,6 +426,7 @@ def command_run(args: argparse.Namespace) -> int:
         output_len=args.output_len,
         seed=args.seed,
         turns=args.turns or (4 if args.dataset == "multi-turn" else 1),
+        video_frames=args.video_frames,
     )
     requests = datasets.load(args.dataset, options)
     warm, measured = requests[: args.warmup], requests[args.warmup :]
@@ -458,6 +465,7 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
         ("E2EL p50 (ms)", "e2el_ms", "median", False),
         ("E2EL p99 (ms)", "e2el_ms", "p99", False),
         ("image tokens / request", "image_tokens_per_request", "mean", None),
+        ("video tokens / request", "video_tokens_per_request", "mean", None),
         ("completed", "completed", None, None),
         ("failed", "failed", None, None),
     ]
@@ -466,6 +474,8 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
     out = [header, "|" + "---|" * (len(labels) + 1)]
     for title, key, sub, _higher_is_better in rows:
         cells = []
+        if any(key not in run["metrics"] for run in runs):
+            continue  # results written before the metric existed
         for index, run in enumerate(runs):
             value = run["metrics"][key] if sub is None else run["metrics"][key][sub]
             reference = base[key] if sub is None else base[key][sub]
@@ -527,7 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dataset",
         default="synthetic",
-        help="synthetic | multi-turn | folder:PATH | jsonl:PATH",
+        help="synthetic | synthetic-video | multi-turn | folder:PATH | jsonl:PATH",
+    )
+    run.add_argument(
+        "--video-frames",
+        type=int,
+        default=64,
+        help="synthetic-video: frames of each video (the server samples num_frames of them)",
     )
     run.add_argument(
         "--turns",

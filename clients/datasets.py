@@ -1,8 +1,11 @@
-"""Benchmark workloads: chat requests with images, as a user would send them.
+"""Benchmark workloads: chat requests with images or videos, as a user would send them.
 
 - ``synthetic``: images of 1 to 12 tiles (448x448 each) whose regions are either dense
   text-like content or flat colour, in a chosen mix, so a Visual Resolution Router has
   something to decide; prompts of a chosen length; deterministic for a seed.
+- ``synthetic-video``: one H.264 MP4 video per request (448x448 frames, each dense text-like
+  content or flat colour in the same mix, ``video_frames`` long at 8 fps, made with PyAV); how
+  many frames the server samples is the request's ``num_frames`` (``--extra-body``).
 - ``folder:PATH``: the images of a folder (PNG, JPEG, WebP), cycled.
 - ``jsonl:PATH``: one request per line: ``{"prompt": str, "images": [path or URL, ...],
   "max_tokens": int, "follow_ups": [str, ...]}`` (all but ``prompt`` optional).
@@ -62,6 +65,7 @@ class SyntheticOptions:
     image_format: str = "JPEG"
     seed: int = 0
     turns: int = 1  # user turns per conversation (1: independent requests)
+    video_frames: int = 64  # frames of each synthetic video
 
 
 def _grid_for(tiles: int, rng: random.Random) -> tuple[int, int]:
@@ -161,6 +165,45 @@ def synthetic(options: SyntheticOptions) -> list[BenchRequest]:
     return requests
 
 
+def synthetic_video(frames: int, dense_fraction: float, seed: int, fps: int = 8) -> bytes:
+    """An H.264 MP4 of ``frames`` 448x448 frames, each dense (text-like) or flat."""
+    import av  # only the video workload needs it
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = TILE
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            fill = _dense_region if rng.random() < dense_fraction else _flat_region
+            frame = av.VideoFrame.from_ndarray(fill(rng, TILE, TILE), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def synthetic_videos(options: SyntheticOptions) -> list[BenchRequest]:
+    rng = random.Random(options.seed)
+    requests = []
+    for index in range(options.num_requests):
+        data = synthetic_video(options.video_frames, options.dense_fraction, rng.randrange(2**31))
+        content: list[dict[str, Any]] = [
+            {"type": "video_url", "video_url": {"url": data_url(data, "video/mp4")}},
+            {"type": "text", "text": _prompt(rng, options.prompt_words)},
+        ]
+        requests.append(
+            BenchRequest(
+                messages=[{"role": "user", "content": content}],
+                max_tokens=options.output_len,
+                meta={"video_frames": options.video_frames, "index": index},
+            )
+        )
+    return requests
+
+
 def from_folder(folder: Path, options: SyntheticOptions) -> list[BenchRequest]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -228,14 +271,17 @@ def with_follow_ups(requests: list[BenchRequest], options: SyntheticOptions) -> 
 
 
 def load(spec: str, options: SyntheticOptions) -> list[BenchRequest]:
-    """``synthetic``, ``multi-turn``, ``folder:PATH`` or ``jsonl:PATH``."""
+    """``synthetic``, ``synthetic-video``, ``multi-turn``, ``folder:PATH`` or ``jsonl:PATH``."""
     if spec in ("synthetic", "multi-turn"):
         return with_follow_ups(synthetic(options), options)
+    if spec == "synthetic-video":
+        return with_follow_ups(synthetic_videos(options), options)
     kind, _, location = spec.partition(":")
     if kind == "folder" and location:
         return with_follow_ups(from_folder(Path(location), options), options)
     if kind == "jsonl" and location:
         return with_follow_ups(from_jsonl(Path(location), options), options)
     raise ValueError(
-        f"unknown dataset {spec!r}; use synthetic, multi-turn, folder:PATH or jsonl:PATH"
+        f"unknown dataset {spec!r}; use synthetic, synthetic-video, multi-turn, folder:PATH or "
+        "jsonl:PATH"
     )

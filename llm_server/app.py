@@ -17,6 +17,7 @@ from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddlew
 from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
+from llm_server.executor import default_executor_workers, install_default_executor
 from llm_server.images import ImageFetchPolicy, ImageLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
@@ -31,6 +32,13 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     """Load the checkpoint description, start vLLM and connect to the vision service."""
     from transformers import AutoTokenizer
 
+    if settings.vision == "grpc":
+        # This process only copies embedding rows around; the model runs in vLLM's own
+        # processes. One intra-op thread keeps torch from starting an OpenMP team for every
+        # executor thread that copies rows (they would compete with vLLM for the cores).
+        import torch
+
+        torch.set_num_threads(1)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
     path, model_id = resolve_model(settings.model, settings.revision, cache_dir)
     spec = load_checkpoint_spec(path)
@@ -75,7 +83,8 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             allowed_hosts=frozenset(settings.allowed_image_hosts),
             timeout_s=settings.image_fetch_timeout_s,
             allowed_networks=ImageFetchPolicy.networks(settings.allowed_image_networks),
-        )
+        ),
+        max_video_bytes=settings.max_video_bytes,
     )
     logger.info(
         "chat template: %s content, image marker %r; vision: %s",
@@ -83,7 +92,9 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
         prompts.marker,
         "in this process" if settings.vision == "inprocess" else settings.vision_target,
     )
-    return ChatService(engine, encoder, prompts, images, settings)
+    return ChatService(
+        engine, encoder, prompts, images, settings, default_num_frames=spec.video_frames
+    )
 
 
 # How often the engine's liveness is checked, and how long a dead engine's server keeps
@@ -111,6 +122,7 @@ def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await install_default_executor(default_executor_workers())
         chat = await build_chat_service(settings)
         app.state.chat = chat
         watchdog = asyncio.create_task(watch_engine(chat.engine, on_fatal))

@@ -46,6 +46,12 @@ class InvalidImage(BadRequest):
     code = "invalid_image"
 
 
+class InvalidVideo(BadRequest):
+    """A video cannot be fetched, decoded or accepted."""
+
+    code = "invalid_video"
+
+
 class TooManyImages(BadRequest):
     code = "too_many_images"
 

@@ -1,8 +1,10 @@
-"""Turning an ``image_url`` into encoded image bytes: ``data:`` URLs, and allow-listed http(s).
+"""Turning an ``image_url`` or a ``video_url`` into encoded bytes: ``data:`` URLs, and
+allow-listed http(s).
 
-Decoding the image is the vision service's job; here we only fetch bytes, bounded in size and
-time. Remote fetching is off unless hosts are allow-listed; addresses that resolve to private,
-loopback, link-local or otherwise internal networks are refused, on every redirect too.
+Decoding is the vision service's job; here we only fetch bytes, bounded in size and time.
+Remote fetching is off unless hosts are allow-listed; addresses that resolve to private,
+loopback, link-local or otherwise internal networks are refused, on every redirect too. Images
+and videos follow the same rules (one allow-list); only their size limits differ.
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ import binascii
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from llm_server.errors import InvalidImage
+from llm_server.errors import BadRequest, InvalidImage, InvalidVideo
 
 MAX_REDIRECTS = 3
+
+MediaKind = Literal["image", "video"]
+
+
+def _invalid(kind: MediaKind, message: str, code: str | None = None) -> BadRequest:
+    """The 400 for a bad ``image_url`` or ``video_url``."""
+    error = InvalidVideo if kind == "video" else InvalidImage
+    return error(message, param=f"{kind}_url", code=code)
 
 
 @dataclass(frozen=True)
@@ -35,31 +46,27 @@ class ImageFetchPolicy:
         return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """Bytes of a ``data:image/...;base64,...`` URL."""
+def decode_data_url(url: str, max_bytes: int, kind: MediaKind = "image") -> bytes:
+    """Bytes of a ``data:image/...;base64,...`` URL (``data:video/...`` for a video)."""
     header, sep, payload = url.partition(",")
     if not sep:
-        raise InvalidImage("malformed data URL: no ',' separator", param="image_url")
+        raise _invalid(kind, "malformed data URL: no ',' separator")
     media = header[len("data:") :]
     params = media.split(";")
-    if not params[0].startswith("image/"):
-        raise InvalidImage(
-            f"data URL media type must be image/*, got {params[0] or 'none'}", param="image_url"
-        )
+    if not params[0].startswith(f"{kind}/"):
+        raise _invalid(kind, f"data URL media type must be {kind}/*, got {params[0] or 'none'}")
     if "base64" not in params[1:]:
-        raise InvalidImage("data URLs must be base64-encoded", param="image_url")
+        raise _invalid(kind, "data URLs must be base64-encoded")
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise InvalidImage(
-            f"image is larger than the {max_bytes}-byte limit",
-            param="image_url",
-            code="image_too_large",
+        raise _invalid(
+            kind, f"{kind} is larger than the {max_bytes}-byte limit", f"{kind}_too_large"
         )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImage(f"invalid base64 in data URL: {exc}", param="image_url") from exc
+        raise _invalid(kind, f"invalid base64 in data URL: {exc}") from exc
     if not data:
-        raise InvalidImage("image data URL is empty", param="image_url")
+        raise _invalid(kind, f"{kind} data URL is empty")
     return data
 
 
@@ -98,34 +105,33 @@ def address_allowed(address: str, policy: ImageFetchPolicy) -> bool:
     return is_public_address(address) or any(ip in network for network in policy.allowed_networks)
 
 
-async def _resolve(url: str, policy: ImageFetchPolicy) -> tuple[str, int, str]:
+async def _resolve(
+    url: str, policy: ImageFetchPolicy, kind: MediaKind = "image"
+) -> tuple[str, int, str]:
     """Check ``url`` against the policy; return (host, port, the address to connect to)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise InvalidImage(
-            f"image URL scheme {parts.scheme!r} is not accepted; use data: or http(s)",
-            param="image_url",
+        raise _invalid(
+            kind, f"{kind} URL scheme {parts.scheme!r} is not accepted; use data: or http(s)"
         )
     host = parts.hostname or ""
     if not policy.allowed_hosts:
-        raise InvalidImage(
-            "remote image URLs are disabled on this server; send the image as a data: URL",
-            param="image_url",
+        raise _invalid(
+            kind, f"remote {kind} URLs are disabled on this server; send the {kind} as a data: URL"
         )
     if not _host_allowed(host, policy.allowed_hosts):
-        raise InvalidImage(f"image host {host!r} is not on the allow-list", param="image_url")
+        raise _invalid(kind, f"{kind} host {host!r} is not on the allow-list")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise InvalidImage(f"cannot resolve image host {host!r}", param="image_url") from exc
+        raise _invalid(kind, f"cannot resolve {kind} host {host!r}") from exc
     addresses = [str(info[4][0]) for info in infos]
     # Every address must pass: a name must not be able to point at an internal service.
     if not addresses or not all(address_allowed(address, policy) for address in addresses):
-        raise InvalidImage(
-            f"image host {host!r} resolves to a private or internal address; refused",
-            param="image_url",
+        raise _invalid(
+            kind, f"{kind} host {host!r} resolves to a private or internal address; refused"
         )
     return host, port, addresses[0]
 
@@ -144,11 +150,16 @@ def _pinned(
 
 
 async def fetch_remote_image(
-    url: str, policy: ImageFetchPolicy, client: httpx.AsyncClient
+    url: str,
+    policy: ImageFetchPolicy,
+    client: httpx.AsyncClient,
+    kind: MediaKind = "image",
+    max_bytes: int | None = None,
 ) -> bytes:
-    """Download an allow-listed image, re-checking every redirect, capped in size and time."""
+    """Download an allow-listed image (or video), re-checking every redirect, capped in size
+    (``max_bytes``, default the policy's) and time."""
     for _ in range(MAX_REDIRECTS + 1):
-        host, port, address = await _resolve(url, policy)
+        host, port, address = await _resolve(url, policy, kind)
         target, headers, extensions = _pinned(url, host, port, address)
         try:
             request = client.build_request(
@@ -159,30 +170,25 @@ async def fetch_remote_image(
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
-                        raise InvalidImage(
-                            "image URL redirected without a location", param="image_url"
-                        )
+                        raise _invalid(kind, f"{kind} URL redirected without a location")
                     url = urljoin(url, location)
                     continue
                 if response.status_code != 200:
-                    raise InvalidImage(
-                        f"image URL answered HTTP {response.status_code}", param="image_url"
-                    )
-                return await _read_capped(response, policy.max_bytes)
+                    raise _invalid(kind, f"{kind} URL answered HTTP {response.status_code}")
+                limit = policy.max_bytes if max_bytes is None else max_bytes
+                return await _read_capped(response, limit, kind)
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise InvalidImage(
-                f"cannot download image: {exc.__class__.__name__}", param="image_url"
-            ) from exc
-    raise InvalidImage(f"image URL redirected more than {MAX_REDIRECTS} times", param="image_url")
+            raise _invalid(kind, f"cannot download {kind}: {exc.__class__.__name__}") from exc
+    raise _invalid(kind, f"{kind} URL redirected more than {MAX_REDIRECTS} times")
 
 
-async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
-    too_large = InvalidImage(
-        f"image is larger than the {max_bytes}-byte limit",
-        param="image_url",
-        code="image_too_large",
+async def _read_capped(
+    response: httpx.Response, max_bytes: int, kind: MediaKind = "image"
+) -> bytes:
+    too_large = _invalid(
+        kind, f"{kind} is larger than the {max_bytes}-byte limit", f"{kind}_too_large"
     )
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -198,19 +204,22 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
 
 
 class ImageLoader:
-    """Resolves ``image_url`` values to bytes for one server (shares one HTTP client)."""
+    """Resolves ``image_url`` and ``video_url`` values to bytes for one server (shares one
+    HTTP client). Videos follow the images' policy, with their own size limit."""
 
-    def __init__(self, policy: ImageFetchPolicy) -> None:
+    def __init__(self, policy: ImageFetchPolicy, max_video_bytes: int | None = None) -> None:
         self.policy = policy
+        self.max_video_bytes = policy.max_bytes if max_video_bytes is None else max_video_bytes
         self._client: httpx.AsyncClient | None = None
 
-    async def load(self, url: str) -> bytes:
+    async def load(self, url: str, kind: MediaKind = "image") -> bytes:
+        max_bytes = self.policy.max_bytes if kind == "image" else self.max_video_bytes
         if url.startswith("data:"):
-            return decode_data_url(url, self.policy.max_bytes)
+            return decode_data_url(url, max_bytes, kind)
         if self._client is None:
             # No automatic redirects (each hop is checked), no proxies from the environment.
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        return await fetch_remote_image(url, self.policy, self._client)
+        return await fetch_remote_image(url, self.policy, self._client, kind, max_bytes)
 
     async def close(self) -> None:
         if self._client is not None:

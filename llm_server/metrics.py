@@ -58,7 +58,9 @@ shared_memory_full = Counter(
     "Encode calls that found no free shared memory for their embeddings (they were streamed).",
 )
 images = Counter("dvd:images", "Images in chat requests.")
-image_tokens = Counter("dvd:image_tokens", "Visual tokens placed in prompts.")
+image_tokens = Counter("dvd:image_tokens", "Visual tokens of images placed in prompts.")
+videos = Counter("dvd:videos", "Videos in chat requests.")
+video_tokens = Counter("dvd:video_tokens", "Visual tokens of video frames placed in prompts.")
 vir_tokens_saved = Counter(
     "dvd:vir_tokens_saved",
     "Visual tokens the Visual Resolution Router removed from prompts.",

@@ -7,6 +7,9 @@ get InternVL's convention, ``<image>\\n`` in front of the text. Each marker beco
 ``<img><IMG_CONTEXT></img>``; the single ``<IMG_CONTEXT>`` is later widened to the number of
 visual tokens the vision service reports for that image.
 
+A video renders as its sampled frames, each an image part after ``Frame{i}: `` (1-based), as
+InternVL3.5's reference writes a video prompt: ``Frame1: <image>\nFrame2: <image>\n…``.
+
 Tools, assistant tool calls and ``tool`` results are rendered by the same template, the way
 the checkpoint was trained to see them (``tools=`` and ``tool_calls``/``tool_call_id`` in the
 messages, as transformers passes them to chat templates).
@@ -15,12 +18,13 @@ messages, as transformers passes them to chat templates).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from checkpoints.spec import ImageTokens
-from llm_server.api.protocol import ChatMessage, ImagePart, TextPart
+from llm_server.api.protocol import ChatMessage, ImagePart, TextPart, VideoPart
 from llm_server.errors import BadRequest
 
 _PROBE_TEXT = "dvd-template-probe"
@@ -32,9 +36,15 @@ class ContentFormat(StrEnum):
     STRING = "string"  # the template expects plain string content
 
 
+def frame_label(index: int) -> str:
+    """The text before a video's frame ``index`` (0-based) in the prompt."""
+    return f"Frame{index + 1}: "
+
+
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """Prompt token ids with one context-image token per image, at ``image_positions``."""
+    """Prompt token ids with one context-image token per image and per video frame, at
+    ``image_positions``."""
 
     token_ids: list[int]
     image_positions: list[int]
@@ -92,8 +102,12 @@ class PromptBuilder:
                     return ContentFormat.OPENAI, marker
         return ContentFormat.STRING, STRING_IMAGE_MARKER
 
-    def template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        """OpenAI messages in the shape the chat template expects."""
+    def template_messages(
+        self, messages: list[ChatMessage], video_frames: Sequence[int] = ()
+    ) -> list[dict[str, Any]]:
+        """OpenAI messages in the shape the chat template expects; ``video_frames``: the
+        frames sampled from each video part, in order."""
+        frames = iter(video_frames)
         out: list[dict[str, Any]] = []
         for message in messages:
             role = "system" if message.role == "developer" else message.role
@@ -107,14 +121,15 @@ class PromptBuilder:
                 )
             elif message.content is not None and self.content_format is ContentFormat.OPENAI:
                 content = [
-                    {"type": "text", "text": part.text}
-                    if isinstance(part, TextPart)
-                    else {"type": "image"}
+                    rendered
                     for part in message.content
+                    for rendered in self._template_parts(part, frames)
                 ]
             elif message.content is not None:
                 content = "".join(
-                    part.text if isinstance(part, TextPart) else f"{self.marker}\n"
+                    part.text
+                    if isinstance(part, TextPart)
+                    else "".join(f"{label}{self.marker}\n" for label in _labels(part, frames))
                     for part in message.content
                 )
             rendered: dict[str, Any] = {"role": role, "content": content}
@@ -137,19 +152,39 @@ class PromptBuilder:
             out.append(rendered)
         return out
 
+    def _template_parts(
+        self, part: TextPart | ImagePart | VideoPart, frames: Iterator[int]
+    ) -> list[dict[str, str]]:
+        if isinstance(part, TextPart):
+            return [{"type": "text", "text": part.text}]
+        rendered: list[dict[str, str]] = []
+        for label in _labels(part, frames):
+            if label:
+                rendered.append({"type": "text", "text": label})
+            rendered.append({"type": "image"})
+        return rendered
+
     def tokenize(
-        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        video_frames: Sequence[int] = (),
     ) -> TokenizedPrompt:
         """Token ids of the rendered chat (with ``tools``, OpenAI function definitions, when
-        given), one context-image token per image part."""
-        num_images = sum(
-            isinstance(part, ImagePart)
+        given), one context-image token per image part and per frame of each video part
+        (``video_frames``: the frames of each video part, in order)."""
+        parts = [
+            part
             for message in messages
             if isinstance(message.content, list)
             for part in message.content
-        )
+        ]
+        num_videos = sum(isinstance(part, VideoPart) for part in parts)
+        if num_videos != len(video_frames):
+            raise ValueError(f"{num_videos} video parts but frame counts for {len(video_frames)}")
+        num_images = sum(isinstance(part, ImagePart) for part in parts) + sum(video_frames)
         try:
-            text = self._render(self.template_messages(messages), tools)
+            text = self._render(self.template_messages(messages, video_frames), tools)
         except Exception as exc:  # a template may raise on conversations it does not accept
             raise BadRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
@@ -170,6 +205,14 @@ class PromptBuilder:
                 param="messages",
             )
         return TokenizedPrompt(token_ids, positions)
+
+
+def _labels(part: ImagePart | VideoPart, frames: Iterator[int]) -> list[str]:
+    """The text before each image placeholder of a part: none for an image, ``Frame{i}: ``
+    before each frame of a video."""
+    if isinstance(part, ImagePart):
+        return [""]
+    return [frame_label(index) for index in range(next(frames))]
 
 
 def _arguments(arguments: str) -> Any:

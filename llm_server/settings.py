@@ -106,6 +106,17 @@ class LLMSettings(CheckpointSettings):
     )
     max_images_per_request: int = Field(16, ge=0, description="images in one request")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="encoded size of one image")
+    max_videos_per_request: int = Field(4, ge=0, description="videos in one request")
+    max_video_bytes: int = Field(32 * 1024 * 1024, ge=1, description="encoded size of one video")
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        description="frames sampled per video when a request gives no num_frames (unset: the "
+        "checkpoint's, or 8)",
+    )
+    max_num_frames: int = Field(
+        64, ge=1, description="largest num_frames a request may ask for (per video)"
+    )
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     max_tokens_limit: int | None = Field(
         None, ge=1, description="largest max_tokens a request may ask for (unset: the context)"
@@ -117,15 +128,17 @@ class LLMSettings(CheckpointSettings):
     )
     allowed_image_hosts: list[str] = Field(
         default_factory=list,
-        description="hosts from which http(s) image URLs may be fetched (exact names, or "
-        "'.example.com' for subdomains); empty: only data: URLs",
+        description="hosts from which http(s) image and video URLs may be fetched (exact names, "
+        "or '.example.com' for subdomains); empty: only data: URLs",
     )
     allowed_image_networks: list[str] = Field(
         default_factory=list,
         description="private networks (CIDR) that allow-listed hosts may resolve to; any other "
         "private, loopback, link-local or metadata address is refused",
     )
-    image_fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one image download")
+    image_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="timeout of one image (or video) download"
+    )
 
     # ---- security and lifecycle ----
     api_key: SecretStr | None = Field(

@@ -168,6 +168,56 @@ def same_pixels_other_file(data: bytes, tag: str) -> bytes:
     return buffer.getvalue()
 
 
+def encode_video(
+    frames: Sequence[np.ndarray],
+    codec: str = "libx264",
+    fmt: str = "mp4",
+    fps: int = 10,
+    pix_fmt: str = "yuv420p",
+) -> bytes:
+    """A video file of ``frames`` (``[h, w, 3]`` uint8 RGB arrays), made with PyAV."""
+    import av
+
+    height, width = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        for pixels in frames:
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def grey_level_frames(count: int, width: int = 320, height: int = 240) -> list[np.ndarray]:
+    """Flat frames whose grey level says which frame they are: frame k is 8 k."""
+    return [np.full((height, width, 3), 8 * k, dtype=np.uint8) for k in range(count)]
+
+
+def mixed_frames(
+    count: int, width: int = 320, height: int = 240, seed: int = 0
+) -> list[np.ndarray]:
+    """Frames that alternate between noise and smooth gradients (varied answers, varied
+    router decisions)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(count):
+        if k % 2:
+            frames.append(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        else:
+            frames.append(np.asarray(gradient_image(width, height, seed=seed + k)))
+    return frames
+
+
+def video_data_url(data: bytes, mime: str = "video/mp4") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
 # ---- gRPC client ----------------------------------------------------------------------------
 
 
@@ -185,14 +235,17 @@ def encode_over_grpc(
     request_id: str = "test",
     timeout: float = 60,
     vir_threshold: float | None = None,
+    videos: Sequence[tuple[bytes, int]] = (),
 ) -> list[EncodedReply]:
-    """Call Encode and reassemble every image's embeddings with the project codec."""
+    """Call Encode and reassemble every item's embeddings with the project codec (the
+    images', then the videos': ``(bytes, num_frames)``)."""
     request = vision_pb2.EncodeRequest(
         request_id=request_id,
         images=[vision_pb2.Image(data=data) for data in images],
         options=vision_pb2.EncodeOptions(
             max_tiles=max_tiles, vir_mode=vir_mode, vir_threshold=vir_threshold
         ),
+        videos=[vision_pb2.Video(data=data, num_frames=frames) for data, frames in videos],
     )
     replies: list[EncodedReply] = []
     with grpc.insecure_channel(

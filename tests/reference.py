@@ -7,11 +7,13 @@ Nothing here imports DvD code.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -59,13 +61,17 @@ class TransformersOracle:
         images: list[Image.Image],
         max_new_tokens: int,
         tools: list[dict[str, Any]] | None = None,
+        **image_options: Any,
     ) -> OracleAnswer:
         """Greedy answer; {"type": "image"} parts in ``messages`` match ``images`` in order;
-        ``tools`` (OpenAI function definitions) go to the chat template."""
+        ``tools`` (OpenAI function definitions) go to the chat template; ``image_options``
+        to the image processor (``crop_to_patches=False``: one tile per image)."""
         text = self.processor.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
-        inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+        inputs = self.processor(
+            text=[text], images=images or None, return_tensors="pt", **image_options
+        )
         with torch.no_grad():
             out = self.model.generate(
                 **inputs,
@@ -89,6 +95,46 @@ class TransformersOracle:
             margins=margins,
             logprobs=torch.log_softmax(torch.cat(out.logits).float(), dim=-1),
         )
+
+
+# ---- video, as the InternVL3.5 model card reads it ------------------------------------------
+
+
+def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
+    """The model card's frame sampling, as published (without a bound: the whole video)."""
+    if bound:
+        start, end = bound[0], bound[1]
+    else:
+        start, end = -100000, 100000
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return np.array(
+        [int(start_idx + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(num_segments)]
+    )
+
+
+def load_video_frames(data: bytes, num_segments: int) -> tuple[list[Image.Image], list[int]]:
+    """The model card's ``load_video`` up to the tiles: every frame decoded (PyAV in place of
+    decord), ``get_index`` over them, each sampled frame as an RGB image. One tile per frame
+    is the image processor's job (``crop_to_patches=False``: a bicubic resize to 448)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    indices = get_index(None, fps, len(frames) - 1, first_idx=0, num_segments=num_segments)
+    return [Image.fromarray(frames[i]).convert("RGB") for i in indices], indices.tolist()
+
+
+def video_prompt_parts(num_frames: int) -> list[dict[str, Any]]:
+    """The model card's video prefix, ``Frame{i+1}: <image>\n`` per frame, as content parts
+    for the chat template (which renders an image part followed by a newline)."""
+    parts: list[dict[str, Any]] = []
+    for i in range(num_frames):
+        parts += [{"type": "text", "text": f"Frame{i + 1}: "}, {"type": "image"}]
+    return parts
 
 
 def to_oracle_messages(

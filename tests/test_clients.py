@@ -38,6 +38,27 @@ def test_synthetic_dataset_is_deterministic_and_mixed():
     assert detail(dense) > 20 * detail(flat)
 
 
+def test_synthetic_videos_are_deterministic_and_mixed():
+    """Each request carries one MP4 of the asked length whose frames are dense or flat."""
+    import base64
+
+    from vision_server.video import VideoLimits, prepare_video
+
+    options = datasets.SyntheticOptions(num_requests=2, video_frames=12, seed=5)
+    first, second = datasets.load("synthetic-video", options), datasets.synthetic_videos(options)
+    assert [r.messages for r in first] == [r.messages for r in second]
+    part = first[0].messages[0]["content"][0]
+    assert part["type"] == "video_url"
+    header, _, payload = part["video_url"]["url"].partition(",")
+    assert header == "data:video/mp4;base64"
+    video = prepare_video(base64.b64decode(payload), 12, VideoLimits())
+    assert video.info.total_frames == 12
+    detail = [
+        float(np.abs(np.diff(tile.float().numpy(), axis=2)).mean()) for tile in video.frames.tiles
+    ]
+    assert max(detail) > 10 * min(detail)  # some frames text-like, some flat
+
+
 def test_folder_and_jsonl_datasets(tmp_path):
     for i in range(2):
         noise_image(64, 64, seed=i).save(tmp_path / f"img{i}.png")

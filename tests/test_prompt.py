@@ -90,3 +90,47 @@ def test_expand_prompt_without_images_is_identity():
 def test_expand_prompt_requires_one_count_per_image():
     with pytest.raises(ValueError):
         expand_prompt(TokenizedPrompt(token_ids=[9], image_positions=[0]), [])
+
+
+VIDEO = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+
+
+def with_video(*parts) -> ChatMessage:
+    content = [part if isinstance(part, dict) else {"type": "text", "text": part} for part in parts]
+    return ChatMessage.model_validate({"role": "user", "content": content})
+
+
+def test_a_video_renders_as_numbered_frames(tokenizer):
+    """The model card's video prompt: ``Frame{i}: <image>\\n`` per frame, 1-based."""
+    builder = PromptBuilder(tokenizer, ImageTokens())
+    prompt = builder.tokenize([with_video(VIDEO, "What happens?")], video_frames=[3])
+    assert len(prompt.image_positions) == 3
+    frame = "<img><IMG_CONTEXT></img>\n"
+    assert tokenizer.decode(prompt.token_ids).startswith(
+        f"<|im_start|>user\nFrame1: {frame}Frame2: {frame}Frame3: {frame}What happens?"
+    )
+
+
+def test_videos_and_images_keep_their_order(tokenizer):
+    builder = PromptBuilder(tokenizer, ImageTokens())
+    messages = [with_video(IMAGE, "then", VIDEO, "and", VIDEO, "?")]
+    prompt = builder.tokenize(messages, video_frames=[2, 1])
+    assert len(prompt.image_positions) == 4
+    text = tokenizer.decode(prompt.token_ids)
+    frame = "<img><IMG_CONTEXT></img>\n"
+    assert f"user\n{frame}thenFrame1: {frame}Frame2: {frame}andFrame1: {frame}?" in text
+    with pytest.raises(ValueError, match="video parts"):
+        builder.tokenize(messages, video_frames=[2])
+
+
+def test_string_template_renders_frames_with_the_image_convention(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = STRING_TEMPLATE
+    builder = PromptBuilder(tokenizer, ImageTokens())
+    messages = builder.template_messages([with_video(VIDEO, "Why?")], video_frames=[2])
+    assert messages == [{"role": "user", "content": "Frame1: <image>\nFrame2: <image>\nWhy?"}]
+
+
+def test_videos_are_refused_outside_user_messages():
+    with pytest.raises(ValueError, match="videos are only accepted in user messages"):
+        ChatMessage.model_validate({"role": "assistant", "content": [VIDEO]})

@@ -8,6 +8,7 @@ fall back to streaming, unless shared memory was required.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -326,3 +327,26 @@ def test_arena_reserves_first_fit_and_merges_on_release():
         assert arena.reserve(arena.size) is not None
     finally:
         arena.close()
+
+
+def test_transport_benchmark_measures_both_paths(tmp_path):
+    """The benchmark runs end to end (stand-in server and client processes) and reports
+    every configuration it was asked for, with the sizes it was asked for."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.transport", "--sizes-mb", "0.01", "0.5"]
+        + ["--streams", "1", "2", "--calls", "2", "--port", str(free_port()), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout)
+    configs = {(r["transport"], round(r["size_mb"], 2), r["streams"]) for r in results}
+    assert configs == {
+        (t, mb, n) for t in ("grpc", "shared-memory") for mb in (0.01, 0.5) for n in (1, 2)
+    }
+    for r in results:
+        assert r["calls"] == 2 * r["streams"]
+        assert 0 < r["call_ms_p50"] <= r["call_ms_p99"]
+        assert r["aggregate_gb_per_s"] > 0

@@ -281,3 +281,45 @@ def test_routing_metrics(flash_vision):
     assert delta("dvd:vision_tokens_saved_total") == compressed * (256 - 64)
     assert delta("dvd:vision_visual_tokens_total") == reply.header.num_visual_tokens
     assert delta("dvd:vision_requests_total", status="OK") == 1
+
+
+def test_a_videos_frames_are_routed_together(flash_vision, oracle, flash_weights, flash_thresholds):
+    """A video's frames (one tile each) are routed as one unit, with the request's other
+    tiles, as ``generate_flash`` routes all pixel values of a call: alone, a one-tile frame
+    could never be compressed."""
+    from helpers import encode_video, mixed_frames
+    from reference import load_video_frames
+
+    relative, absolute = flash_thresholds
+    model, processor = oracle
+    video = encode_video(mixed_frames(24, seed=7))
+    frames, indices = load_video_frames(video, 16)
+    pixel_values = processor(frames, crop_to_patches=False, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features = model.model.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
+    p0 = reference_compress_prob(flash_weights, features)
+    expected = rule(p0, relative, absolute)
+    assert 0 < sum(expected) < len(expected)
+
+    (reply,) = encode_over_grpc(flash_vision["original"][0], [], videos=[(video, 16)])
+    assert [tokens == 64 for tokens in reply.header.tokens_per_tile] == expected
+    assert list(reply.header.video.frame_numbers) == indices
+    assert reply.header.video.total_frames == 24
+    compressed = reference_mlp2(oracle, flash_weights, features)
+    offset = 0
+    for frame, squeeze in enumerate(expected):
+        count = 64 if squeeze else 256
+        if squeeze:
+            rows = reply.embeddings[offset : offset + count]
+            assert (rows - compressed[frame]).abs().max() <= 1e-4
+        offset += count
+    assert offset == reply.header.num_visual_tokens
+
+    # With an image in the same call, the quantile spans the image's tiles and the frames.
+    image = ROUTED_IMAGES[0]
+    replies = encode_over_grpc(flash_vision["hf"][0], [encode_image(image)], videos=[(video, 16)])
+    image_p0 = reference_compress_prob(flash_weights, vit_features(oracle, image))
+    together = rule(torch.cat([image_p0, p0]), relative, absolute)
+    got = [tokens == 64 for r in replies for tokens in r.header.tokens_per_tile]
+    assert got == together
+    assert not replies[0].header.HasField("video") and replies[1].header.video.video_index == 0

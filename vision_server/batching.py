@@ -28,7 +28,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -42,6 +41,7 @@ from vision_server.errors import (
     ShuttingDown,
     VisionError,
 )
+from vision_server.threads import started_pool
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class TileBatcher(Generic[Piece]):
         self._inflight: deque[asyncio.Task[None]] = deque()
         self._inflight_passes: set[_Pass[Piece]] = set()
         self._wakeup = asyncio.Event()
-        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-launch")
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-wait")
+        self._launcher = started_pool(1, "vit-launch")
+        self._waiter = started_pool(1, "vit-wait")
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._failure: EngineFailed | None = None

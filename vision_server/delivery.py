@@ -18,6 +18,10 @@ from protos.dvd.v1 import vision_pb2
 logger = logging.getLogger(__name__)
 
 
+# Images up to this size are copied on the event loop (see ``SharedMemoryDelivery.write``).
+INLINE_WRITE_BYTES = 8 << 20
+
+
 class SharedMemoryDelivery:
     """Writes one call's images, one after the other, into the caller's reserved range."""
 
@@ -48,9 +52,12 @@ class SharedMemoryDelivery:
         offset = self._used
         if offset + raw.numel() > self._target.capacity:
             return None
-        # A copy of up to tens of MB: off the event loop (torch releases the GIL while copying).
-        await asyncio.to_thread(
-            self._writer.write, self._target.segment, self._target.offset + offset, raw
-        )
+        at = self._target.offset + offset
+        if raw.numel() <= INLINE_WRITE_BYTES:
+            # About 0.2 ms for 1.7 MB, 0.6 ms for 6.8 MB: no more than handing it to a thread.
+            self._writer.write(self._target.segment, at, raw)
+        else:
+            # Tens of MB: off the event loop (torch releases the GIL while copying).
+            await asyncio.to_thread(self._writer.write, self._target.segment, at, raw)
         self._used += raw.numel()
         return offset

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -43,7 +42,9 @@ from vision_server.batching import (
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
+from vision_server.threads import started_pool
 from vision_server.tiling import TileGrid
+from vision_server.video import SampledFrames
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EncodedImage:
     stats: BatchStats
     vir_mode: VirMode | None  # None: the checkpoint has no router
     from_cache: bool = False  # served by the embedding cache, not encoded for this request
+    video: SampledFrames | None = None  # set for a video: one tile per sampled frame
 
     @property
     def num_visual_tokens(self) -> int:
@@ -199,7 +201,7 @@ class EncoderEngine:
         )
         # Assembling images and copying routed rows back: off the event loop, and not behind
         # the next pass on the launch thread.
-        self._copy_back = ThreadPoolExecutor(max_workers=2, thread_name_prefix="copy-back")
+        self._copy_back = started_pool(2, "copy-back")
         # Read at scrape time, so the gauge is exact without bookkeeping on the hot path.
         metrics.queued_tiles.set_function(lambda: self.batcher.queued_tiles)
 
@@ -375,7 +377,7 @@ class EncoderEngine:
                     parts, stats = await task
                     embeddings = await self._assemble_off_loop(parts, None)
                     yield self._encoded(
-                        image, embeddings, [squeeze] * image.grid.num_tiles, stats, applied
+                        image, embeddings, [squeeze] * int(image.tiles.shape[0]), stats, applied
                     )
         finally:
             for task in tasks:

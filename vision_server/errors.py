@@ -21,6 +21,11 @@ class InvalidImage(InvalidRequest):
     """An image cannot be decoded, is of a refused format, or is too large."""
 
 
+class InvalidVideo(InvalidRequest):
+    """A video cannot be opened or decoded, is of a refused format or codec, or is over a
+    limit (bytes, resolution, duration, frames)."""
+
+
 class TooManyImages(InvalidRequest):
     """More images, or more tiles, in one request than the service allows."""
 

@@ -17,6 +17,8 @@ images = Counter(
     "dvd:vision_images",
     "Images served, embedding cache hits included (misses are the images encoded).",
 )
+videos = Counter("dvd:vision_videos", "Videos encoded.")
+video_frames = Counter("dvd:vision_video_frames", "Video frames sampled and encoded (a tile each).")
 tiles = Counter(
     "dvd:vision_tiles",
     "Tiles of the images served, by Visual Resolution Router decision (keep: 256 tokens, "

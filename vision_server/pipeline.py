@@ -1,6 +1,11 @@
 """One encode request, end to end, without any transport: validate, look up the embedding
 cache, prepare, encode, route.
 
+A request's items are its images, then its videos; a video is its sampled frames, one tile
+each, encoded as one item. All tiles of the request, images and frames alike, go to the engine
+in one call, so the router decides over all of them together, as the reference decides over
+all pixel values of one call: a video's frames are never routed one by one.
+
 Used by the gRPC servicer (DvD) and, in-process, by the language service's coupled mode, so
 both run exactly the same code.
 """
@@ -13,8 +18,8 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from checkpoints.spec import CheckpointSpec
 from protos.options import VirMode
@@ -28,9 +33,11 @@ from vision_server.embedding_cache import (
     tiling_of,
 )
 from vision_server.engine import EncodedImage, EncoderEngine
-from vision_server.errors import InvalidImage, InvalidRequest, TooManyImages
+from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
 from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
 from vision_server.settings import VisionSettings
+from vision_server.threads import started_pool
+from vision_server.video import PreparedVideo, SampledFrames, VideoLimits, prepare_video
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +49,15 @@ class ImagePayload:
 
 
 @dataclass(frozen=True)
+class VideoPayload:
+    data: bytes  # the encoded file
+    num_frames: int = 0  # 0: the service's default
+
+
+@dataclass(frozen=True)
 class EncodeCall:
     images: Sequence[ImagePayload]
+    videos: Sequence[VideoPayload] = ()
     max_tiles: int = 0  # 0: the checkpoint's
     vir_mode: VirMode | None = None  # None: the default (auto)
     vir_threshold: float | None = None
@@ -70,9 +84,14 @@ class VisionPipeline:
         self.limits = ImageLimits(
             max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
-        self._preprocess_pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
+        self.video_limits = VideoLimits(
+            max_bytes=settings.max_video_bytes,
+            max_pixels=settings.max_video_pixels,
+            max_duration_s=settings.max_video_duration_s,
+            max_decoded_frames=settings.max_video_decoded_frames,
         )
+        self.default_num_frames = settings.num_frames or spec.video_frames
+        self._preprocess_pool = started_pool(settings.preprocess_workers, "preprocess")
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
@@ -116,42 +135,79 @@ class VisionPipeline:
             )
         return dataclasses.replace(options, max_tiles=max_tiles)
 
-    def _check_image_count(self, call: EncodeCall) -> None:
-        if not call.images:
-            raise InvalidRequest("request has no images")
+    def _num_frames(self, video: VideoPayload) -> int:
+        num_frames = video.num_frames or self.default_num_frames
+        if num_frames > self.settings.max_num_frames:
+            raise InvalidRequest(
+                f"num_frames={num_frames} exceeds this service's limit of "
+                f"{self.settings.max_num_frames} frames per video"
+            )
+        return num_frames
+
+    def _check_counts(self, call: EncodeCall) -> list[int]:
+        """Refuses too many items, before decoding anything; the frames of each video."""
+        if not call.images and not call.videos:
+            raise InvalidRequest("request has no images or videos")
         if len(call.images) > self.settings.max_images_per_request:
             raise TooManyImages(
                 f"{len(call.images)} images in one request; the limit is "
                 f"{self.settings.max_images_per_request}"
             )
+        if len(call.videos) > self.settings.max_videos_per_request:
+            raise TooManyImages(
+                f"{len(call.videos)} videos in one request; the limit is "
+                f"{self.settings.max_videos_per_request}"
+            )
+        frames = [self._num_frames(video) for video in call.videos]
+        if sum(frames) > self.settings.max_tiles_per_request:  # known before decoding anything
+            raise TooManyImages(
+                f"the videos of this request make {sum(frames)} frames; the limit is "
+                f"{self.settings.max_tiles_per_request} tiles (lower num_frames)"
+            )
+        return frames
 
     async def _prepare(
-        self, call: EncodeCall, per_image: list[TilingOptions], indexes: list[int]
-    ) -> dict[int, PreparedImage]:
-        """Decode and tile the images at ``indexes`` (in the thread pool)."""
+        self,
+        call: EncodeCall,
+        per_image: list[TilingOptions],
+        indexes: list[int],
+        frames: list[int],
+    ) -> tuple[dict[int, PreparedImage], list[PreparedVideo]]:
+        """Decode and tile the images at ``indexes`` and sample every video (in the thread
+        pool)."""
         loop = asyncio.get_running_loop()
-        jobs = [
+        pool = self._preprocess_pool
+        image_jobs = [
             loop.run_in_executor(
-                self._preprocess_pool,
-                prepare_image,
-                call.images[index].data,
-                self.limits,
-                per_image[index],
+                pool, prepare_image, call.images[index].data, self.limits, per_image[index]
             )
             for index in indexes
         ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        prepared: dict[int, PreparedImage] = {}
-        for index, result in zip(indexes, results, strict=True):
+        tile_size = self.spec.vision.image_size
+        video_jobs = [
+            loop.run_in_executor(
+                pool, prepare_video, video.data, count, self.video_limits, tile_size
+            )
+            for video, count in zip(call.videos, frames, strict=True)
+        ]
+        results = await asyncio.gather(*image_jobs, *video_jobs, return_exceptions=True)
+        for position, result in enumerate(results):
             if isinstance(result, InvalidImage):
-                raise InvalidImage(f"image {index}: {result}")
+                raise InvalidImage(f"image {indexes[position]}: {result}")
+            if isinstance(result, InvalidVideo):
+                raise InvalidVideo(f"video {position - len(image_jobs)}: {result}")
             if isinstance(result, BaseException):
                 raise result
-            prepared[index] = result
-        return prepared
+        images = cast(list[PreparedImage], results[: len(image_jobs)])
+        videos = cast(list[PreparedVideo], results[len(image_jobs) :])
+        return dict(zip(indexes, images, strict=True)), videos
 
     def _check_tiles(
-        self, prepared: dict[int, PreparedImage], hits: dict[int, CachedImage], count: int
+        self,
+        prepared: dict[int, PreparedImage],
+        hits: dict[int, CachedImage],
+        videos: list[PreparedVideo],
+        count: int,
     ) -> None:
         tiles = sum(
             prepared[index].grid.num_tiles
@@ -159,17 +215,25 @@ class VisionPipeline:
             else len(hits[index].tokens_per_tile)
             for index in range(count)
         )
+        tiles += sum(video.num_frames for video in videos)
         if tiles > self.settings.max_tiles_per_request:
             raise TooManyImages(
-                f"the images of this request make {tiles} tiles; the limit is "
-                f"{self.settings.max_tiles_per_request} (lower max_tiles or send fewer images)"
+                f"the images and video frames of this request make {tiles} tiles; the limit is "
+                f"{self.settings.max_tiles_per_request} (lower max_tiles or num_frames, or send "
+                "fewer images or videos)"
             )
 
     async def _lookup(
         self, call: EncodeCall, per_image: list[TilingOptions], applied: VirMode | None
     ) -> Lookup | None:
-        """The request's hits and claims in the embedding cache (None when it is off)."""
-        if self.cache is None:
+        """The request's hits and claims in the embedding cache (None when it is off, or
+        does not apply to this request)."""
+        if self.cache is None or not call.images:
+            return None
+        if call.videos and applied is VirMode.AUTO:
+            # Routed rows depend on every tile of the request, frames included, and videos
+            # are not cached: such a request could never hit, and its rows must not be served
+            # to a request without the same videos.
             return None
         loop = asyncio.get_running_loop()
         # sha256 releases the GIL: large images are hashed off the event loop, in parallel.
@@ -199,12 +263,13 @@ class VisionPipeline:
     # ---- encoding ---------------------------------------------------------------------------
 
     async def encode(self, call: EncodeCall) -> AsyncGenerator[EncodedImage, None]:
-        """Encoded images in request order; raises ``VisionError`` types for bad requests."""
+        """Encoded items in request order, the images then the videos (``video`` set);
+        raises ``VisionError`` types for bad requests."""
         if self.engine.failure is not None:  # fail fast, before decoding anything
             raise self.engine.failure
         options = self._tiling_options(call)
         vir_mode = self._vir_mode(call.vir_mode)
-        self._check_image_count(call)
+        frames = self._check_counts(call)
         per_image = [self._image_options(options, image.max_tiles) for image in call.images]
         applied = vir_mode if self.engine.has_router else None
         count = len(call.images)
@@ -218,17 +283,22 @@ class VisionPipeline:
                 todo = list(range(count))
             else:
                 todo = [index for index in range(count) if index not in hits]
-            prepared = await self._prepare(call, per_image, todo)
-            self._check_tiles(prepared, hits, count)
-            async for index, encoded in self._encode_in_order(call, vir_mode, prepared, hits):
-                if lookup is not None:
-                    if encoded.from_cache:
-                        metrics.embedding_cache_hits.inc()
-                    else:
-                        metrics.embedding_cache_misses.inc()
-                        lookup.store(index, _cached(encoded))
+            prepared, videos = await self._prepare(call, per_image, todo, frames)
+            self._check_tiles(prepared, hits, videos, count)
+            stream = self._encode_in_order(call, vir_mode, prepared, hits, videos)
+            async for index, encoded in stream:
+                if index < count:
+                    if lookup is not None:
+                        if encoded.from_cache:
+                            metrics.embedding_cache_hits.inc()
+                        else:
+                            metrics.embedding_cache_misses.inc()
+                            lookup.store(index, _cached(encoded))
+                    metrics.images.inc()
+                else:
+                    metrics.videos.inc()
+                    metrics.video_frames.inc(videos[index - count].num_frames)
                 metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
-                metrics.images.inc()
                 metrics.visual_tokens.inc(encoded.num_visual_tokens)
                 yield encoded
         finally:
@@ -241,24 +311,30 @@ class VisionPipeline:
         vir_mode: VirMode,
         prepared: dict[int, PreparedImage],
         hits: dict[int, CachedImage],
+        videos: list[PreparedVideo],
     ) -> AsyncGenerator[tuple[int, EncodedImage], None]:
-        """(index, image) in request order: the prepared images through the engine, the
-        others from the cache."""
-        if not prepared:  # every image is a hit
-            for index in range(len(call.images)):
+        """(index, item) in request order: the prepared images and the videos' frames through
+        the engine (one call, so the router sees all of them), the other images from the
+        cache; a video's index counts after the images."""
+        count = len(call.images)
+        if not prepared and not videos:  # every image is a hit
+            for index in range(count):
                 yield index, self._from_cache(hits[index])
             return
         todo = sorted(prepared)
-        stream = self.engine.encode_request(
-            [prepared[index] for index in todo], call.request_id, vir_mode, call.vir_threshold
-        )
-        async with contextlib.aclosing(stream) as encoded_images:
-            engine_images = aiter(encoded_images)
-            for index in range(len(call.images)):
+        items = [*(prepared[index] for index in todo), *(video.frames for video in videos)]
+        stream = self.engine.encode_request(items, call.request_id, vir_mode, call.vir_threshold)
+        async with contextlib.aclosing(stream) as encoded_items:
+            engine_items = aiter(encoded_items)
+            for index in range(count):
                 if index in prepared:
-                    yield index, await anext(engine_images)
+                    yield index, await anext(engine_items)
                 else:
                     yield index, self._from_cache(hits[index])
+            for video_index, video in enumerate(videos):
+                encoded = await anext(engine_items)
+                sampled = SampledFrames(video_index, video.frame_numbers, video.info)
+                yield count + video_index, dataclasses.replace(encoded, video=sampled)
 
     def _from_cache(self, cached: CachedImage) -> EncodedImage:
         full, small = self.spec.tokens_per_tile, self.spec.compressed_tokens_per_tile

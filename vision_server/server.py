@@ -23,6 +23,7 @@ from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
 from vision_server.service import SERVICE_NAME, VisionServicer, add_vision_service
 from vision_server.settings import VisionSettings
+from vision_server.threads import started_pool
 
 logger = logging.getLogger("vision_server")
 
@@ -105,6 +106,8 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
 
 async def start_server(settings: VisionSettings) -> RunningServer:
     """Load the model and start serving; returns once the port is open and healthy."""
+    # ``asyncio.to_thread`` work (loading, shared-memory writes) on a pool of fixed size.
+    asyncio.get_running_loop().set_default_executor(started_pool(4, "vision-io"))
     pipeline, model_id = await asyncio.to_thread(build_pipeline, settings)
     engine, servicer = pipeline.engine, VisionServicer(pipeline, model_id)
     server = grpc.aio.server(

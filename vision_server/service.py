@@ -19,7 +19,8 @@ from vision_server import metrics
 from vision_server.delivery import SharedMemoryDelivery
 from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidRequest, VisionError, grpc_status
-from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
+from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
+from vision_server.video import SampledFrames
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def encode_call(request: vision_pb2.EncodeRequest, request_id: str) -> EncodeCal
         raise InvalidRequest(str(exc)) from None
     return EncodeCall(
         images=[ImagePayload(image.data, image.max_tiles) for image in request.images],
+        videos=[VideoPayload(video.data, video.num_frames) for video in request.videos],
         max_tiles=options.max_tiles,
         vir_mode=vir_mode,
         vir_threshold=options.vir_threshold if options.HasField("vir_threshold") else None,
@@ -77,6 +79,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 full_tokens_per_tile=self.spec.tokens_per_tile,
                 from_cache=encoded.from_cache,
                 checkpoint_digest=self.pipeline.checkpoint_digest,
+                video=_video_frames(encoded.video),
             )
         )
 
@@ -99,7 +102,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     ):
                         yield message
                     count += 1
-            logger.debug("request %s: %d images encoded", request_id, count)
+            logger.debug("request %s: %d images and videos encoded", request_id, count)
         except VisionError as exc:
             status = grpc_status(exc)
             logger.info("request %s refused: %s", request_id, exc)
@@ -163,6 +166,18 @@ async def image_messages(
     for message in codec.encode_chunk_messages(embeddings, header.header.image_index, chunk_bytes):
         yield message
     metrics.embedding_bytes.labels(transport="grpc").inc(num_bytes)
+
+
+def _video_frames(sampled: SampledFrames | None) -> vision_pb2.VideoFrames | None:
+    if sampled is None:
+        return None
+    return vision_pb2.VideoFrames(
+        video_index=sampled.video_index,
+        frame_numbers=sampled.frame_numbers,
+        total_frames=sampled.info.total_frames,
+        duration_s=sampled.info.duration_s,
+        fps=sampled.info.fps,
+    )
 
 
 def _serialize_response(message: vision_pb2.EncodeResponse | bytes) -> bytes:

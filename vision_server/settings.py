@@ -52,7 +52,29 @@ class VisionSettings(CheckpointSettings):
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="width x height of one image, checked before decoding"
     )
-    preprocess_workers: int = Field(4, ge=1, description="threads decoding and tiling images")
+    max_videos_per_request: int = Field(4, ge=0, description="videos in one Encode call")
+    max_video_bytes: int = Field(32 * 1024 * 1024, ge=1, description="encoded size of one video")
+    max_video_pixels: int = Field(
+        3840 * 2160, ge=1, description="width x height of a video's frames, checked before decoding"
+    )
+    max_video_duration_s: float = Field(
+        600.0, gt=0, description="length of one video, checked before decoding"
+    )
+    max_video_decoded_frames: int = Field(
+        36_000,
+        ge=1,
+        description="frames in one video (decoding cost), counted from its packets before decoding",
+    )
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        description="frames sampled per video when a call gives none (unset: the "
+        "checkpoint's, or 8)",
+    )
+    max_num_frames: int = Field(64, ge=1, description="most frames a call may sample per video")
+    preprocess_workers: int = Field(
+        4, ge=1, description="threads decoding and tiling images and videos"
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     chunk_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024, description="embedding bytes per message"

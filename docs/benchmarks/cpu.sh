@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # DvD vs coupled on a 2-core CPU machine, the hop cost, text-only overhead vs `vllm serve`,
-# and embedding transport. Results (JSON, PNG) land in docs/benchmarks/results/.
+# embedding transport, and video (tokens and TTFT by frames and router mode). Results (JSON,
+# PNG) land in docs/benchmarks/results/.
 #
-#   bash docs/benchmarks/cpu.sh            # everything (about 30 minutes on 2 cores)
+#   bash docs/benchmarks/cpu.sh            # everything (about 40 minutes on 2 cores)
 #   STEPS="sweep hop" bash docs/benchmarks/cpu.sh
 #
 # Needs the project's .venv (make test or make serve builds it), taskset, and cores 0 and 1.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=docs/benchmarks/results
 MODEL=${MODEL:-$HOME/.cache/dvd/bench-internvl-flash}
-STEPS=${STEPS:-"transport sweep hop text"}
+STEPS=${STEPS:-"transport sweep hop video text"}
 CONCURRENCIES=${CONCURRENCIES:-"1 4 16"}
 mkdir -p "$OUT"
 export VLLM_CPU_KVCACHE_SPACE=2 TOKENIZERS_PARALLELISM=false
@@ -66,7 +67,12 @@ start_coupled() {
 bench() { dvd-bench run --base-url http://127.0.0.1:8000 "$@"; }
 
 if [[ " $STEPS " == *" transport "* ]]; then
-  python -m benchmarks.transport --chunk-mb 2 --repeat 30 | tee "$OUT/transport.md"
+  python -m benchmarks.transport --sizes-mb 0.002 0.5 1.7 6.8 27.3 --streams 1 16 \
+    --transports shared-memory grpc --json > "$OUT/transport.json"
+  for cores in 0 0,1; do  # gRPC and shared memory on one core, then on two
+    taskset -c "$cores" python -m benchmarks.transport --sizes-mb 1.7 6.8 --streams 16 \
+      --calls 10 --json > "$OUT/transport-cores-$cores.json"
+  done
 fi
 
 if [[ " $STEPS " == *" sweep "* ]]; then
@@ -108,6 +114,31 @@ if [[ " $STEPS " == *" hop "* ]]; then
   } > "$OUT/hop-dvd-metrics.txt"
   stop_all
   dvd-bench compare "$OUT/hop-coupled.json" "$OUT/hop-dvd.json" | tee "$OUT/hop.md"
+fi
+
+if [[ " $STEPS " == *" video "* ]]; then
+  # Video: one 64-frame 448x448 H.264 clip per request (half text-like frames), sampled at
+  # 8/16/32 frames, router off and auto, one request at a time. 32 frames with the router off
+  # are 8192 visual tokens, the bench model's whole context: the service runs with a longer one.
+  VIDEO_RUN=(--model bench --dataset synthetic-video --video-frames 64 --dense-fraction 0.5
+             --prompt-len 16 --output-len 16 --ignore-eos --num-requests "${VIDEO_REQUESTS:-4}"
+             --warmup 1 --concurrency 1 --quiet)
+  dvd-vision-server --model "$MODEL" --port 50051 --metrics-port 9400 --torch-threads 2 \
+    --max-batch-tiles 16 > "$OUT/vision.log" 2>&1 & pids+=($!)
+  VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 dvd-llm-server --model "$MODEL" --served-model-name bench \
+    --port 8000 --vision-target 127.0.0.1:50051 --enforce-eager --max-model-len 9216 \
+    > "$OUT/llm-video.log" 2>&1 & pids+=($!)
+  wait_grpc 127.0.0.1:50051; wait_http http://127.0.0.1:8000
+  for frames in 8 16 32; do
+    for vir in off auto; do
+      bench "${VIDEO_RUN[@]}" --label "$frames frames, vir=$vir" \
+        --extra-body "{\"num_frames\": $frames, \"vir\": \"$vir\"}" \
+        --output "$OUT/video-f$frames-$vir.json"
+    done
+  done
+  stop_all
+  dvd-bench compare "$OUT"/video-f8-off.json "$OUT"/video-f8-auto.json "$OUT"/video-f16-off.json \
+    "$OUT"/video-f16-auto.json "$OUT"/video-f32-off.json "$OUT"/video-f32-auto.json | tee "$OUT/video.md"
 fi
 
 if [[ " $STEPS " == *" text "* ]]; then

@@ -43,7 +43,24 @@ class ImagePart(BaseModel):
         return {"url": value} if isinstance(value, str) else value
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str = Field(description="data:video/...;base64,... or an http(s) URL")
+
+
+class VideoPart(BaseModel):
+    """A video: ``num_frames`` frames sampled from it, one 448x448 tile each."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+VisualPart = ImagePart | VideoPart
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -77,6 +94,11 @@ class ChatMessage(BaseModel):
         )
         if has_image and self.role != "user":
             raise ValueError(f"images are only accepted in user messages, not {self.role}")
+        has_video = isinstance(self.content, list) and any(
+            isinstance(part, VideoPart) for part in self.content
+        )
+        if has_video and self.role != "user":
+            raise ValueError(f"videos are only accepted in user messages, not {self.role}")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("tool_calls are only accepted in assistant messages")
         if self.role == "tool" and not self.tool_call_id:
@@ -147,8 +169,9 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's fields, plus DvD's extensions (``vir``, ``vir_threshold``, ``max_tiles``,
-    ``top_k``, ``min_tokens``, ``return_token_ids``). Unknown fields are ignored; known OpenAI
-    features this server does not implement are refused rather than silently dropped."""
+    ``num_frames``, ``top_k``, ``min_tokens``, ``return_token_ids``). Unknown fields are
+    ignored; known OpenAI features this server does not implement are refused rather than
+    silently dropped."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -191,6 +214,9 @@ class ChatCompletionRequest(BaseModel):
         None, ge=0, le=1, description="overrides the router's absolute threshold"
     )
     max_tiles: int | None = Field(None, ge=1, description="max tiles per image")
+    num_frames: int | None = Field(
+        None, ge=1, description="frames sampled per video (default: the server's)"
+    )
     top_k: int | None = Field(None, ge=-1)
     min_tokens: int = Field(0, ge=0, description="tokens generated before EOS may end the answer")
     return_token_ids: bool = Field(False, description="add the generated token ids per choice")
@@ -238,7 +264,8 @@ def completion_id() -> str:
 class PromptTokensDetails(BaseModel):
     # Prompt tokens whose KV blocks vLLM's prefix cache already held (not computed again).
     cached_tokens: int = 0
-    image_tokens: int = 0
+    image_tokens: int = 0  # the images' visual tokens
+    video_tokens: int = 0  # the videos' visual tokens (their frames')
 
 
 class Usage(BaseModel):
@@ -249,14 +276,19 @@ class Usage(BaseModel):
 
 
 class VisionSummary(BaseModel):
-    """DvD extension: what the vision service did with the request's images."""
+    """DvD extension: what the vision service did with the request's images and videos.
+    The video fields are absent when the request has no video."""
 
     images: int
     # Images whose rows the vision service served from its embedding cache (not encoded).
     cached_images: int = 0
-    tiles: int
+    tiles: int  # the images' tiles
     compressed_tiles: int
     image_tokens: int
+    videos: int | None = None
+    frames: int | None = None  # sampled, one tile each
+    compressed_frames: int | None = None
+    video_tokens: int | None = None
     # Router mode applied: auto / off / max, or "unavailable" when the checkpoint has no
     # Visual Resolution Router (not InternVL3.5-Flash): then every tile keeps 256 tokens.
     vir: VirMode | Literal["unavailable"]

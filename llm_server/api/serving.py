@@ -1,8 +1,10 @@
-"""Chat completions: messages + images -> vision embeddings + prompt -> vLLM -> OpenAI replies.
+"""Chat completions: messages + images and videos -> vision embeddings + prompt -> vLLM ->
+OpenAI replies.
 
-Per request: fetch the image bytes, then in parallel (a) send the images to the image encoder
-and (b) render and tokenize the chat; widen each image placeholder to the number of visual
-tokens the encoder reports; hand vLLM the token ids plus the visual rows; stream tokens back.
+Per request: fetch the image and video bytes, then in parallel (a) send them to the image
+encoder and (b) render and tokenize the chat (a video as ``num_frames`` frame placeholders);
+widen each placeholder to the number of visual tokens the encoder reports; hand vLLM the token
+ids plus the visual rows; stream tokens back.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import torch
+
+from checkpoints.spec import DEFAULT_VIDEO_FRAMES
 from llm_server import metrics
 from llm_server.api.admission import Admission
 from llm_server.api.choices import ChoiceOutput
@@ -31,7 +36,9 @@ from llm_server.api.protocol import (
     ModelList,
     PromptTokensDetails,
     Usage,
+    VideoPart,
     VisionSummary,
+    VisualPart,
 )
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.errors import (
@@ -45,7 +52,13 @@ from llm_server.errors import (
 from llm_server.images import ImageLoader
 from llm_server.prompt import ExpandedPrompt, PromptBuilder, TokenizedPrompt, expand_prompt
 from llm_server.settings import LLMSettings
-from llm_server.vision.base import EncodeOptions, ImageEncoder, ImageInput, VisualEmbedding
+from llm_server.vision.base import (
+    EncodeOptions,
+    ImageEncoder,
+    ImageInput,
+    VideoInput,
+    VisualEmbedding,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +80,44 @@ class PreparedChat:
     output: OutputOptions = field(default_factory=OutputOptions)
     # Set while generating: prompt tokens vLLM found in its prefix cache.
     cached_tokens: int = 0
+    num_video_tokens: int = 0
 
 
 def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
     if not visuals:
         return None
-    return VisionSummary(
-        images=len(visuals),
-        cached_images=sum(1 for v in visuals if v.from_cache),
-        tiles=sum(len(v.tokens_per_tile) for v in visuals),
-        compressed_tiles=sum(v.num_compressed_tiles for v in visuals),
-        image_tokens=sum(v.num_visual_tokens for v in visuals),
+    images = [v for v in visuals if not v.is_video]
+    videos = [v for v in visuals if v.is_video]
+    summary = VisionSummary(
+        images=len(images),
+        cached_images=sum(1 for v in images if v.from_cache),
+        tiles=sum(len(v.tokens_per_tile) for v in images),
+        compressed_tiles=sum(v.num_compressed_tiles for v in images),
+        image_tokens=sum(v.num_visual_tokens for v in images),
         vir=visuals[0].vir or "unavailable",
     )
+    if videos:
+        summary.videos = len(videos)
+        summary.frames = sum(len(v.tokens_per_tile) for v in videos)
+        summary.compressed_frames = sum(v.num_compressed_tiles for v in videos)
+        summary.video_tokens = sum(v.num_visual_tokens for v in videos)
+    return summary
+
+
+def _placeholder_rows(
+    parts: list[VisualPart], visuals: list[VisualEmbedding]
+) -> list[torch.Tensor]:
+    """The rows of each placeholder of the prompt, in prompt order: an image's rows, or one
+    frame's. ``visuals`` holds the images' embeddings, then the videos'."""
+    num_images = sum(isinstance(part, ImagePart) for part in parts)
+    images, videos = iter(visuals[:num_images]), iter(visuals[num_images:])
+    rows: list[torch.Tensor] = []
+    for part in parts:
+        if isinstance(part, VideoPart):
+            rows.extend(next(videos).frame_rows())
+        else:
+            rows.append(next(images).embeddings)
+    return rows
 
 
 class ChatService:
@@ -92,12 +130,15 @@ class ChatService:
         prompts: PromptBuilder,
         images: ImageLoader,
         settings: LLMSettings,
+        default_num_frames: int | None = None,
     ) -> None:
         self.engine = engine
         self.encoder = encoder
         self.prompts = prompts
         self.images = images
         self.settings = settings
+        # Frames per video when a request does not say: the setting, else the checkpoint's.
+        self.default_num_frames = settings.num_frames or default_num_frames or DEFAULT_VIDEO_FRAMES
         self.features = OpenAIFeatures(prompts.tokenizer, engine.vocab_size, settings.tool_parser)
         self.model_name = engine.model_name
         self.created = int(time.time())
@@ -118,7 +159,8 @@ class ChatService:
 
     # ---- preparation ---------------------------------------------------------------------
 
-    def _validate(self, request: ChatCompletionRequest) -> list[ImagePart]:
+    def _validate(self, request: ChatCompletionRequest) -> list[VisualPart]:
+        """Checks the request; returns its image and video parts, in prompt order."""
         if request.model != self.model_name:
             raise ModelNotFound(
                 f"The model {request.model!r} does not exist; "
@@ -132,23 +174,43 @@ class ChatService:
             raise BadRequest(
                 f"n={request.n} exceeds this server's limit of {self.settings.max_n}", param="n"
             )
-        image_parts = [
+        parts: list[VisualPart] = [
             part
             for message in request.messages
             if isinstance(message.content, list)
             for part in message.content
-            if isinstance(part, ImagePart)
+            if isinstance(part, ImagePart | VideoPart)
         ]
-        if len(image_parts) > self.settings.max_images_per_request:
+        num_images = sum(isinstance(part, ImagePart) for part in parts)
+        if num_images > self.settings.max_images_per_request:
             limit = self.settings.max_images_per_request
             raise TooManyImages(
-                f"{len(image_parts)} images in one request; the limit is {limit}",
-                param="messages",
+                f"{num_images} images in one request; the limit is {limit}", param="messages"
             )
-        return image_parts
+        num_videos = len(parts) - num_images
+        if num_videos > self.settings.max_videos_per_request:
+            limit = self.settings.max_videos_per_request
+            raise TooManyImages(
+                f"{num_videos} videos in one request; the limit is {limit}", param="messages"
+            )
+        if num_videos and self.num_frames(request) > self.settings.max_num_frames:
+            raise BadRequest(
+                f"num_frames={self.num_frames(request)} exceeds this server's limit of "
+                f"{self.settings.max_num_frames} frames per video",
+                param="num_frames",
+            )
+        return parts
 
-    async def _load_images(self, parts: list[ImagePart]) -> list[ImageInput]:
-        async def load(index: int, part: ImagePart) -> ImageInput:
+    def num_frames(self, request: ChatCompletionRequest) -> int:
+        """Frames sampled from each video of ``request``."""
+        return request.num_frames or self.default_num_frames
+
+    async def _load_media(
+        self, parts: list[VisualPart], num_frames: int
+    ) -> tuple[list[ImageInput], list[VideoInput]]:
+        """The bytes of the request's images and of its videos, each in prompt order."""
+
+        async def load_image(index: int, part: ImagePart) -> ImageInput:
             try:
                 data = await self.images.load(part.image_url.url)
             except APIError as exc:
@@ -157,7 +219,23 @@ class ChatService:
             max_tiles = 1 if part.image_url.detail == "low" else None
             return ImageInput(data=data, max_tiles=max_tiles)
 
-        return list(await asyncio.gather(*(load(i, p) for i, p in enumerate(parts))))
+        async def load_video(index: int, part: VideoPart) -> VideoInput:
+            try:
+                data = await self.images.load(part.video_url.url, "video")
+            except APIError as exc:
+                exc.message = f"video {index}: {exc.message}"
+                raise
+            return VideoInput(data=data, num_frames=num_frames)
+
+        image_parts = [part for part in parts if isinstance(part, ImagePart)]
+        video_parts = [part for part in parts if isinstance(part, VideoPart)]
+        images = [load_image(i, p) for i, p in enumerate(image_parts)]
+        videos = [load_video(i, p) for i, p in enumerate(video_parts)]
+        loaded = await asyncio.gather(*images, *videos)
+        return (
+            cast(list[ImageInput], loaded[: len(images)]),
+            cast(list[VideoInput], loaded[len(images) :]),
+        )
 
     def _sampling_params(
         self, request: ChatCompletionRequest, max_tokens: int, features: dict[str, Any]
@@ -223,15 +301,18 @@ class ChatService:
         if chat.vision is not None:
             metrics.images.inc(chat.vision.images)
             metrics.image_tokens.inc(chat.vision.image_tokens)
+            metrics.videos.inc(chat.vision.videos or 0)
+            metrics.video_tokens.inc(chat.vision.video_tokens or 0)
             metrics.vir_tokens_saved.inc(chat.vision_tokens_saved)
         return chat
 
     async def _prepare(
         self, request: ChatCompletionRequest, request_id: str, arrived: float
     ) -> PreparedChat:
-        image_parts = self._validate(request)
+        parts = self._validate(request)
         features = self.features.resolve(request)
-        images = await self._load_images(image_parts) if image_parts else []
+        num_frames = self.num_frames(request)
+        images, videos = await self._load_media(parts, num_frames) if parts else ([], [])
         options = EncodeOptions(
             max_tiles=request.max_tiles or self.settings.max_tiles,
             vir=request.vir,
@@ -239,25 +320,29 @@ class ChatService:
         )
         # Tokenizing the chat overlaps with the vision service encoding the images.
         tokenize = asyncio.ensure_future(
-            asyncio.to_thread(self.prompts.tokenize, request.messages, features.template_tools)
+            asyncio.to_thread(
+                self.prompts.tokenize,
+                request.messages,
+                features.template_tools,
+                [num_frames] * len(videos),
+            )
         )
         visuals: list[VisualEmbedding] = []
         try:
-            if images:
+            if parts:
                 started = time.perf_counter()
-                visuals = await self.encoder.encode(images, options, request_id)
+                visuals = await self.encoder.encode(images, options, request_id, videos)
                 metrics.vision_seconds.observe(time.perf_counter() - started)
         except BaseException:
             # Nobody will await the tokenizer now; consume its outcome so it is not reported.
             tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())
             raise
         tokenized: TokenizedPrompt = await tokenize
-        expanded: ExpandedPrompt = expand_prompt(tokenized, [v.num_visual_tokens for v in visuals])
+        rows = _placeholder_rows(parts, visuals)
+        expanded: ExpandedPrompt = expand_prompt(tokenized, [int(r.shape[0]) for r in rows])
         num_prompt_tokens = len(expanded.token_ids)
         max_tokens = self._completion_budget(request, num_prompt_tokens)
-        engine_prompt = await asyncio.to_thread(
-            self.engine.build_prompt, expanded, [v.embeddings for v in visuals]
-        )
+        engine_prompt = await asyncio.to_thread(self.engine.build_prompt, expanded, rows)
         # vLLM checks the parameters (a grammar compiles here) off the event loop, so that a
         # bad schema or token id is a 400 even for a stream.
         sampling_params = self._sampling_params(request, max_tokens, features.sampling)
@@ -270,7 +355,8 @@ class ChatService:
             engine_prompt=engine_prompt,
             sampling_params=sampling_params,
             num_prompt_tokens=num_prompt_tokens,
-            num_image_tokens=expanded.num_image_tokens,
+            num_image_tokens=sum(v.num_visual_tokens for v in visuals if not v.is_video),
+            num_video_tokens=sum(v.num_visual_tokens for v in visuals if v.is_video),
             n=request.n,
             arrived=arrived,
             vision=_vision_summary(visuals),
@@ -284,7 +370,9 @@ class ChatService:
             completion_tokens=completion_tokens,
             total_tokens=chat.num_prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(
-                cached_tokens=chat.cached_tokens, image_tokens=chat.num_image_tokens
+                cached_tokens=chat.cached_tokens,
+                image_tokens=chat.num_image_tokens,
+                video_tokens=chat.num_video_tokens,
             ),
         )
 

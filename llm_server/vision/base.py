@@ -1,4 +1,4 @@
-"""The one interface the language service uses to turn images into embedding rows.
+"""The one interface the language service uses to turn images and videos into embedding rows.
 
 Two implementations: ``GrpcImageEncoder`` (DvD: a remote vision service) and, for the
 coupled baseline, an in-process encoder. The rest of the language service does not know which.
@@ -24,6 +24,14 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class VideoInput:
+    """One video of a request: its encoded bytes and how many frames to sample from it."""
+
+    data: bytes
+    num_frames: int
+
+
+@dataclass(frozen=True)
 class EncodeOptions:
     max_tiles: int | None = None
     vir: VirMode | None = None
@@ -32,13 +40,23 @@ class EncodeOptions:
 
 @dataclass(frozen=True)
 class VisualEmbedding:
-    """The rows that replace one image's placeholders in the prompt."""
+    """The rows that replace one image's placeholders in the prompt, or one video's: then
+    each tile is a frame, and ``frame_numbers`` says which frames of the video they are."""
 
     embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden]
     tokens_per_tile: list[int]
     full_tokens_per_tile: int  # tokens of an uncompressed tile (256)
     vir: VirMode | None = None  # router mode applied; None: the checkpoint has no router
     from_cache: bool = False  # the vision service's embedding cache served it
+    frame_numbers: list[int] | None = None  # a video's sampled frames; None for an image
+
+    @property
+    def is_video(self) -> bool:
+        return self.frame_numbers is not None
+
+    def frame_rows(self) -> list[torch.Tensor]:
+        """A video's rows split per frame (each frame is one tile): ``[tokens, hidden]`` each."""
+        return list(torch.split(self.embeddings, self.tokens_per_tile))
 
     @property
     def num_visual_tokens(self) -> int:
@@ -56,9 +74,15 @@ class VisualEmbedding:
 
 class ImageEncoder(Protocol):
     async def encode(
-        self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
+        self,
+        images: Sequence[ImageInput],
+        options: EncodeOptions,
+        request_id: str,
+        videos: Sequence[VideoInput] = (),
     ) -> list[VisualEmbedding]:
-        """Embeddings of ``images``, in order; raises ``llm_server.errors.APIError`` types."""
+        """Embeddings of ``images``, in order, then of ``videos`` (one per video, all its
+        frames); raises ``llm_server.errors.APIError`` types. All tiles of the call, images'
+        and frames', are routed together."""
         ...
 
     async def ready(self) -> bool:

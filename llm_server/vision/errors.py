@@ -14,6 +14,7 @@ from llm_server.errors import (
     APIError,
     BadRequest,
     InvalidImage,
+    InvalidVideo,
     Overloaded,
     RequestTooLarge,
     VisionBadResponse,
@@ -27,8 +28,8 @@ _UNAVAILABLE = (
 )
 
 # Request options the vision service validates; its messages name the option first
-# ("vir='max' needs…", "max_tiles=50 exceeds…", "vir_threshold must be…").
-_OPTION_PARAMS = ("vir_threshold", "max_tiles", "vir")
+# ("vir='max' needs…", "max_tiles=50 exceeds…", "vir_threshold must be…", "num_frames=…").
+_OPTION_PARAMS = ("vir_threshold", "max_tiles", "vir", "num_frames")
 
 # grpc's own message-size errors (not the vision service's full queue, also RESOURCE_EXHAUSTED):
 # "SERVER: Received message larger than max (N vs. M)", "CLIENT: Sent message larger than …".
@@ -70,6 +71,8 @@ def _invalid_argument(details: str) -> APIError:
     for option in _OPTION_PARAMS:
         if re.match(rf"{option}\b", details):
             return BadRequest(details, param=option)
+    if details.startswith("video "):  # "video 0: cannot decode…"
+        return InvalidVideo(details, param="messages")
     return InvalidImage(details, param="messages")
 
 

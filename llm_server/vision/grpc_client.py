@@ -34,7 +34,7 @@ from checkpoints.identity import short_digest
 from llm_server import metrics
 from llm_server.errors import VisionBadResponse, VisionModelMismatch, VisionUnavailable
 from llm_server.vision.arena import EmbeddingArena, Reservation
-from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
+from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput, VisualEmbedding
 from llm_server.vision.errors import vision_error
 from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
@@ -236,7 +236,11 @@ class GrpcImageEncoder:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def encode(
-        self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
+        self,
+        images: Sequence[ImageInput],
+        options: EncodeOptions,
+        request_id: str,
+        videos: Sequence[VideoInput] = (),
     ) -> list[VisualEmbedding]:
         # One deadline for the whole call, the model check included: a hung vision service
         # costs a request --vision-timeout-s at most.
@@ -253,8 +257,11 @@ class GrpcImageEncoder:
                 vir_mode=vir_to_wire(options.vir),
                 vir_threshold=options.vir_threshold,
             ),
+            videos=[
+                vision_pb2.Video(data=video.data, num_frames=video.num_frames) for video in videos
+            ],
         )
-        reservation = self._reserve(images, options)
+        reservation = self._reserve(images, options, videos)
         if reservation is not None and self.arena is not None:
             request.shared_memory.CopyFrom(
                 vision_pb2.SharedMemoryTarget(
@@ -286,25 +293,35 @@ class GrpcImageEncoder:
                     self.arena.release(reservation)
                 else:  # the vision service may still be writing into it
                     self.arena.release_later(reservation)
-        if len(results) != len(images):
+        if len(results) != len(images) + len(videos):
             raise VisionBadResponse(
-                f"vision service returned {len(results)} of {len(images)} images"
+                f"vision service returned {len(results)} of {len(images) + len(videos)} "
+                "images and videos"
             )
+        _check_kinds(results, len(images), videos)
         return results
 
-    def _reserve(self, images: Sequence[ImageInput], options: EncodeOptions) -> Reservation | None:
-        """A shared-memory range large enough for the most rows these images can produce."""
+    def _reserve(
+        self,
+        images: Sequence[ImageInput],
+        options: EncodeOptions,
+        videos: Sequence[VideoInput] = (),
+    ) -> Reservation | None:
+        """A shared-memory range large enough for the most rows these images and videos can
+        produce (a video: one tile per frame)."""
         if self.arena is None or self.info is None:
             return None
         info = self.info
-        row_bytes = (
-            info.hidden_size * torch.empty((), dtype=codec.torch_dtype(info.dtype)).element_size()
-        )
+        try:
+            row_bytes = codec.tensor_bytes((info.hidden_size,), info.dtype)
+        except codec.CodecError:  # a service that does not describe its rows: they stream
+            return None
         most_rows = 0
         for image in images:
             max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
             tiles = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
             most_rows += tiles * info.tokens_per_tile
+        most_rows += sum(video.num_frames for video in videos) * info.tokens_per_tile
         reservation = self.arena.reserve(most_rows * row_bytes)
         if reservation is None:
             metrics.shared_memory_full.inc()
@@ -406,7 +423,26 @@ def _visual_embedding(header: vision_pb2.ImageHeader, embeddings: torch.Tensor) 
         header.full_tokens_per_tile or max(header.tokens_per_tile),
         vir_from_wire(header.vir_mode),
         header.from_cache,
+        list(header.video.frame_numbers) if header.HasField("video") else None,
     )
+
+
+def _check_kinds(
+    results: Sequence[VisualEmbedding], num_images: int, videos: Sequence[VideoInput]
+) -> None:
+    """The images come first, then the videos asked for, one tile per frame: the prompt
+    already holds that many frame placeholders."""
+    if any(result.is_video for result in results[:num_images]):
+        raise VisionBadResponse("vision service answered an image as a video")
+    for index, video in enumerate(videos):
+        result = results[num_images + index]
+        frames = result.frame_numbers
+        tiles = len(result.tokens_per_tile)
+        if frames is None or len(frames) != video.num_frames or tiles != video.num_frames:
+            raise VisionBadResponse(
+                f"vision service answered video {index} with {tiles} tiles, expected "
+                f"{video.num_frames} frames"
+            )
 
 
 def _open_channel(target: str, index: int) -> grpc.aio.Channel:

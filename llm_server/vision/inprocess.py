@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from checkpoints.weights import safetensors_files
 from llm_server import metrics
-from llm_server.vision.base import EncodeOptions, ImageInput, VisualEmbedding
+from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput, VisualEmbedding
 from llm_server.vision.errors import vision_error
 
 if TYPE_CHECKING:
@@ -174,13 +174,18 @@ class InProcessImageEncoder:
         return share
 
     async def encode(
-        self, images: Sequence[ImageInput], options: EncodeOptions, request_id: str
+        self,
+        images: Sequence[ImageInput],
+        options: EncodeOptions,
+        request_id: str,
+        videos: Sequence[VideoInput] = (),
     ) -> list[VisualEmbedding]:
         from vision_server.errors import VisionError
-        from vision_server.pipeline import EncodeCall, ImagePayload
+        from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload
 
         call = EncodeCall(
             images=[ImagePayload(image.data, image.max_tiles or 0) for image in images],
+            videos=[VideoPayload(video.data, video.num_frames) for video in videos],
             max_tiles=options.max_tiles or 0,
             vir_mode=options.vir,
             vir_threshold=options.vir_threshold,
@@ -200,6 +205,7 @@ class InProcessImageEncoder:
                             self.pipeline.spec.tokens_per_tile,
                             encoded.vir_mode,
                             encoded.from_cache,
+                            encoded.video.frame_numbers if encoded.video is not None else None,
                         )
                     )
         except VisionError as exc:

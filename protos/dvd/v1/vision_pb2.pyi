@@ -37,6 +37,14 @@ class Image(_message.Message):
     max_tiles: int
     def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ...) -> None: ...
 
+class Video(_message.Message):
+    __slots__ = ("data", "num_frames")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    num_frames: int
+    def __init__(self, data: _Optional[bytes] = ..., num_frames: _Optional[int] = ...) -> None: ...
+
 class EncodeOptions(_message.Message):
     __slots__ = ("max_tiles", "vir_mode", "vir_threshold")
     MAX_TILES_FIELD_NUMBER: _ClassVar[int]
@@ -60,19 +68,35 @@ class SharedMemoryTarget(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "options", "shared_memory")
+    __slots__ = ("request_id", "images", "options", "shared_memory", "videos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     options: EncodeOptions
     shared_memory: SharedMemoryTarget
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ...) -> None: ...
+    videos: _containers.RepeatedCompositeFieldContainer[Video]
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ..., videos: _Optional[_Iterable[_Union[Video, _Mapping]]] = ...) -> None: ...
+
+class VideoFrames(_message.Message):
+    __slots__ = ("video_index", "frame_numbers", "total_frames", "duration_s", "fps")
+    VIDEO_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FRAME_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    video_index: int
+    frame_numbers: _containers.RepeatedScalarFieldContainer[int]
+    total_frames: int
+    duration_s: float
+    fps: float
+    def __init__(self, video_index: _Optional[int] = ..., frame_numbers: _Optional[_Iterable[int]] = ..., total_frames: _Optional[int] = ..., duration_s: _Optional[float] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile", "shared_memory_offset", "from_cache", "checkpoint_digest")
+    __slots__ = ("image_index", "num_tiles", "tokens_per_tile", "num_visual_tokens", "hidden_size", "dtype", "num_bytes", "grid_columns", "grid_rows", "has_thumbnail", "queue_ms", "encode_ms", "vir_mode", "full_tokens_per_tile", "shared_memory_offset", "video", "from_cache", "checkpoint_digest")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_TILES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +112,7 @@ class ImageHeader(_message.Message):
     VIR_MODE_FIELD_NUMBER: _ClassVar[int]
     FULL_TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     image_index: int
@@ -105,9 +130,10 @@ class ImageHeader(_message.Message):
     vir_mode: VirMode
     full_tokens_per_tile: int
     shared_memory_offset: int
+    video: VideoFrames
     from_cache: bool
     checkpoint_digest: str
-    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ..., shared_memory_offset: _Optional[int] = ..., from_cache: _Optional[bool] = ..., checkpoint_digest: _Optional[str] = ...) -> None: ...
+    def __init__(self, image_index: _Optional[int] = ..., num_tiles: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_bytes: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., has_thumbnail: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., full_tokens_per_tile: _Optional[int] = ..., shared_memory_offset: _Optional[int] = ..., video: _Optional[_Union[VideoFrames, _Mapping]] = ..., from_cache: _Optional[bool] = ..., checkpoint_digest: _Optional[str] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
     __slots__ = ("image_index", "offset", "data")

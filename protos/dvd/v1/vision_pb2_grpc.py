@@ -50,8 +50,8 @@ class VisionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
-        """Encode the images of one request. Server-streaming: per image, in request order, an
-        ImageHeader followed by its EmbeddingChunks.
+        """Encode the images and videos of one request. Server-streaming: per item (the images in
+        request order, then the videos), an ImageHeader followed by its EmbeddingChunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
