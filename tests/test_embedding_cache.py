@@ -1,6 +1,8 @@
 """The vision service's embedding cache, in process: hits are bit-identical to misses (every
 router mode, multi-image routed requests included), every input that changes the rows is a
-miss, concurrent requests encode once, and the byte bound holds.
+miss, concurrent requests encode once, and the byte bound holds. Videos are never cached, and
+under vir=auto a request with a video neither reads nor writes routed rows (its frames are
+routed with its images).
 
 The reference for "bit-identical" is the same checkpoint encoded by a pipeline without a
 cache; a hit must equal it exactly (``torch.equal``), not approximately.
@@ -15,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import encode_image, noise_image, same_pixels_other_file
+from helpers import (
+    encode_image,
+    encode_video,
+    grey_level_frames,
+    noise_image,
+    same_pixels_other_file,
+)
 from PIL import Image
 
 from protos.options import VirMode
@@ -23,7 +31,7 @@ from vision_server.batching import TileBatcher
 from vision_server.embedding_cache import EmbeddingCache
 from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidImage
-from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
+from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
 
 
 def stripes(width: int, height: int, regions: list[tuple[int, int]]) -> bytes:
@@ -39,6 +47,8 @@ def stripes(width: int, height: int, regions: list[tuple[int, int]]) -> bytes:
 MIXED = stripes(1344, 448, [(448, 896)])  # flat | stripes | flat (+ thumbnail)
 ONE_TILE = encode_image(noise_image(448, 448, seed=5))  # compressed only next to MIXED
 OTHER = encode_image(noise_image(700, 300, seed=11))
+VIDEO = encode_video(grey_level_frames(8))  # changes how MIXED is routed under vir=auto
+VIDEO_FRAMES = 4
 
 
 def build(model: Path, cache_mb: int) -> VisionPipeline:
@@ -106,9 +116,11 @@ def encode(
     vir: VirMode | None = None,
     max_tiles: int = 0,
     threshold: float | None = None,
+    videos: Sequence[bytes] = (),
 ) -> list[EncodedImage]:
     call = EncodeCall(
         [ImagePayload(data) for data in images],
+        [VideoPayload(data, num_frames=VIDEO_FRAMES) for data in videos],
         max_tiles=max_tiles,
         vir_mode=vir,
         vir_threshold=threshold,
@@ -297,3 +309,49 @@ def test_cached_rows_do_not_hold_the_pass_they_came_from(cached):
         assert cache.num_bytes == 3 * 256 * 128 * 4
     finally:
         cached.cache = saved
+
+
+def test_a_request_with_a_video_is_not_served_routed_rows_from_the_cache(cached, uncached):
+    """Under vir=auto the video's frames are routed with the image, so the image's rows
+    depend on the video: the rows cached for the image alone must not be served, and the
+    request's own rows must not be cached for the image alone."""
+    image = same_pixels_other_file(MIXED, "video-auto")
+    (alone,) = encode(cached, [image], VirMode.AUTO)
+    assert not alone.from_cache
+    with_video = encode(cached, [image], VirMode.AUTO, videos=[VIDEO])
+    reference = encode(uncached, [image], VirMode.AUTO, videos=[VIDEO])
+    assert [e.video is not None for e in with_video] == [False, True]
+    assert not any(e.from_cache for e in with_video)
+    assert_identical(with_video, reference)
+    # The video changed the image's routing: a stale hit would have been visible.
+    assert with_video[0].tokens_per_tile != alone.tokens_per_tile
+    again = encode(cached, [image], VirMode.AUTO, videos=[VIDEO])
+    assert not any(e.from_cache for e in again)
+    assert_identical(again, reference)
+    (alone_again,) = encode(cached, [image], VirMode.AUTO)
+    assert alone_again.from_cache
+    assert_identical([alone_again], [alone])
+
+
+def test_images_next_to_a_video_hit_when_not_routed(cached, uncached):
+    """Under vir=off an image's rows do not depend on the frames: the image hits, the video
+    is encoded every time, and both equal a pipeline without a cache."""
+    image = same_pixels_other_file(MIXED, "video-off")
+    encode(cached, [image], VirMode.OFF)
+    result, tiles = run(
+        cached,
+        lambda: collect(
+            cached,
+            EncodeCall(
+                [ImagePayload(image)],
+                [VideoPayload(VIDEO, num_frames=VIDEO_FRAMES)],
+                vir_mode=VirMode.OFF,
+            ),
+        ),
+    )
+    with_video: list[EncodedImage] = result  # type: ignore[assignment]
+    assert [e.from_cache for e in with_video] == [True, False]
+    assert tiles == VIDEO_FRAMES  # only the frames went through the ViT
+    assert with_video[1].video is not None
+    assert with_video[1].tokens_per_tile == [256] * VIDEO_FRAMES
+    assert_identical(with_video, encode(uncached, [image], VirMode.OFF, videos=[VIDEO]))
