@@ -27,6 +27,7 @@ from helpers import (
     free_port,
     grpc_serving,
     noise_image,
+    same_pixels_other_file,
     vision_server_argv,
 )
 
@@ -189,7 +190,11 @@ def test_vision_restart_while_ranges_are_held(lone_vision, monkeypatch):
     monkeypatch.setattr(arena_module, "QUARANTINE_S", 0.5)
     target = lone_vision()
     server = lone_vision.servers[-1]  # type: ignore[attr-defined]
-    many = [ImageInput(IMAGES[0].data, max_tiles=12) for _ in range(8)]
+    # Other files of one picture: the embedding cache would answer copies of one file at once.
+    many = [
+        ImageInput(same_pixels_other_file(IMAGES[0].data, f"restart-{k}"), max_tiles=12)
+        for k in range(8)
+    ]
 
     async def run() -> None:
         encoder = _encoder(target, "shared-memory")
