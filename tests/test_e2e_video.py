@@ -11,6 +11,7 @@ import httpx
 import pytest
 from helpers import (
     data_url,
+    encode_image,
     encode_over_grpc,
     encode_video,
     gradient_image,
@@ -92,6 +93,7 @@ def test_video_answer_equals_transformers(stacks, eight_frames, stack):
     assert details["image_tokens"] == 0
     assert reply["vision"] == {
         "images": 0,
+        "cached_images": 0,  # videos are never cached
         "tiles": 0,
         "compressed_tiles": 0,
         "image_tokens": 0,
@@ -133,6 +135,38 @@ def test_an_image_and_a_video_in_one_message(stacks, oracle):
     details = reply["usage"]["prompt_tokens_details"]
     assert (details["image_tokens"], details["video_tokens"]) == (256, 8 * 256)
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
+
+
+def test_a_video_next_to_a_cached_image(stacks):
+    """The vision service's embedding cache and videos: under ``vir=auto`` the image's rows
+    depend on the frames it is routed with, so a request with a video is never served the
+    image's cached rows; under ``vir=off`` they do not, and the image is a hit."""
+    from protos.dvd.v1 import vision_pb2
+
+    stack = stacks["flash"]
+    image = gradient_image(900, 448, seed=23)
+    image_only = [{"type": "image_url", "image_url": {"url": data_url(image)}}]
+    with_video = [*image_only, video_part(), {"type": "text", "text": QUESTION}]
+    image_only.append({"type": "text", "text": QUESTION})
+    for vir in ("auto", "off"):
+        greedy(stack.base_url, [{"role": "user", "content": image_only}], vir=vir)
+        again = greedy(stack.base_url, [{"role": "user", "content": image_only}], vir=vir)
+        assert again["vision"]["cached_images"] == 1
+    auto = greedy(stack.base_url, [{"role": "user", "content": with_video}], num_frames=8)
+    assert auto["vision"]["cached_images"] == 0
+    sent = encode_over_grpc(
+        stack.vision_target,
+        [encode_image(image)],
+        vir_mode=vision_pb2.VIR_MODE_AUTO,
+        videos=[(VIDEO, 8)],
+    )
+    assert [item.header.from_cache for item in sent] == [False, False]
+    details = auto["usage"]["prompt_tokens_details"]
+    assert details["image_tokens"] == sum(sent[0].header.tokens_per_tile)
+    assert details["video_tokens"] == sum(sent[1].header.tokens_per_tile)
+    off = greedy(stack.base_url, [{"role": "user", "content": with_video}], num_frames=8, vir="off")
+    assert off["vision"]["cached_images"] == 1
+    assert off["vision"]["videos"] == 1
 
 
 def test_the_router_compresses_frames_and_usage_counts_them(stacks):
