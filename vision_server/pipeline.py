@@ -98,6 +98,20 @@ class VisionPipeline:
             )
         return dataclasses.replace(options, max_tiles=max_tiles)
 
+    def _admit(self, per_image: Sequence[TilingOptions]) -> None:
+        """Refuse a call with ``Overloaded`` before any of its images is decoded when the tile
+        queue lacks room for the most tiles it can make: each image's ``max_tiles`` plus a
+        thumbnail (known before decoding), capped by the per-request tile limit. The bound
+        is capped by the queue's own size too, so that an idle service still admits any call
+        and the exact per-image check at submit time decides, as it always does."""
+        most = sum(o.max_tiles + int(o.use_thumbnail and o.max_tiles > 1) for o in per_image)
+        most = min(most, self.settings.max_tiles_per_request)
+        tile_bytes = 3 * per_image[0].tile_size ** 2  # RGB, uint8
+        batcher = self.engine.batcher
+        batcher.check_room(
+            min(most, batcher.max_queued_tiles), min(most * tile_bytes, batcher.max_queued_bytes)
+        )
+
     async def _prepare(self, call: EncodeCall, options: TilingOptions) -> list[PreparedImage]:
         if not call.images:
             raise InvalidRequest("request has no images")
@@ -107,6 +121,7 @@ class VisionPipeline:
                 f"{self.settings.max_images_per_request}"
             )
         per_image = [self._image_options(options, image.max_tiles) for image in call.images]
+        self._admit(per_image)
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(
