@@ -87,9 +87,10 @@ class LLMSettings(CheckpointSettings):
     )
     seed: int = Field(0, description="engine seed")
     tool_parser: str = Field(
-        "hermes",
-        description="vLLM tool-call parser of the model family, which reads tool calls from "
-        "answers (hermes: the tool_call JSON blocks of Qwen3 backbones)",
+        "auto",
+        description="vLLM tool-call parser, which reads tool calls from answers (auto: the "
+        "backbone's, openai for GPT-OSS's harmony messages, hermes for the tool_call JSON "
+        "blocks of Qwen3 backbones)",
     )
 
     # ---- request limits ----

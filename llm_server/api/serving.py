@@ -95,7 +95,9 @@ class ChatService:
         self.prompts = prompts
         self.images = images
         self.settings = settings
-        self.features = OpenAIFeatures(prompts.tokenizer, engine.vocab_size, settings.tool_parser)
+        self.features = OpenAIFeatures(
+            prompts.tokenizer, engine.vocab_size, settings.tool_parser, engine.backbone.model_type
+        )
         self.model_name = engine.model_name
         self.created = int(time.time())
         # Callers hold a slot (``admission.slot()``) around prepare + complete/stream.
