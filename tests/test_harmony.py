@@ -135,7 +135,8 @@ def test_the_analysis_channel_is_the_reasoning(features, tokenizer):
 
 CALL = (
     "<|channel|>analysis<|message|>Need the weather.<|end|>"
-    '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Rome"}<|call|>'
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city": "Rome"}<|call|>'
 )
 
 
@@ -195,7 +196,9 @@ def test_each_choice_reads_its_own_answer(features, tokenizer):
     options = features.resolve(request(n=2)).output
     outputs = [ChoiceOutput(i, options, streaming=True) for i in range(2)]
     answers = [
-        tokenizer.encode(f"<|channel|>final<|message|>answer {i}<|return|>", add_special_tokens=False)
+        tokenizer.encode(
+            f"<|channel|>final<|message|>answer {i}<|return|>", add_special_tokens=False
+        )
         for i in range(2)
     ]
     streamed = ["", ""]
