@@ -253,3 +253,33 @@ def test_the_tool_parser_follows_the_backbone(setting, backbone, parser):
 def test_a_tool_parser_for_another_format_is_refused(setting, backbone):
     with pytest.raises(ValueError, match="harmony"):
         tool_parser_for(setting, backbone)
+
+
+def test_a_forced_call_is_planned_in_a_fresh_process(tmp_path):
+    """The harmony grammar of a forced call is known to vLLM's registry from the start, not
+    only once some answer has been read (this module's other tests read answers first)."""
+    import subprocess
+    import sys
+
+    save_tokenizer(train_tokenizer(HARMONY), tmp_path, HARMONY)
+    probe = (
+        "import json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from llm_server.api.features import OpenAIFeatures\n"
+        "from llm_server.api.protocol import ChatCompletionRequest\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "features = OpenAIFeatures(tokenizer, len(tokenizer), 'auto', 'gpt_oss')\n"
+        "body = {'model': 'm', 'messages': [{'role': 'user', 'content': 'hi'}],\n"
+        "        'tools': [json.loads(sys.argv[2])], 'tool_choice': 'required'}\n"
+        "resolved = features.resolve(ChatCompletionRequest.model_validate(body))\n"
+        "print(resolved.sampling['structured_outputs'].structural_tag)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path), json.dumps(WEATHER)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "to=functions.get_weather" in result.stdout

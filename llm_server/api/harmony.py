@@ -53,6 +53,10 @@ class HarmonyVocabulary:
         )
         from vllm.entrypoints.openai.parser.harmony_utils import get_encoding
 
+        # Registers harmony's structural tags (forced tool calls) with vLLM's registry now,
+        # not on the first answer read.
+        _parser_class(with_tools=True)
+
         vocab = tokenizer.get_vocab()
         missing = [marker for marker in HARMONY_MARKERS if marker not in vocab]
         if missing:
