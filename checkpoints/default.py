@@ -8,7 +8,7 @@ from pathlib import Path
 from filelock import FileLock
 
 # Bump when the generator's output changes, so stale caches are not served.
-TINY_GENERATOR_VERSION = 2
+TINY_GENERATOR_VERSION = 3
 TINY_MODEL_NAME = "dvd-tiny-internvl"
 
 

@@ -226,6 +226,8 @@ def build_hf_model(seed: int, preset: str = "tiny", llm: str = "qwen3") -> Any:
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
     _reinitialise(model, seed)
+    if chat_format is tiny_tokenizer.HARMONY:
+        _plant_harmony_header(model, vocab)
     return model, tokenizer
 
 
@@ -274,6 +276,47 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
             else:
                 std = 0.08
             param.copy_(std * torch.randn(param.shape, generator=generator))
+
+
+# A harmony model opens its answer with a header: after the prompt's "<|start|>assistant" it
+# writes "<|channel|>final<|message|>", then the answer. Random weights would not, and the
+# harmony parsing would never see a real answer; so the tiny GPT-OSS model has the header
+# planted as a chain of "this token -> that next token" rules.
+HARMONY_HEADER_CHAIN = [
+    ("assistant", "<|channel|>"),
+    ("<|channel|>", "final"),
+    ("final", "<|message|>"),
+]
+_HEADER_TRIGGER = 64.0  # the trigger token's value on its reserved dimension
+_HEADER_GAIN = 200.0  # the next token's output weight on it: a margin of hundreds of logits
+
+
+def _plant_harmony_header(model: Any, vocab: dict[str, int]) -> None:
+    """One hidden dimension per rule (the last ones), reserved: only the rule's trigger token
+    has a value there, no layer reads or writes it, so it reaches the final norm unchanged
+    and the output matrix maps it to the rule's next token alone. Everything else in the
+    model is what ``_reinitialise`` drew, minus those dimensions; transformers and vLLM see
+    ordinary GPT-OSS weights."""
+    text_model = model.model.language_model
+    embed = text_model.embed_tokens.weight  # [vocab, hidden]
+    head = model.lm_head.weight  # [vocab, hidden]
+    hidden = embed.shape[1]
+    dims = list(range(hidden - len(HARMONY_HEADER_CHAIN), hidden))
+    with torch.no_grad():
+        embed[:, dims] = 0.0
+        head[:, dims] = 0.0
+        for layer in text_model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for reads in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.router):
+                reads.weight[:, dims] = 0.0
+            attention.o_proj.weight[dims, :] = 0.0
+            attention.o_proj.bias[dims] = 0.0
+            mlp.experts.gate_up_proj[:, dims, :] = 0.0  # [experts, hidden, 2·width]
+            mlp.experts.down_proj[:, :, dims] = 0.0  # [experts, width, hidden]
+            mlp.experts.down_proj_bias[:, dims] = 0.0
+        for dim, (trigger, following) in zip(dims, HARMONY_HEADER_CHAIN, strict=True):
+            embed[vocab[trigger], dim] = _HEADER_TRIGGER
+            head[vocab[following], dim] = _HEADER_GAIN
 
 
 # ---------------------------------------------------------------------------------------------

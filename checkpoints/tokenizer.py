@@ -182,6 +182,11 @@ HARMONY_CHAT_TEMPLATE = (
 )
 
 
+# Harmony's role and channel names are single ordinary tokens in GPT-OSS's tokenizer; the tiny
+# one has them whole too (after the special tokens), so that a header is a few tokens.
+HARMONY_HEADER_WORDS = ["assistant", "analysis", "commentary", "final"]
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """A backbone's special tokens, chat template and stop tokens."""
@@ -190,6 +195,7 @@ class ChatFormat:
     chat_template: str
     eos_token: str
     stop_tokens: list[str]  # generation_config.json's eos_token_id, in this order
+    whole_words: tuple[str, ...] = ()  # ordinary tokens added after the special ones
 
 
 CHATML = ChatFormat(SPECIAL_TOKENS, CHAT_TEMPLATE, IM_END, [IM_END, END_OF_TEXT])
@@ -199,6 +205,7 @@ HARMONY = ChatFormat(
     HARMONY_CHAT_TEMPLATE,
     HARMONY_RETURN,
     [HARMONY_RETURN, END_OF_TEXT, HARMONY_CALL],
+    tuple(HARMONY_HEADER_WORDS),
 )
 CHAT_FORMATS = {"chatml": CHATML, "harmony": HARMONY}
 
@@ -248,6 +255,8 @@ def train_tokenizer(chat_format: ChatFormat = CHATML) -> Tokenizer:
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     tokenizer.add_special_tokens(chat_format.special_tokens)
+    if chat_format.whole_words:
+        tokenizer.add_tokens(list(chat_format.whole_words))
     return tokenizer
 
 

@@ -92,9 +92,10 @@ class LLMSettings(CheckpointSettings):
         "rows included: vLLM hashes them by content), e.g. the history of a chat",
     )
     tool_parser: str = Field(
-        "hermes",
-        description="vLLM tool-call parser of the model family, which reads tool calls from "
-        "answers (hermes: the tool_call JSON blocks of Qwen3 backbones)",
+        "auto",
+        description="vLLM tool-call parser, which reads tool calls from answers (auto: the "
+        "backbone's, openai for GPT-OSS's harmony messages, hermes for the tool_call JSON "
+        "blocks of Qwen3 backbones)",
     )
 
     # ---- request limits ----

@@ -216,16 +216,7 @@ class TileBatcher(Generic[Piece]):
         if count == 0:
             raise ValueError("an image has at least one tile")
         bytes_per_tile = tiles[0].numel() * tiles.element_size()
-        if self._queued_tiles + count > self.max_queued_tiles:
-            raise Overloaded(
-                f"vision queue is full ({self._queued_tiles} tiles waiting, limit "
-                f"{self.max_queued_tiles}); retry later"
-            )
-        if self._queued_bytes + count * bytes_per_tile > self.max_queued_bytes:
-            raise Overloaded(
-                f"vision queue is full ({self._queued_bytes} bytes of tiles waiting, limit "
-                f"{self.max_queued_bytes}); retry later"
-            )
+        self.check_room(count, count * bytes_per_tile)
         loop = asyncio.get_running_loop()
         job: _Job[Piece] = _Job(
             request_id, tiles, want, loop.create_future(), time.perf_counter(), bytes_per_tile
@@ -239,6 +230,21 @@ class TileBatcher(Generic[Piece]):
             # The caller is gone: drop whatever of this image has not been encoded yet.
             self._drop(job)
             raise
+
+    def check_room(self, tiles: int, nbytes: int) -> None:
+        """Raise ``Overloaded`` unless ``tiles`` more tiles of ``nbytes`` bytes in all fit in
+        the queue now. ``submit`` checks each image exactly; callers may check a bound first,
+        before they spend any work on a call the queue would refuse."""
+        if self._queued_tiles + tiles > self.max_queued_tiles:
+            raise Overloaded(
+                f"vision queue is full ({self._queued_tiles} tiles waiting, limit "
+                f"{self.max_queued_tiles}); retry later"
+            )
+        if self._queued_bytes + nbytes > self.max_queued_bytes:
+            raise Overloaded(
+                f"vision queue is full ({self._queued_bytes} bytes of tiles waiting, limit "
+                f"{self.max_queued_bytes}); retry later"
+            )
 
     # ---- queue bookkeeping --------------------------------------------------------------------
 

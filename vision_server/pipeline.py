@@ -166,6 +166,24 @@ class VisionPipeline:
             )
         return frames
 
+    def _admit(self, to_encode: Sequence[TilingOptions], frames: Sequence[int]) -> None:
+        """Refuse a call with ``Overloaded`` before any of its images or videos is decoded
+        when the tile queue lacks room for the most tiles it can make: each image still to
+        encode (cache hits need no room) at its ``max_tiles`` plus a thumbnail, and one tile
+        per video frame; all known before decoding. The bound is capped by the per-request
+        tile limit and by the queue's own size, so an idle service still admits any call and
+        the exact check at submit time decides, as it always does."""
+        most = sum(o.max_tiles + int(o.use_thumbnail and o.max_tiles > 1) for o in to_encode)
+        most = min(most + sum(frames), self.settings.max_tiles_per_request)
+        if most == 0:
+            return
+        tile_size = self.spec.vision.image_size
+        tile_bytes = 3 * tile_size**2  # RGB, uint8
+        batcher = self.engine.batcher
+        batcher.check_room(
+            min(most, batcher.max_queued_tiles), min(most * tile_bytes, batcher.max_queued_bytes)
+        )
+
     async def _prepare(
         self,
         call: EncodeCall,
@@ -283,6 +301,7 @@ class VisionPipeline:
                 todo = list(range(count))
             else:
                 todo = [index for index in range(count) if index not in hits]
+            self._admit([per_image[index] for index in todo], frames)
             prepared, videos = await self._prepare(call, per_image, todo, frames)
             self._check_tiles(prepared, hits, videos, count)
             stream = self._encode_in_order(call, vir_mode, prepared, hits, videos)

@@ -3,7 +3,9 @@
 The same object serves both shapes of the API: ``delta`` turns each of vLLM's increments
 into a stream chunk (text, tool-call pieces, logprobs), ``choice`` gives the whole answer.
 Tool calls are read by vLLM's parser: incrementally for a stream, once for a whole answer;
-``finish_reason`` becomes ``"tool_calls"`` when the model stopped after calling tools.
+``finish_reason`` becomes ``"tool_calls"`` when the model stopped after calling tools. A
+GPT-OSS answer is read from its harmony messages instead (``harmony.py``): content, reasoning
+and tool calls, by vLLM's harmony parser, from the token ids.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_server.api.features import OutputOptions
+from llm_server.api.harmony import HarmonyReader
 from llm_server.api.logprobs import chat_logprobs
 from llm_server.api.protocol import (
     AssistantMessage,
@@ -43,8 +46,15 @@ class ChoiceOutput:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.vllm_finish_reason: str | None = None
+        self.harmony: HarmonyReader | None = (
+            HarmonyReader(options.harmony, with_tools=options.parses_tool_calls)
+            if options.harmony is not None
+            else None
+        )
         self.parser: ToolCallParser | None = (
-            options.tools.parser() if options.tools is not None and options.tools.parse else None
+            options.tools.parser()
+            if self.harmony is None and options.tools is not None and options.tools.parse
+            else None
         )
         self.streaming = streaming
         self._content_sent = 0  # characters of text streamed as content (tool parsing only)
@@ -75,8 +85,14 @@ class ChoiceOutput:
         if not self.streaming:
             return None
         content: str | None = completion.text
+        reasoning: str | None = None
         calls: list[ToolCallDelta] = []
-        if self.parser is not None:
+        if self.harmony is not None:
+            read = self.harmony.delta(new_ids, finished=completion.finish_reason is not None)
+            content, reasoning, calls = read.content, read.reasoning, read.tool_calls
+            if calls:
+                self._calls_streamed = max(self._calls_streamed, *(call.index for call in calls))
+        elif self.parser is not None:
             content, calls = self.parser.delta(
                 previous_text,
                 self.text,
@@ -92,11 +108,18 @@ class ChoiceOutput:
                 content, calls = self._flush(content, calls)
         finish = completion.finish_reason
         token_ids = new_ids if self.return_token_ids and new_ids else None
-        if not content and not calls and not entries and not token_ids and finish is None:
+        if (
+            not content
+            and not reasoning
+            and not calls
+            and not entries
+            and not token_ids
+            and finish is None
+        ):
             return None
         return ChunkChoice(
             index=self.index,
-            delta=Delta(content=content or None, tool_calls=calls or None),
+            delta=Delta(content=content or None, reasoning=reasoning, tool_calls=calls or None),
             finish_reason=_finish_reason(finish, self._calls_streamed >= 0),
             logprobs=ChoiceLogprobs(content=entries) if entries else None,
             token_ids=token_ids,
@@ -125,12 +148,18 @@ class ChoiceOutput:
     def choice(self) -> Choice:
         """The whole answer (for a response that is not streamed)."""
         content: str | None = self.text
+        reasoning: str | None = None
         calls: list[ToolCall] = []
-        if self.parser is not None:
+        if self.harmony is not None:
+            answer = self.harmony.whole(self.token_ids)
+            content, reasoning, calls = answer.content, answer.reasoning, answer.tool_calls
+        elif self.parser is not None:
             content, calls = self.parser.extract(self.text)
         return Choice(
             index=self.index,
-            message=AssistantMessage(content=content, tool_calls=calls or None),
+            message=AssistantMessage(
+                content=content, reasoning=reasoning, tool_calls=calls or None
+            ),
             finish_reason=_finish_reason(self.vllm_finish_reason, bool(calls)),
             logprobs=(
                 ChoiceLogprobs(content=self.logprobs)

@@ -139,7 +139,9 @@ class ChatService:
         self.settings = settings
         # Frames per video when a request does not say: the setting, else the checkpoint's.
         self.default_num_frames = settings.num_frames or default_num_frames or DEFAULT_VIDEO_FRAMES
-        self.features = OpenAIFeatures(prompts.tokenizer, engine.vocab_size, settings.tool_parser)
+        self.features = OpenAIFeatures(
+            prompts.tokenizer, engine.vocab_size, settings.tool_parser, engine.backbone.model_type
+        )
         self.model_name = engine.model_name
         self.created = int(time.time())
         # Callers hold a slot (``admission.slot()``) around prepare + complete/stream.
