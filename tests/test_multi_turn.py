@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import data_url, noise_image
+from helpers import noise_image
 from reference import TransformersOracle, to_oracle_messages
+from test_e2e_chat import image_part, wire
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +23,6 @@ MAX_TOKENS = 24
 QUESTIONS = ["Describe the image.", "Which colour is the most common?", "Where is it darkest?"]
 # vLLM hashes whole KV blocks; the cached part of a prompt is a whole number of them.
 LARGEST_BLOCK = 256
-
-
-def image_part(image) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": data_url(image)}, "pil": image}
-
-
-def wire(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [{k: v for k, v in part.items() if k != "pil"} for part in content]
-        out.append({**message, "content": content})
-    return out
 
 
 def body(messages, **params) -> dict[str, Any]:

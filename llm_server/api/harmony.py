@@ -31,6 +31,7 @@ from typing import Any
 
 from llm_server.api.logprobs import TokenBytes
 from llm_server.api.protocol import FunctionCall, ToolCall, ToolCallDelta
+from llm_server.api.tools import tool_call_deltas
 
 # The tokens that give a harmony answer its structure, carried over by name.
 HARMONY_MARKERS = (
@@ -194,15 +195,10 @@ class HarmonyReader:
         )
         if message is None:
             return HarmonyDelta()
-        calls = []
-        for vllm_call in message.tool_calls:
-            call = ToolCallDelta.model_validate(vllm_call.model_dump(exclude_none=True))
-            if call.id is not None and call.function is not None:
-                # OpenAI's first piece of a call carries its arguments as "" (clients append).
-                call.function.arguments = call.function.arguments or ""
-            calls.append(call)
         return HarmonyDelta(
-            content=message.content or None, reasoning=message.reasoning or None, tool_calls=calls
+            content=message.content or None,
+            reasoning=message.reasoning or None,
+            tool_calls=tool_call_deltas(message.tool_calls),
         )
 
     def whole(self, token_ids: Sequence[int]) -> HarmonyAnswer:

@@ -209,15 +209,20 @@ class ToolCallParser:
         )
         if message is None:
             return None, []
-        calls = []
-        for vllm_call in message.tool_calls:
-            call = ToolCallDelta.model_validate(vllm_call.model_dump(exclude_none=True))
-            if call.id is not None and call.function is not None:
-                # OpenAI's first piece of a call carries its arguments as "" (clients append).
-                call.function.arguments = call.function.arguments or ""
-            calls.append(call)
-        return message.content, calls
+        return message.content, tool_call_deltas(message.tool_calls)
 
     def unstreamed_arguments(self) -> str:
         """Arguments the parser read but has not streamed yet (flushed at the end)."""
         return str(self.parser.get_remaining_unstreamed_args())
+
+
+def tool_call_deltas(vllm_calls: Sequence[Any]) -> list[ToolCallDelta]:
+    """vLLM's streamed tool-call pieces in our protocol's shape."""
+    calls = []
+    for vllm_call in vllm_calls:
+        call = ToolCallDelta.model_validate(vllm_call.model_dump(exclude_none=True))
+        if call.id is not None and call.function is not None:
+            # OpenAI's first piece of a call carries its arguments as "" (clients append).
+            call.function.arguments = call.function.arguments or ""
+        calls.append(call)
+    return calls
