@@ -216,11 +216,14 @@ async def measure_served(
     latencies: list[float] = []
     tiles: list[int] = []
     tokens: list[int] = []
+    cached = 0
     remaining = requests
 
     async def one(record: bool) -> None:
+        nonlocal cached
         started = time.perf_counter()
         (encoded,) = await client.encode([ImageInput(image)], options, "bench-vision")
+        cached += encoded.from_cache
         if record:
             latencies.append(time.perf_counter() - started)
             tiles.append(len(encoded.tokens_per_tile))
@@ -248,6 +251,7 @@ async def measure_served(
         "images_per_s": len(latencies) / wall,
         "tiles_per_image": statistics.mean(tiles),
         "visual_tokens_per_image": statistics.mean(tokens),
+        "cache_hits": cached,  # 0: every image was encoded (the server runs without a cache)
         "latency_ms": {
             "mean": 1000 * statistics.mean(latencies),
             "p50": 1000 * percentile(latencies, 0.5),
@@ -438,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         str(args.preprocess_workers),
         "--max-queued-tiles",
         "1000000",
+        # The same image every call: without this the embedding cache would answer them.
+        "--embedding-cache-mb",
+        "0",
         "--torch-threads",
         str(args.torch_threads),
         *shlex.split(args.server_args),

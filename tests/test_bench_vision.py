@@ -57,6 +57,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     for level in served.values():
         assert level["requests"] == 3
         assert level["tiles_per_image"] == 11
+        assert level["cache_hits"] == 0  # encoded every time, not answered by the cache
         assert level["tiles_per_s"] > 0 and level["ratio_to_raw"] > 0
         assert 0 < level["ratio_to_best_raw"] <= level["ratio_to_raw"]
         latency = level["latency_ms"]

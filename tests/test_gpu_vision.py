@@ -1,6 +1,8 @@
 """The vision engine on a CUDA device: bf16 against transformers in bf16, the asynchronous data
-path (pinned buffers, side streams, uint8 tiles normalised on the device), and routing under
-batching. Skipped without CUDA."""
+path (pinned buffers, side streams, uint8 tiles normalised on the device), routing under
+batching, and the in-process encoder's hold on its peak memory. Only the vision half's packages
+are imported (no vLLM, no FastAPI), so these run on a GPU host that has nothing else. Skipped
+without CUDA; `docs/benchmarks/gpu.sh` runs them with the GPU benchmarks."""
 
 from __future__ import annotations
 
@@ -175,3 +177,31 @@ def test_routing_decisions_are_stable_under_batching(tiny_flash_models):
         assert [e.tokens_per_tile for e in solo] == [e.tokens_per_tile for e in shared]
     decisions = [t for request in alone for e in request for t in e.tokens_per_tile]
     assert 64 in decisions and 256 in decisions  # the router really decided something
+
+
+def test_in_process_encoder_holds_its_peak_on_the_gpu(tiny_models, tmp_path):
+    """On CUDA the encoder runs its largest batch at start-up and keeps that memory: a second
+    full batch allocates nothing new, so vLLM cannot take memory the ViT will need."""
+    from llm_server.vision.inprocess import InProcessImageEncoder
+
+    async def scenario() -> None:
+        encoder = await InProcessImageEncoder.start(tiny_models["hf"], tmp_path, "cuda", 16)
+        try:
+            assert encoder.gpu_bytes is not None
+            device = encoder.pipeline.engine.device
+            weights = sum(
+                p.numel() * p.element_size() for p in encoder.pipeline.engine.encoder.parameters()
+            )
+            assert encoder.gpu_bytes > weights
+            size = encoder.pipeline.spec.vision.image_size
+            with torch.inference_mode():
+                tiles = torch.zeros(16, 3, size, size, device=device)
+                encoder.pipeline.engine.encoder(tiles.to(encoder.pipeline.engine.dtype))
+            torch.cuda.synchronize(device)
+            assert torch.cuda.memory_reserved(device) <= encoder.gpu_bytes + 16 * 3 * size**2 * 4
+            share = encoder.gpu_share(tiny_models["hf"], 0.5)
+            assert 0 < share.llm_utilization() < 0.5
+        finally:
+            await encoder.close()
+
+    asyncio.run(scenario())

@@ -681,36 +681,6 @@ def test_language_model_weight_bytes_match_the_tensors(tiny_models):
         assert expected > 0 and llm_weight_bytes(Path(path)) == expected
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_in_process_encoder_holds_its_peak_on_the_gpu(tiny_models, tmp_path):
-    """On CUDA the encoder runs its largest batch at start-up and keeps that memory: a second
-    full batch allocates nothing new, so vLLM cannot take memory the ViT will need."""
-    from llm_server.vision.inprocess import InProcessImageEncoder
-
-    async def scenario() -> None:
-        encoder = await InProcessImageEncoder.start(tiny_models["hf"], tmp_path, "cuda", 16)
-        try:
-            assert encoder.gpu_bytes is not None
-            device = encoder.pipeline.engine.device
-            weights = sum(
-                p.numel() * p.element_size() for p in encoder.pipeline.engine.encoder.parameters()
-            )
-            assert encoder.gpu_bytes > weights
-            size = encoder.pipeline.spec.vision.image_size
-            with torch.inference_mode():
-                tiles = torch.zeros(16, 3, size, size, device=device)
-                encoder.pipeline.engine.encoder(tiles.to(encoder.pipeline.engine.dtype))
-            torch.cuda.synchronize(device)
-            assert torch.cuda.memory_reserved(device) <= encoder.gpu_bytes + 16 * 3 * size**2 * 4
-            share = encoder.gpu_share(tiny_models["hf"], 0.5)
-            assert 0 < share.llm_utilization() < 0.5
-        finally:
-            await encoder.close()
-
-    asyncio.run(scenario())
-
-
 # ---- end to end, on a deployment of its own ----------------------------------------------
 
 VISION_TIMEOUT_S = 4.0

@@ -16,14 +16,17 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
 from vision_server.errors import InvalidVideo
 from vision_server.preprocess import PreparedImage, TilingOptions, tile_image
+
+if TYPE_CHECKING:
+    import av
 
 # FFmpeg demuxer names, as FFmpeg lists them (one name may cover several extensions). Anything
 # else (playlists, image sequences, raw streams) is refused before it is even probed.
@@ -90,6 +93,8 @@ def segment_middles(total_frames: int, num_frames: int) -> list[int]:
 
 
 def _open(data: bytes) -> av.container.InputContainer:
+    import av  # imported on first use: a service that never sees a video never loads FFmpeg
+
     options = {"format_whitelist": ",".join(VIDEO_FORMATS), **_PROBE_OPTIONS}
     try:
         return av.open(io.BytesIO(data), mode="r", options=options)
@@ -123,6 +128,8 @@ def _check_header(
             f"the limit is {limits.max_pixels} pixels"
         )
     if container.duration is not None:  # the header's claim (microseconds); packets checked next
+        import av
+
         _check_duration(container.duration / av.time_base, limits)
     return width, height
 
@@ -165,6 +172,8 @@ def probe_video(data: bytes, limits: VideoLimits) -> VideoStreamInfo:
         raise InvalidVideo("video is empty")
     if len(data) > limits.max_bytes:
         raise InvalidVideo(f"video is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    import av
+
     try:
         with _open(data) as container:
             stream = _video_stream(container)
@@ -184,6 +193,8 @@ def decode_frames(data: bytes, frame_numbers: list[int]) -> dict[int, Image.Imag
     wanted = set(frame_numbers)
     last = max(wanted)
     images: dict[int, Image.Image] = {}
+    import av
+
     try:
         with _open(data) as container:
             stream = _video_stream(container)
