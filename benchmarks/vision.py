@@ -12,6 +12,11 @@ process through the language service's own gRPC client, with synthetic images of
 size (text-like on the left, flat on the right, so the router has something to decide):
 tiles/s, latency percentiles, and the ratio to raw at the server's batch size.
 
+**Stages** (``--stages``): the same levels in this process, no gRPC: the engine alone
+(tiles already cut, so batching, the device and the copies back) and the whole pipeline
+(image bytes in: decoding and tiling too). With the served figures they show where the time
+goes between the raw encoder and a gRPC client.
+
 Without ``--model`` the checkpoint is one of ``dvd-tiny-model``'s presets (random weights,
 real geometry; written once under ``--cache-dir``). JSON goes to ``--output``; a table is
 printed last.
@@ -35,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
 from checkpoints.tiny import PRESETS, write_tiny_checkpoint
@@ -55,6 +62,7 @@ from vision_server.model.encoder import TileNormaliser, VisionEncoder
 from vision_server.tiling import plan_tiles
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
+BUSY_SAMPLE = "dvd:vision_device_busy_seconds_total"
 
 
 # ---- the checkpoint -------------------------------------------------------------------------
@@ -158,9 +166,9 @@ def _serving(target: str) -> bool:
 @contextlib.contextmanager
 def vision_server(
     model: Path, server_args: list[str], log_path: Path, start_timeout: float
-) -> Iterator[str]:
-    """A ``dvd-vision-server`` process on a free port; yields its target."""
-    port = free_port()
+) -> Iterator[tuple[str, str]]:
+    """A ``dvd-vision-server`` process on free ports; yields its target and metrics URL."""
+    port, metrics_port = free_port(), free_port()
     argv = [
         sys.executable,
         "-m",
@@ -170,7 +178,7 @@ def vision_server(
         "--port",
         str(port),
         "--metrics-port",
-        "0",
+        str(metrics_port),
         *server_args,
     ]
     target = f"127.0.0.1:{port}"
@@ -186,7 +194,7 @@ def vision_server(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"vision server not serving after {start_timeout:.0f} s")
                 time.sleep(0.5)
-            yield target
+            yield target, f"http://127.0.0.1:{metrics_port}/metrics"
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -202,7 +210,148 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+async def run_level(
+    encode_one: Callable[[], Awaitable[tuple[int, int, bool]]],
+    concurrency: int,
+    requests: int,
+    busy_seconds: Callable[[], float | None],
+) -> dict[str, Any]:
+    """``requests`` calls of ``encode_one`` (-> tiles, visual tokens, cache hit),
+    ``concurrency`` at a time, after one warm-up round. ``busy_seconds`` reads the encoder's
+    device-busy counter (None: unknown)."""
+    latencies: list[float] = []
+    tiles: list[int] = []
+    tokens: list[int] = []
+    cached = 0
+    remaining = requests
+
+    async def one(record: bool) -> None:
+        nonlocal cached
+        started = time.perf_counter()
+        num_tiles, num_tokens, from_cache = await encode_one()
+        cached += from_cache
+        if record:
+            latencies.append(time.perf_counter() - started)
+            tiles.append(num_tiles)
+            tokens.append(num_tokens)
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await one(record=True)
+
+    await asyncio.gather(*(one(record=False) for _ in range(concurrency)))
+    busy_before = busy_seconds()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    busy_after = busy_seconds()
+    busy = None
+    if busy_before is not None and busy_after is not None:
+        busy = (busy_after - busy_before) / wall
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": wall,
+        "tiles_per_s": sum(tiles) / wall,
+        "images_per_s": len(latencies) / wall,
+        "tiles_per_image": statistics.mean(tiles),
+        "visual_tokens_per_image": statistics.mean(tokens),
+        "cache_hits": cached,  # 0: every image was encoded (the server runs without a cache)
+        # The fraction of the time the encoder computed (dvd:vision_device_busy_seconds).
+        "device_busy": busy,
+        "latency_ms": {
+            "mean": 1000 * statistics.mean(latencies),
+            "p50": 1000 * percentile(latencies, 0.5),
+            "p90": 1000 * percentile(latencies, 0.9),
+            "p99": 1000 * percentile(latencies, 0.99),
+        },
+    }
+
+
+def measure_stages(
+    path: Path,
+    device: torch.device,
+    server_settings: dict[str, Any],
+    image: bytes,
+    modes: list[VirMode],
+    concurrencies: list[int],
+    requests_for: Callable[[int], int],
+) -> list[dict[str, Any]]:
+    """The served levels in this process, without gRPC: the engine fed prepared tiles, and the
+    pipeline fed image bytes (the server's own classes and settings)."""
+    from prometheus_client import REGISTRY
+
+    from vision_server.pipeline import EncodeCall, ImagePayload
+    from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
+    from vision_server.server import build_pipeline
+    from vision_server.settings import VisionSettings
+
+    settings = VisionSettings(model=str(path), device=str(device), **server_settings)
+    pipeline, _ = build_pipeline(settings)
+    engine = pipeline.engine
+    spec = pipeline.spec
+    prepared = prepare_image(
+        image, ImageLimits(), TilingOptions(spec.min_tiles, spec.max_tiles, spec.use_thumbnail)
+    )
+    levels: list[dict[str, Any]] = []
+
+    async def run_all() -> None:
+        engine.start()
+        try:
+            for stage in ("engine", "pipeline"):
+                for mode in modes:
+
+                    async def one(
+                        mode: VirMode = mode, stage: str = stage
+                    ) -> tuple[int, int, bool]:  # noqa: E501
+                        if stage == "engine":
+                            items = engine.encode_request([prepared], "bench-vision", mode)
+                        else:
+                            call = EncodeCall([ImagePayload(image)], vir_mode=mode)
+                            items = pipeline.encode(call)
+                        (encoded,) = [item async for item in items]
+                        return len(encoded.tokens_per_tile), encoded.num_visual_tokens, False
+
+                    for concurrency in concurrencies:
+                        level = await run_level(
+                            one,
+                            concurrency,
+                            requests_for(concurrency),
+                            lambda: REGISTRY.get_sample_value(BUSY_SAMPLE),
+                        )
+                        levels.append({"stage": stage, "vir": mode.value, **level})
+                        print(
+                            f"{stage} vir={mode.value} c={concurrency}: "
+                            f"{level['tiles_per_s']:.1f} tiles/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        finally:
+            await engine.stop()
+            pipeline.close()
+
+    asyncio.run(run_all())
+    if device.type == "cuda":
+        del pipeline, engine
+        torch.cuda.empty_cache()  # leave the device's memory to the server
+    return levels
+
+
+def scrape_counter(metrics_url: str, sample: str) -> float | None:
+    """One sample of a server's Prometheus page (None when absent)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample:
+                return float(found.value)
+    return None
+
+
 async def measure_served(
+    metrics_url: str,
     target: str,
     hidden_size: int,
     image: bytes,
@@ -213,52 +362,18 @@ async def measure_served(
     """``requests`` Encode calls, ``concurrency`` at a time, after one warm-up round."""
     client = GrpcImageEncoder(target, timeout_s=900, expected_hidden_size=hidden_size)
     options = EncodeOptions(vir=vir)
-    latencies: list[float] = []
-    tiles: list[int] = []
-    tokens: list[int] = []
-    cached = 0
-    remaining = requests
 
-    async def one(record: bool) -> None:
-        nonlocal cached
-        started = time.perf_counter()
+    async def one() -> tuple[int, int, bool]:
         (encoded,) = await client.encode([ImageInput(image)], options, "bench-vision")
-        cached += encoded.from_cache
-        if record:
-            latencies.append(time.perf_counter() - started)
-            tiles.append(len(encoded.tokens_per_tile))
-            tokens.append(encoded.num_visual_tokens)
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await one(record=True)
+        return len(encoded.tokens_per_tile), encoded.num_visual_tokens, encoded.from_cache
 
     try:
-        await asyncio.gather(*(one(record=False) for _ in range(concurrency)))
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        level = await run_level(
+            one, concurrency, requests, lambda: scrape_counter(metrics_url, BUSY_SAMPLE)
+        )
+        return {"vir": vir.value, **level}
     finally:
         await client.close()
-    return {
-        "vir": vir.value,
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "seconds": wall,
-        "tiles_per_s": sum(tiles) / wall,
-        "images_per_s": len(latencies) / wall,
-        "tiles_per_image": statistics.mean(tiles),
-        "visual_tokens_per_image": statistics.mean(tokens),
-        "cache_hits": cached,  # 0: every image was encoded (the server runs without a cache)
-        "latency_ms": {
-            "mean": 1000 * statistics.mean(latencies),
-            "p50": 1000 * percentile(latencies, 0.5),
-            "p90": 1000 * percentile(latencies, 0.9),
-            "p99": 1000 * percentile(latencies, 0.99),
-        },
-    }
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -266,6 +381,11 @@ async def measure_served(
 
 def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
     return next((r["tiles_per_s"] for r in raw if r["batch_tiles"] == batch), None)
+
+
+def busy_text(level: dict[str, Any]) -> str:
+    busy = level.get("device_busy")
+    return "-" if busy is None else f"{busy:.0%}"
 
 
 def table(report: dict[str, Any]) -> str:
@@ -282,6 +402,22 @@ def table(report: dict[str, Any]) -> str:
     ]
     for r in report["raw"]:
         lines.append(f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} |")
+    stages = report.get("stages")
+    if stages:
+        lines += [
+            "",
+            "in process, no gRPC (engine: cut tiles in; pipeline: image bytes in)",
+            "",
+            "| stage | vir | concurrency | tiles/s | x raw | device busy | p50 ms | p90 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in stages:
+            ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
+            latency = s["latency_ms"]
+            lines.append(
+                f"| {s['stage']} | {s['vir']} | {s['concurrency']} | {s['tiles_per_s']:.1f} "
+                f"| {ratio} | {busy_text(s)} | {latency['p50']:.0f} | {latency['p90']:.0f} |"
+            )
     served = report["served"]
     if served:
         settings = report["settings"]
@@ -291,9 +427,9 @@ def table(report: dict[str, Any]) -> str:
             f"--max-batch-tiles {settings['max_batch_tiles']}; ratio to raw at that batch, "
             "and to the best raw batch up to it",
             "",
-            "| vir | concurrency | requests | tiles/s | x raw | x best raw | p50 ms | p90 ms | "
-            "p99 ms | tokens/image |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy | p50 ms "
+            "| p90 ms | p99 ms | tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in served:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
@@ -301,8 +437,9 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {best} | {latency['p50']:.0f} | {latency['p90']:.0f} "
-                f"| {latency['p99']:.0f} | {s['visual_tokens_per_image']:.0f} |"
+                f"| {ratio} | {best} | {busy_text(s)} | {latency['p50']:.0f} "
+                f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
+                f"| {s['visual_tokens_per_image']:.0f} |"
             )
         alone = report.get("alone")
         if alone:
@@ -375,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--no-raw", action="store_true", help="skip the raw measurement")
     parser.add_argument("--no-served", action="store_true", help="skip the served measurement")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also run the served levels in this process without gRPC: the engine fed cut "
+        "tiles, and the pipeline fed image bytes (--server-args do not apply there)",
+    )
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     return parser
 
@@ -422,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch_threads": args.torch_threads or torch.get_num_threads(),
         },
         "raw": [],
+        "stages": [],
         "served": [],
     }
     if args.torch_threads:
@@ -449,10 +593,32 @@ def main(argv: list[str] | None = None) -> None:
         str(args.torch_threads),
         *shlex.split(args.server_args),
     ]
+
+    def requests_for(concurrency: int) -> int:
+        return args.requests or max(8, 4 * concurrency)
+
+    if args.stages:
+        report["stages"] = measure_stages(
+            path,
+            device,
+            {
+                "dtype": args.dtype,
+                "max_batch_tiles": args.max_batch_tiles,
+                "max_wait_ms": args.max_wait_ms,
+                "preprocess_workers": args.preprocess_workers,
+                "max_queued_tiles": 1_000_000,
+                "embedding_cache_mb": 0,
+                "torch_threads": args.torch_threads,
+            },
+            image,
+            modes,
+            args.concurrency,
+            requests_for,
+        )
     raw_rounds: list[list[dict[str, Any]]] = []
     served_rounds: list[list[dict[str, Any]]] = []
 
-    def one_round(target: str | None) -> None:
+    def one_round(server: tuple[str, str] | None) -> None:
         """Raw, then served, back to back: on a shared machine both see the same load."""
         if raw is not None:
             raw_rounds.append([])
@@ -460,8 +626,9 @@ def main(argv: list[str] | None = None) -> None:
                 raw_rounds[-1].append(raw.measure(batch, args.raw_seconds, args.raw_min_iters))
                 rate = raw_rounds[-1][-1]["tiles_per_s"]
                 print(f"raw batch {batch}: {rate:.1f} tiles/s", file=sys.stderr, flush=True)
-        if target is None:
+        if server is None:
             return
+        target, metrics_url = server
         reference = raw_rate(raw_rounds[-1], args.max_batch_tiles) if raw_rounds else None
         # The encoder's best rate at any batch the server may run (on a CPU, smaller batches
         # can be faster per tile than the cap).
@@ -480,9 +647,16 @@ def main(argv: list[str] | None = None) -> None:
         served_rounds.append([])
         for mode in modes:
             for concurrency in args.concurrency:
-                requests = args.requests or max(8, 4 * concurrency)
                 level = asyncio.run(
-                    measure_served(target, spec.llm_hidden_size, image, mode, concurrency, requests)
+                    measure_served(
+                        metrics_url,
+                        target,
+                        spec.llm_hidden_size,
+                        image,
+                        mode,
+                        concurrency,
+                        requests_for(concurrency),
+                    )
                 )
                 level["ratio_to_raw"] = level["tiles_per_s"] / reference if reference else None
                 level["ratio_to_best_raw"] = level["tiles_per_s"] / best if best else None
@@ -499,11 +673,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as scratch:
             log = Path(scratch) / "vision-server.log"
-            with vision_server(path, server_args, log, args.start_timeout) as target:
+            with vision_server(path, server_args, log, args.start_timeout) as server:
                 for _ in range(args.rounds):
-                    one_round(target)
+                    one_round(server)
     if raw_rounds:
         report["raw"] = median_of_rounds(raw_rounds, "tiles_per_s")
+        reference = raw_rate(report["raw"], args.max_batch_tiles)
+        for level in report["stages"]:
+            level["ratio_to_raw"] = level["tiles_per_s"] / reference if reference else None
     if served_rounds:
         report["served"] = median_of_rounds(served_rounds, "ratio_to_raw" if raw else "tiles_per_s")
     if args.rounds > 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -99,9 +100,11 @@ class _LaunchedPass:
         outputs: list[SliceOutput],
         done: torch.cuda.Event | None = None,
         device_outputs: TileEmbeddings | None = None,
+        compute: tuple[torch.cuda.Event, torch.cuda.Event] | None = None,
     ) -> None:
         self._outputs = outputs
         self._done = done
+        self._compute = compute  # the forward's start and end on the compute stream
         # The copies out read these; they must not be freed (and their memory reused by the
         # next pass) before the copies are done.
         self._device_outputs = device_outputs
@@ -109,6 +112,9 @@ class _LaunchedPass:
     def wait(self) -> list[SliceOutput]:
         if self._done is not None:
             self._done.synchronize()
+        if self._compute is not None:
+            started, finished = self._compute
+            metrics.device_busy_seconds.inc(started.elapsed_time(finished) / 1000)
         self._device_outputs = None
         return self._outputs
 
@@ -227,7 +233,9 @@ class EncoderEngine:
         with torch.inference_mode():
             if not streams.cuda:
                 tiles = self._gather(slices)
+                started = time.perf_counter()
                 out = self.encoder(self._normalise(tiles, self.dtype))
+                metrics.device_busy_seconds.inc(time.perf_counter() - started)
                 return _LaunchedPass(self._slice_outputs(out, slices))
             # [n, 3, H, W] uint8 in pinned memory, then to the device on the copy-in stream.
             staging = self._gather(slices)
@@ -237,13 +245,19 @@ class EncoderEngine:
                 streams.compute.wait_stream(streams.copy_in)
                 with streams.on(streams.compute):
                     tiles.record_stream(streams.compute)  # allocated on copy-in, used here
+                    compute = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
+                    compute[0].record()
                     out = self.encoder(self._normalise(tiles, self.dtype))
+                    compute[1].record()
                 streams.copy_out.wait_stream(streams.compute)
                 with streams.on(streams.copy_out):
                     outputs = self._slice_outputs(out, slices)
                     done = torch.cuda.Event()
                     done.record()
-            return _LaunchedPass(outputs, done, out)
+            return _LaunchedPass(outputs, done, out, compute)
 
     def _gather(self, slices: Sequence[PassSlice]) -> torch.Tensor:
         if len(slices) == 1 and not self._streams.cuda:

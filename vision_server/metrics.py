@@ -49,6 +49,11 @@ request_seconds = Histogram(
 batch_seconds = Histogram(
     "dvd:vision_batch_seconds", "Duration of one ViT forward pass.", buckets=_LATENCY_BUCKETS
 )
+device_busy_seconds = Counter(
+    "dvd:vision_device_busy_seconds",
+    "Time the encoder's forward passes computed (on CUDA, measured on the device with events). "
+    "Its rate is the fraction of time the device was busy encoding.",
+)
 batch_tiles = Histogram(
     "dvd:vision_batch_tiles",
     "Tiles in one ViT forward pass.",
