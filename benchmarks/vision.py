@@ -57,8 +57,9 @@ from checkpoints.tiny import PRESETS, write_tiny_checkpoint
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.options import VirMode
+from vision_server.cuda_graphs import GraphedForward
 from vision_server.engine import compute_dtype_for_device, resolve_device
-from vision_server.model.encoder import TileNormaliser, VisionEncoder
+from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.tiling import plan_tiles
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
@@ -89,40 +90,69 @@ def _synchronize(device: torch.device) -> None:
 
 
 class RawEncoder:
-    """The encoder alone, loaded once, timed on random uint8 tiles already on the device."""
+    """The encoder alone, loaded once, timed on random uint8 tiles already on the device:
+    eagerly, and (on CUDA, unless turned off) replayed from a CUDA graph as the service runs
+    it."""
 
-    def __init__(self, spec: CheckpointSpec, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, cuda_graphs: bool
+    ) -> None:
         self.encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
         self.normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
         self.device, self.dtype = device, dtype
         self.tile_size = spec.vision.image_size
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
 
-    def measure(self, batch: int, min_seconds: float, min_iters: int) -> dict[str, Any]:
-        """tiles/s at one batch size."""
-        generator = torch.Generator().manual_seed(batch)
-        size = self.tile_size
-        tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
-        tiles = tiles.to(torch.uint8).to(self.device)
+    def eager(self, tiles: torch.Tensor) -> TileEmbeddings:
+        return self.encoder(self.normalise(tiles, self.dtype))
+
+    def _time(
+        self,
+        forward: Callable[[torch.Tensor], Any],
+        tiles: torch.Tensor,
+        min_seconds: float,
+        min_iters: int,
+    ) -> tuple[int, float]:
         with torch.inference_mode():
             for _ in range(2):  # warm-up: kernels, allocator, lazy initialisation
-                self.encoder(self.normalise(tiles, self.dtype))
+                forward(tiles)
             _synchronize(self.device)
             iterations, started = 0, time.perf_counter()
             while iterations < min_iters or time.perf_counter() - started < min_seconds:
-                self.encoder(self.normalise(tiles, self.dtype))
+                forward(tiles)
                 iterations += 1
                 if iterations % 4 == 0:
                     _synchronize(self.device)  # a short queue, so the clock means something
             _synchronize(self.device)
-            seconds = time.perf_counter() - started
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # leave the device's memory to the server
-        return {
+            return iterations, time.perf_counter() - started
+
+    def measure(self, batch: int, min_seconds: float, min_iters: int) -> dict[str, Any]:
+        """tiles/s at one batch size (``tiles_per_s``: as the service runs it)."""
+        generator = torch.Generator().manual_seed(batch)
+        size = self.tile_size
+        tiles = torch.randint(0, 256, (batch, 3, size, size), generator=generator)
+        tiles = tiles.to(torch.uint8).to(self.device)
+        iterations, seconds = self._time(self.eager, tiles, min_seconds, min_iters)
+        result: dict[str, Any] = {
             "batch_tiles": batch,
             "iterations": iterations,
             "ms_per_pass": 1000 * seconds / iterations,
             "tiles_per_s": batch * iterations / seconds,
+            "eager_tiles_per_s": batch * iterations / seconds,
         }
+        if self.cuda_graphs:
+            graphed = GraphedForward(self.eager, self.device, (3, size, size), [batch])
+            iterations, seconds = self._time(graphed, tiles, min_seconds, min_iters)
+            del graphed
+            result.update(
+                cuda_graph=True,
+                iterations=iterations,
+                ms_per_pass=1000 * seconds / iterations,
+                tiles_per_s=batch * iterations / seconds,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # leave the device's memory to the server
+        return result
 
 
 # ---- served ---------------------------------------------------------------------------------
@@ -390,18 +420,23 @@ def busy_text(level: dict[str, Any]) -> str:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        f"device: {report['device']} ({report['dtype']}), checkpoint: {report['checkpoint']}"
+        f"device: {report['device']} ({report['dtype']}"
+        + (", CUDA graphs" if report["settings"].get("cuda_graphs") else "")
+        + f"), checkpoint: {report['checkpoint']}"
         + (
             f", median of {report['settings']['rounds']} rounds"
             if report["settings"]["rounds"] > 1
             else ""
         ),
         "",
-        "| raw batch (tiles) | ms per pass | tiles/s |",
-        "|---|---|---|",
+        "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |",
+        "|---|---|---|---|",
     ]
     for r in report["raw"]:
-        lines.append(f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} |")
+        lines.append(
+            f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} "
+            f"| {r.get('eager_tiles_per_s', r['tiles_per_s']):.1f} |"
+        )
     stages = report.get("stages")
     if stages:
         lines += [
@@ -475,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where presets are written")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, the server replays CUDA graphs (its default) and raw is timed both "
+        "eagerly and from graphs (default: yes)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="timing per batch size")
     parser.add_argument("--raw-min-iters", type=int, default=2)
@@ -562,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
             "image_format": args.image_format,
             "tiles_per_image": tiles_per_image,
             "rounds": args.rounds,
+            "cuda_graphs": args.cuda_graphs and device.type == "cuda",
             "torch_threads": args.torch_threads or torch.get_num_threads(),
         },
         "raw": [],
@@ -570,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    raw = None if args.no_raw else RawEncoder(spec, device, dtype)
+    raw = None if args.no_raw else RawEncoder(spec, device, dtype, args.cuda_graphs)
     modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
     image = synthetic_image(width, height, args.image_format)
     server_args = [
@@ -591,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         "0",
         "--torch-threads",
         str(args.torch_threads),
+        "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
         *shlex.split(args.server_args),
     ]
 
@@ -609,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_queued_tiles": 1_000_000,
                 "embedding_cache_mb": 0,
                 "torch_threads": args.torch_threads,
+                "cuda_graphs": args.cuda_graphs,
             },
             image,
             modes,

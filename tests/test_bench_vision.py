@@ -72,6 +72,6 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     assert all(level["rounds"] == 2 for level in report["served"])
 
     table = done.stdout
-    assert "| raw batch (tiles) | ms per pass | tiles/s |" in table
+    assert "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |" in table
     assert "| auto | 3 | 3 |" in table
     assert "one 11-tile image alone" in table

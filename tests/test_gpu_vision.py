@@ -119,9 +119,10 @@ def test_async_data_path_equals_a_plain_forward(tiny_flash_models):
         first = engine.run_pass(slices)
         second = engine.run_pass(slices[::-1])
         outputs, reversed_outputs = first.wait(), second.wait()
+        assert engine.cuda_graphs  # the service's default on CUDA
         with torch.inference_mode():
             tiles = torch.cat([image.tiles for image in images]).to("cuda")
-            plain = engine.encoder(engine._normalise(tiles, torch.bfloat16))
+            plain = engine._graphs(tiles)  # the same graph replay, on the default stream
         torch.cuda.synchronize()
     finally:
         pipeline.close()
@@ -142,6 +143,37 @@ def test_async_data_path_equals_a_plain_forward(tiny_flash_models):
     for out, back in zip(outputs, reversed_outputs[::-1], strict=True):
         if out.rows is not None:
             assert back.rows is not None and back.rows.shape == out.rows.shape
+
+
+def test_cuda_graphs_give_the_eager_forward(tiny_flash_models):
+    """A replayed graph (padded to its captured size) gives what the eager forward of the same
+    tiles gives, to bf16 rounding; a pass over the largest size runs eagerly."""
+    from vision_server.cuda_graphs import graph_batch_sizes
+
+    pipeline = gpu_pipeline(tiny_flash_models["hf"], max_batch_tiles=16)
+    engine = pipeline.engine
+    graphs = engine._graphs
+    assert graphs is not None and graphs.batch_sizes == graph_batch_sizes(16) == [1, 2, 4, 8, 16]
+    size = pipeline.spec.vision.image_size
+    generator = torch.Generator().manual_seed(5)
+    try:
+        with torch.inference_mode():
+            for count in (1, 3, 5, 16, 20):
+                tiles = torch.randint(0, 256, (count, 3, size, size), generator=generator)
+                tiles = tiles.to(torch.uint8).to("cuda")
+                graphed, eager = graphs(tiles), engine._eager_forward(tiles)
+                for got, expected in (
+                    (graphed.full, eager.full),
+                    (graphed.compressed, eager.compressed),
+                    (graphed.compress_prob, eager.compress_prob),
+                ):
+                    assert got is not None and expected is not None
+                    assert got.shape == expected.shape and got.shape[0] == count
+                    assert relative_l2(got, expected) <= 1e-2
+                if count > graphs.max_batch:
+                    assert graphs.graph_size(count) is None
+    finally:
+        pipeline.close()
 
 
 def test_concurrent_requests_get_their_own_rows(tiny_flash_models):

@@ -40,6 +40,7 @@ from vision_server.batching import (
     is_fatal,
     pass_error,
 )
+from vision_server.cuda_graphs import GraphedForward, capture
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
@@ -205,6 +206,7 @@ class EncoderEngine:
             on_pass=metrics.observe_pass,
             on_fatal=on_fatal,
         )
+        self._graphs: GraphedForward | None = None
         # Assembling images and copying routed rows back: off the event loop, and not behind
         # the next pass on the launch thread.
         self._copy_back = started_pool(2, "copy-back")
@@ -223,6 +225,23 @@ class EncoderEngine:
     def set_fatal_handler(self, handler: Callable[[BaseException], None]) -> None:
         """Called (on the event loop) once, if the engine can no longer serve."""
         self.batcher.on_fatal = handler
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture the forward as CUDA graphs for passes up to the batch cap (CUDA only; on
+        failure passes stay eager). Call before serving."""
+        if not self._streams.cuda:
+            return
+        size = self.spec.vision.image_size
+        self._graphs = capture(
+            self._eager_forward, self.device, (3, size, size), self.batcher.max_batch_tiles
+        )
+
+    def _eager_forward(self, tiles: torch.Tensor) -> TileEmbeddings:
+        return self.encoder(self._normalise(tiles, self.dtype))
 
     # ---- one pass (launch thread) -----------------------------------------------------------
 
@@ -250,7 +269,8 @@ class EncoderEngine:
                         torch.cuda.Event(enable_timing=True),
                     )
                     compute[0].record()
-                    out = self.encoder(self._normalise(tiles, self.dtype))
+                    forward = self._graphs or self._eager_forward
+                    out = forward(tiles)
                     compute[1].record()
                 streams.copy_out.wait_stream(streams.compute)
                 with streams.on(streams.copy_out):

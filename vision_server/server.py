@@ -80,10 +80,12 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         max_queued_tiles=settings.max_queued_tiles,
         max_queued_bytes=settings.max_queued_bytes,
     )
+    if settings.cuda_graphs:
+        engine.capture_cuda_graphs()
     engine.warmup()
     digest = checkpoint_digest(path)
     logger.info(
-        "loaded %s (%s layout%s, checkpoint %s) on %s as %s: ViT %dx%d, %d tokens/tile, "
+        "loaded %s (%s layout%s, checkpoint %s) on %s as %s%s: ViT %dx%d, %d tokens/tile, "
         "LLM width %d",
         model_id,
         spec.layout.value,
@@ -91,6 +93,7 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         short_digest(digest),
         device,
         str(dtype).removeprefix("torch."),
+        ", CUDA graphs" if engine.cuda_graphs else "",
         spec.vision.num_layers,
         spec.vision.hidden_size,
         spec.tokens_per_tile,

@@ -79,6 +79,12 @@ class VisionSettings(CheckpointSettings):
     chunk_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024, description="embedding bytes per message"
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, replay the encoder from CUDA graphs captured at start-up for "
+        "passes of 1, 2, 4 and every multiple of 8 tiles up to --max-batch-tiles (one launch "
+        "instead of hundreds); --no-cuda-graphs runs every pass eagerly",
+    )
     shared_memory: bool = Field(
         True,
         description="write embeddings into a client's shared memory when the client runs on "

@@ -139,6 +139,9 @@ class InProcessImageEncoder:
             cache_dir=str(cache_dir),
             device=device,
             max_batch_tiles=max_batch_tiles,
+            # Next to vLLM on the same GPU, memory is measured and split once at start-up
+            # (gpu_share); graphs' pools would change that measure: passes stay eager.
+            cuda_graphs=False,
         )
         pipeline, _ = await asyncio.to_thread(build_pipeline, settings)
         gpu_bytes = None
