@@ -141,15 +141,19 @@ class RawEncoder:
             "eager_tiles_per_s": batch * iterations / seconds,
         }
         if self.cuda_graphs:
-            graphed = GraphedForward(self.eager, self.device, (3, size, size), [batch])
-            iterations, seconds = self._time(graphed, tiles, min_seconds, min_iters)
-            del graphed
-            result.update(
-                cuda_graph=True,
-                iterations=iterations,
-                ms_per_pass=1000 * seconds / iterations,
-                tiles_per_s=batch * iterations / seconds,
-            )
+            try:
+                graphed = GraphedForward(self.eager, self.device, (3, size, size), [batch])
+            except Exception as exc:  # noqa: BLE001 - reported; the eager figures stand
+                result["cuda_graph_error"] = repr(exc)
+            else:
+                iterations, seconds = self._time(graphed, tiles, min_seconds, min_iters)
+                del graphed
+                result.update(
+                    cuda_graph=True,
+                    iterations=iterations,
+                    ms_per_pass=1000 * seconds / iterations,
+                    tiles_per_s=batch * iterations / seconds,
+                )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # leave the device's memory to the server
         return result
