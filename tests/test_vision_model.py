@@ -111,3 +111,17 @@ def test_uint8_tiles_normalised_by_the_encoder_equal_transformers_bitwise(tiny_m
     got = normalise(prepared.tiles, torch.float32)
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+def test_cuda_graph_batch_sizes_cover_every_pass_with_little_padding():
+    from vision_server.cuda_graphs import graph_batch_sizes
+
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 3, 4, 5, 6]
+    assert graph_batch_sizes(32) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 32]
+    assert graph_batch_sizes(30) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 30]
+    for cap in (1, 6, 13, 30, 32, 64):
+        sizes = graph_batch_sizes(cap)
+        assert sizes[-1] == cap
+        for tiles in range(1, cap + 1):  # the smallest size that holds a pass pads <= 3 tiles
+            assert 0 <= min(s for s in sizes if s >= tiles) - tiles <= 3

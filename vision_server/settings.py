@@ -75,14 +75,19 @@ class VisionSettings(CheckpointSettings):
     preprocess_workers: int = Field(
         4, ge=1, description="threads decoding and tiling images and videos"
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads (0: torch's default on CPU, 2 on CUDA, where the "
+        "host only gathers tiles and more threads spin against decoding)",
+    )
     chunk_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024, description="embedding bytes per message"
     )
     cuda_graphs: bool = Field(
         True,
         description="on CUDA, replay the encoder from CUDA graphs captured at start-up for "
-        "passes of 1, 2, 4 and every multiple of 8 tiles up to --max-batch-tiles (one launch "
+        "passes of 1 to 8 tiles and every multiple of 4 up to --max-batch-tiles (one launch "
         "instead of hundreds); --no-cuda-graphs runs every pass eagerly",
     )
     shared_memory: bool = Field(
