@@ -730,7 +730,7 @@ def test_cpu_pods_serve_as_declared(cpu_cluster):
             assert pod.probe(kind), (pod.name, kind)
     # The series the autoscaler reads are on the page Prometheus is pointed at.
     page = cluster.vision[0].scrape()
-    assert "dvd:vision_queued_tiles " in page and "dvd:vision_batch_seconds_sum" in page
+    assert "dvd:vision_queued_tiles " in page and "dvd:vision_device_busy_seconds_total" in page
     assert "vllm:num_requests_running" in cluster.llm.scrape()
     reply = chat_with_image(cluster.base_url, seed=1)
     assert reply.status_code == 200, reply.text

@@ -16,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vision_server.errors import InvalidImage
 from vision_server.tiling import TileGrid, plan_tiles
 
+BICUBIC = Image.Resampling.BICUBIC
+
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
@@ -82,11 +84,6 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # [n, h, w, 3]
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # [n, 3, h, w]
-
-
 def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
     """Cut a decoded image into InternVL tiles (plus thumbnail), as uint8 pixels."""
     rgb = image.convert("RGB")
@@ -98,11 +95,19 @@ def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
         use_thumbnail=options.use_thumbnail,
         tile_size=options.tile_size,
     )
-    resized = rgb.resize(grid.resized_size, Image.Resampling.BICUBIC)
-    tiles = [resized.crop(box) for box in grid.tile_boxes()]
+    # Pillow returns a copy when the size is already right; skip even that.
+    resized = rgb if rgb.size == grid.resized_size else rgb.resize(grid.resized_size, BICUBIC)
+    size = options.tile_size
+    # Each tile is written once, as [3, size, size], straight from the resized pixels (no
+    # per-tile images, no stacking): the host's share of an image is mostly decode and resize.
+    tiles = np.empty((grid.num_tiles, 3, size, size), dtype=np.uint8)
+    pixels = np.asarray(resized)  # [H, W, 3]
+    for index, (left, top, right, bottom) in enumerate(grid.tile_boxes()):
+        tiles[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
     if grid.thumbnail:
-        tiles.append(rgb.resize((options.tile_size, options.tile_size), Image.Resampling.BICUBIC))
-    return PreparedImage(tiles=_to_tensor(tiles), grid=grid)
+        thumbnail = rgb.resize((size, size), BICUBIC)
+        tiles[-1] = np.asarray(thumbnail).transpose(2, 0, 1)
+    return PreparedImage(tiles=torch.from_numpy(tiles), grid=grid)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:
