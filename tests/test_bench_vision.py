@@ -38,6 +38,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         "2",
         "--image-size",
         "700x300",
+        "--stages",
         "--output",
         str(output),
     ]
@@ -62,6 +63,21 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         assert 0 < level["ratio_to_best_raw"] <= level["ratio_to_raw"]
         latency = level["latency_ms"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+        # The server's device-busy counter was read around the level: a fraction of its time.
+        assert 0 < level["device_busy"] <= 1.05
+    # In process, without gRPC: the engine fed cut tiles, then the pipeline fed the bytes.
+    stages = {(s["stage"], s["vir"], s["concurrency"]): s for s in report["stages"]}
+    assert set(stages) == {
+        (stage, v, c)
+        for stage in ("engine", "pipeline")
+        for v in ("off", "auto", "max")
+        for c in (1, 3)
+    }
+    for level in stages.values():
+        assert level["requests"] == 3 and level["tiles_per_image"] == 11
+        assert level["tiles_per_s"] > 0 and level["ratio_to_raw"] > 0
+        assert 0 < level["device_busy"] <= 1.05
+    assert stages[("engine", "max", 1)]["visual_tokens_per_image"] == 11 * 64
     # The router's modes show in the rows sent: 256 per tile, 64 per tile, in between.
     assert served[("off", 1)]["visual_tokens_per_image"] == 11 * 256
     assert served[("max", 1)]["visual_tokens_per_image"] == 11 * 64
@@ -74,4 +90,5 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     table = done.stdout
     assert "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |" in table
     assert "| auto | 3 | 3 |" in table
+    assert "| pipeline | auto | 3 |" in table
     assert "one 11-tile image alone" in table
