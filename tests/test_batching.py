@@ -7,6 +7,7 @@ went through which pass and which image got what back.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -215,10 +216,68 @@ def test_a_dead_loop_fails_pending_calls_and_reports_it():
     assert len(told) == 1 and isinstance(told[0], KeyError)
 
 
-def test_cancelled_caller_frees_its_queue_space():
+class _Gate:
+    """A pass whose ``wait`` blocks until ``release``: the device stays busy meanwhile."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.passes: list[list[int]] = []
+
+    def __call__(self, slices: Sequence[PassSlice]) -> _Held:
+        pieces = [[int(t) for t in s.tiles[:, 0, 0, 0]] for s in slices]
+        self.passes.append([name for piece in pieces for name in piece])
+        return _Held(pieces, self.event)
+
+
+class _Held(_Done):
+    def __init__(self, pieces: list[list[int]], event: threading.Event) -> None:
+        super().__init__(pieces)
+        self.event = event
+
+    def wait(self) -> list[list[int]]:
+        self.event.wait(10)
+        return self.pieces
+
+
+def test_an_idle_device_gets_a_pass_at_once_and_a_busy_one_gets_it_filled():
+    """Idle: a lone image is launched without the batch wait. Busy: later images wait (up to
+    max_wait) and share a pass, launched as soon as the device is idle again."""
+    gate = _Gate()
+
     async def scenario() -> object:
-        tiles = batcher(FakeEncoder(), max_wait_ms=10_000, max_batch_tiles=64)
+        tiles = batcher(gate, max_wait_ms=10_000, max_batch_tiles=8)
         tiles.start()
+        started = asyncio.get_running_loop().time()
+        first = asyncio.create_task(outcome(tiles, image(1)))
+        await asyncio.sleep(0.2)
+        launched_alone = list(gate.passes)
+        second = asyncio.create_task(outcome(tiles, image(2)))
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(outcome(tiles, image(3, 4)))
+        await asyncio.sleep(0.2)
+        held = (list(gate.passes), tiles.queued_tiles)
+        gate.event.set()  # the first pass ends: the device is idle, the queued pass goes now
+        results = await asyncio.gather(first, second, third)
+        elapsed = asyncio.get_running_loop().time() - started
+        await tiles.stop()
+        return launched_alone, held, results, list(gate.passes), elapsed
+
+    launched_alone, held, results, passes, elapsed = run(scenario)
+    assert launched_alone == [[1]]  # not after 10 s of waiting for company
+    assert held == ([[1]], 3)  # queued while the device is busy
+    assert results == [[1], [2], [3, 4]]
+    assert passes == [[1], [2, 3, 4]]
+    assert elapsed < 5  # nobody waited for max_wait
+
+
+def test_cancelled_caller_frees_its_queue_space():
+    gate = _Gate()
+
+    async def scenario() -> object:
+        tiles = batcher(gate, max_wait_ms=10_000, max_batch_tiles=64)
+        tiles.start()
+        busy = asyncio.create_task(outcome(tiles, image(9)))  # keeps the device busy
+        await asyncio.sleep(0.1)
         waiting = asyncio.create_task(tiles.submit(image(1, 2, 3)))
         await asyncio.sleep(0.05)
         before = (tiles.queued_tiles, tiles.queued_bytes)
@@ -226,12 +285,15 @@ def test_cancelled_caller_frees_its_queue_space():
         with pytest.raises(asyncio.CancelledError):
             await waiting
         after = (tiles.queued_tiles, tiles.queued_bytes)
+        gate.event.set()
+        await busy
         await tiles.stop()
         return before, after
 
     before, after = run(scenario)
     assert before == (3, 3 * 12)
     assert after == (0, 0)
+    assert gate.passes == [[9]]  # the cancelled image was never encoded
 
 
 def test_queue_limit_in_bytes():

@@ -2,8 +2,10 @@
 
 Each image is a job of N tiles. One loop packs queued tiles (several images, several
 requests; a large image may be split across passes) into forward passes of at most
-``max_batch_tiles``. A pass starts when it is full, or ``max_wait_ms`` after its oldest tile
-was queued, or at once when the queue was already waiting while the previous pass ran.
+``max_batch_tiles``. A pass starts at once when the device is idle (waiting would only add
+latency), and otherwise when it is full, when ``max_wait_ms`` have passed since its oldest
+tile was queued, or when the device becomes idle, whichever comes first: tiles that arrive
+while a pass runs share the next one.
 
 A pass has two halves, each on its own thread so the event loop never waits on the device:
 *launch* (``run_pass``: stage the tiles, queue the copy in, the forward pass and the copies
@@ -288,13 +290,19 @@ class TileBatcher(Generic[Piece]):
 
     # ---- the loop -------------------------------------------------------------------------------
 
+    def _device_busy(self) -> bool:
+        return any(not task.done() for task in self._inflight)
+
     async def _wait_for_pass(self) -> None:
-        """Wait until a pass is worth running: full, or its oldest tile waited max_wait."""
+        """Wait until a pass is worth running: the device idle, the pass full, or its oldest
+        tile waited max_wait."""
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
         deadline = self._pending[0].enqueued_at + self.max_wait
         while self._queued_tiles < self.max_batch_tiles:
+            if not self._device_busy():
+                return
             timeout = deadline - time.perf_counter()
             if timeout <= 0:
                 return
@@ -311,7 +319,9 @@ class TileBatcher(Generic[Piece]):
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # Python 3.11's wait_for can swallow a cancellation that lands as its wait ends, so
+        # the loop also stops on the flag that ``stop`` sets before it cancels.
+        while not self._closing:
             # Never more than max_inflight passes queued on the device: waiting here lets the
             # next pass fill up while the device is busy.
             while len(self._inflight) >= self.max_inflight:
@@ -340,11 +350,13 @@ class TileBatcher(Generic[Piece]):
                 raise RuntimeError(f"{len(pieces)} outputs for {len(batch.slices)} slices")
         except Exception as exc:
             self._pass_failed(batch, exc)
+            self._wakeup.set()
             return
         except BaseException as exc:  # cancelled: the loop is going away
             self._pass_failed(batch, exc)
             raise
         self._inflight_passes.discard(batch)
+        self._wakeup.set()  # the device may be idle now: a waiting pass need not wait longer
         finished = time.perf_counter()
         if self._on_pass is not None:
             self._on_pass(batch.num_tiles, finished - batch.started)

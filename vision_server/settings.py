@@ -30,7 +30,10 @@ class VisionSettings(CheckpointSettings):
         32, ge=1, description="most tiles in one ViT forward pass, across requests"
     )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="how long a batch waits for more tiles once it has one"
+        5.0,
+        ge=0,
+        description="how long tiles wait for more to share a pass while the device is busy "
+        "(an idle device starts a pass at once)",
     )
     max_queued_tiles: int = Field(
         2048, ge=1, description="tiles waiting to be encoded before new requests are refused"
