@@ -322,8 +322,6 @@ def test_vision_killed_mid_request_fails_fast_then_recovers(hardened, tiny_model
         )
         hardened.vision.wait_until(lambda: grpc_serving(hardened.vision_target), 120, "serving")
 
-    # A vision service whose batches wait 3 s for company: requests sit in it long enough.
-    restart("hardened-vision-slow", ["--max-wait-ms=3000"])
     result: dict[str, object] = {}
 
     def send() -> None:
@@ -333,9 +331,12 @@ def test_vision_killed_mid_request_fails_fast_then_recovers(hardened, tiny_model
         )
         result["seconds"] = time.monotonic() - started
 
+    # A stopped vision service accepts the call and never answers: the request is in it when
+    # it is killed (an idle service would have encoded it at once).
+    hardened.vision.signal(signal.SIGSTOP)
     sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(1.0)  # the request's tiles are queued in the vision service now
+    time.sleep(1.0)
     hardened.vision.signal(signal.SIGKILL)
     sender.join(60)
     reply = result["reply"]
