@@ -17,6 +17,7 @@ eagerly.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ class GraphedForward:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, autotune)
-                    for _ in range(2):
+                    for _ in range(2 if not self._captured else 1):
                         forward(tiles)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
@@ -115,11 +116,16 @@ def capture(
     """Graphs for every size up to ``max_batch_tiles``; None (eager passes, with a warning)
     when capture fails, since a slower service beats one that does not start."""
     sizes = graph_batch_sizes(max_batch_tiles)
+    started = time.perf_counter()
     try:
         graphed = GraphedForward(forward, device, tile_shape, sizes)
     except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
         logger.warning("CUDA graph capture failed; forward passes run eagerly: %r", exc)
         torch.cuda.empty_cache()
         return None
-    logger.info("CUDA graphs captured for passes of %s tiles", ", ".join(map(str, sizes)))
+    logger.info(
+        "CUDA graphs captured for passes of %s tiles in %.1f s",
+        ", ".join(map(str, sizes)),
+        time.perf_counter() - started,
+    )
     return graphed
