@@ -70,7 +70,7 @@ class GraphedForward:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, autotune)
-                    for _ in range(2 if not self._captured else 1):
+                    for _ in range(2):
                         forward(tiles)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
