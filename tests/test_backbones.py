@@ -21,7 +21,8 @@ import torch
 from helpers import Stack, gradient_image, noise_image, start_stacks
 from reference import OracleAnswer, TransformersOracle, to_oracle_messages
 from safetensors import safe_open
-from test_e2e_chat import CONVERSATIONS, MAX_TOKENS, chat, greedy, image_part, wire
+from test_e2e_chat import CONVERSATIONS, MAX_TOKENS, chat, greedy, image_part
+from test_openai_parity import stream_chunks
 
 from checkpoints import tokenizer as tiny_tokenizer
 from checkpoints.llm_weights import language_model_weight_name
@@ -367,17 +368,13 @@ def served_content(llm: str, oracle: TransformersOracle, expected: OracleAnswer)
     return _served_text(expected.text)
 
 
-def stream_chunks(base_url: str, messages, **params) -> list[dict[str, Any]]:
-    body = {"model": "dvd-tiny-internvl", "messages": wire(messages), "stream": True, **params}
-    chunks = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as reply:
-        assert reply.status_code == 200, reply.read()
-        for line in reply.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[len("data: ") :])
-                assert "error" not in chunk, chunk
-                chunks.extend(chunk["choices"])
-    return chunks
+def stream_choices(base_url: str, messages, **params) -> list[dict[str, Any]]:
+    """The streamed choices, in order, across every chunk."""
+    return [
+        choice
+        for chunk in stream_chunks(base_url, messages, **params)
+        for choice in chunk["choices"]
+    ]
 
 
 @pytest.mark.slow
@@ -476,7 +473,7 @@ def test_gpt_oss_stream_concatenates_to_the_whole_answer(
         oracles["gpt_oss"].tokenizer, oracle_answers[("gpt_oss", conversation)].token_ids
     )
     assert whole["message"]["content"] == expected
-    chunks = stream_chunks(base_url, messages, temperature=0, max_tokens=MAX_TOKENS)
+    chunks = stream_choices(base_url, messages, temperature=0, max_tokens=MAX_TOKENS)
     deltas = [chunk["delta"].get("content") or "" for chunk in chunks]
     assert "".join(deltas) == expected
     assert sum(1 for delta in deltas if delta) > 5  # token by token, not all at the end
@@ -572,7 +569,7 @@ def test_gpt_oss_tool_call_is_read_from_a_message_to_a_function(
     arguments = json.loads(call["function"]["arguments"])
     jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
 
-    chunks = stream_chunks(base_url, messages, **params)
+    chunks = stream_choices(base_url, messages, **params)
     pieces = [piece for chunk in chunks for piece in chunk["delta"].get("tool_calls") or []]
     assert [piece["id"] for piece in pieces if piece.get("id")] != []
     names = "".join((piece.get("function") or {}).get("name") or "" for piece in pieces)

@@ -14,29 +14,16 @@ from typing import Any, Literal
 import httpx
 import jsonschema
 import pytest
-from helpers import data_url, gradient_image, noise_image
+from helpers import gradient_image, noise_image
 from pydantic import BaseModel, Field
 from reference import TransformersOracle, to_oracle_messages
+from test_e2e_chat import image_part, wire
 
 pytestmark = pytest.mark.slow
 
 MODEL = "dvd-tiny-internvl"
 IMAGE = noise_image(448, 448, seed=11)  # one tile
 FORM = gradient_image(896, 448, seed=12)  # two tiles + thumbnail
-
-
-def image_part(image) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": data_url(image)}, "pil": image}
-
-
-def wire(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [{k: v for k, v in part.items() if k != "pil"} for part in content]
-        out.append({**message, "content": content})
-    return out
 
 
 TEXT_CHAT = [

@@ -253,7 +253,7 @@ class EncoderEngine:
             if not streams.cuda:
                 tiles = self._gather(slices)
                 started = time.perf_counter()
-                out = self.encoder(self._normalise(tiles, self.dtype))
+                out = self._eager_forward(tiles)
                 metrics.device_busy_seconds.inc(time.perf_counter() - started)
                 return _LaunchedPass(self._slice_outputs(out, slices))
             # [n, 3, H, W] uint8 in pinned memory, then to the device on the copy-in stream.
