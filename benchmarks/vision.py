@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,14 @@ from checkpoints.tiny import PRESETS, write_tiny_checkpoint
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.options import VirMode
+from vision_server.batching import PassSlice
 from vision_server.cuda_graphs import GraphedForward
-from vision_server.engine import compute_dtype_for_device, resolve_device
+from vision_server.engine import (
+    RowSelection,
+    SliceOutput,
+    compute_dtype_for_device,
+    resolve_device,
+)
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.tiling import plan_tiles
 
@@ -304,6 +310,48 @@ async def run_level(
     }
 
 
+class StandInDevice:
+    """A device that runs one pass at a time, ``first_ms + per_more_ms * (n - 1)`` for n tiles,
+    and needs no host CPU: its passes only sleep, on the batcher's wait thread. Its rows are
+    zeros of the right shapes (and p0 zero: the router keeps every tile)."""
+
+    def __init__(self, first_ms: float, per_more_ms: float, spec: CheckpointSpec) -> None:
+        self.first_s = first_ms / 1000
+        self.per_more_s = per_more_ms / 1000
+        self.spec = spec
+        self._free_at = 0.0  # when the device finishes what it was given
+
+    def run_pass(self, slices: Sequence[PassSlice]) -> _StandInPass:
+        tiles = sum(int(piece.tiles.shape[0]) for piece in slices)
+        seconds = self.first_s + self.per_more_s * (tiles - 1)
+        self._free_at = max(self._free_at, time.perf_counter()) + seconds
+        return _StandInPass(self._free_at, seconds, [self._output(piece) for piece in slices])
+
+    def _output(self, piece: PassSlice) -> SliceOutput:
+        count, hidden = int(piece.tiles.shape[0]), self.spec.llm_hidden_size
+        if piece.want is RowSelection.FULL:
+            return SliceOutput(rows=torch.zeros(count, self.spec.tokens_per_tile, hidden))
+        small = torch.zeros(count, self.spec.compressed_tokens_per_tile, hidden)
+        if piece.want is RowSelection.COMPRESSED:
+            return SliceOutput(rows=small)
+        full = torch.zeros(count, self.spec.tokens_per_tile, hidden)
+        return SliceOutput(full=full, compressed=small, compress_prob=torch.zeros(count))
+
+
+class _StandInPass:
+    def __init__(self, done_at: float, seconds: float, outputs: list[SliceOutput]) -> None:
+        self._done_at = done_at
+        self._seconds = seconds
+        self._outputs = outputs
+
+    def wait(self) -> list[SliceOutput]:
+        from vision_server import metrics
+
+        time.sleep(max(0.0, self._done_at - time.perf_counter()))
+        metrics.device_busy_seconds.inc(self._seconds)
+        return self._outputs
+
+
 def measure_stages(
     path: Path,
     device: torch.device,
@@ -312,9 +360,11 @@ def measure_stages(
     modes: list[VirMode],
     concurrencies: list[int],
     requests_for: Callable[[int], int],
+    stand_in_pass_ms: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """The served levels in this process, without gRPC: the engine fed prepared tiles, and the
-    pipeline fed image bytes (the server's own classes and settings)."""
+    pipeline fed image bytes (the server's own classes and settings); with
+    ``stand_in_pass_ms``, on a stand-in device (``StandInDevice``)."""
     from prometheus_client import REGISTRY
 
     from vision_server.pipeline import EncodeCall, ImagePayload
@@ -326,6 +376,9 @@ def measure_stages(
     pipeline, _ = build_pipeline(settings)
     engine = pipeline.engine
     spec = pipeline.spec
+    if stand_in_pass_ms is not None:
+        stand_in = StandInDevice(*stand_in_pass_ms, spec)
+        engine.batcher.run_pass = stand_in.run_pass
     prepared = prepare_image(
         image, ImageLimits(), TilingOptions(spec.min_tiles, spec.max_tiles, spec.use_thumbnail)
     )
@@ -355,6 +408,8 @@ def measure_stages(
                             requests_for(concurrency),
                             lambda: REGISTRY.get_sample_value(BUSY_SAMPLE),
                         )
+                        if stand_in_pass_ms is not None:
+                            level["stand_in_pass_ms"] = list(stand_in_pass_ms)
                         levels.append({"stage": stage, "vir": mode.value, **level})
                         print(
                             f"{stage} vir={mode.value} c={concurrency}: "
@@ -443,9 +498,15 @@ def table(report: dict[str, Any]) -> str:
         )
     stages = report.get("stages")
     if stages:
+        stand_in = report["settings"].get("stand_in_pass_ms")
+        device = (
+            f"; a stand-in device: {stand_in[0]:g} ms + {stand_in[1]:g} ms per more tile"
+            if stand_in
+            else ""
+        )
         lines += [
             "",
-            "in process, no gRPC (engine: cut tiles in; pipeline: image bytes in)",
+            f"in process, no gRPC (engine: cut tiles in; pipeline: image bytes in{device})",
             "",
             "| stage | vir | concurrency | tiles/s | x raw | device busy | p50 ms | p90 ms |",
             "|---|---|---|---|---|---|---|---|",
@@ -455,7 +516,7 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['stage']} | {s['vir']} | {s['concurrency']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {busy_text(s)} | {latency['p50']:.0f} | {latency['p90']:.0f} |"
+                f"| {ratio} | {busy_text(s)} | {latency['p50']:.1f} | {latency['p90']:.1f} |"
             )
     served = report["served"]
     if served:
@@ -564,6 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the served levels in this process without gRPC: the engine fed cut "
         "tiles, and the pipeline fed image bytes (--server-args do not apply there)",
     )
+    parser.add_argument(
+        "--overlap-preparation",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the server's --overlap-preparation, in the served and in-process levels",
+    )
+    parser.add_argument(
+        "--stand-in-pass-ms",
+        type=float,
+        nargs=2,
+        metavar=("FIRST_TILE", "PER_MORE_TILE"),
+        help="with --stages: replace the device by a stand-in that takes FIRST_TILE + "
+        "PER_MORE_TILE x (n - 1) ms for a pass of n tiles, one pass at a time, and no host "
+        "CPU; the in-process levels then measure what the host adds to a device of that "
+        "speed (the H100 with CUDA graphs: 3.2 1.8)",
+    )
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     return parser
 
@@ -610,6 +687,8 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": args.rounds,
             "cuda_graphs": args.cuda_graphs and device.type == "cuda",
             "torch_threads": args.torch_threads or torch.get_num_threads(),
+            "overlap_preparation": args.overlap_preparation,
+            "stand_in_pass_ms": args.stand_in_pass_ms,
         },
         "raw": [],
         "stages": [],
@@ -639,6 +718,8 @@ def main(argv: list[str] | None = None) -> None:
         "--torch-threads",
         str(args.torch_threads),
         "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
+        "--overlap-preparation",
+        args.overlap_preparation,
         *shlex.split(args.server_args),
     ]
 
@@ -658,11 +739,13 @@ def main(argv: list[str] | None = None) -> None:
                 "embedding_cache_mb": 0,
                 "torch_threads": args.torch_threads,
                 "cuda_graphs": args.cuda_graphs,
+                "overlap_preparation": args.overlap_preparation,
             },
             image,
             modes,
             args.concurrency,
             requests_for,
+            args.stand_in_pass_ms,
         )
     raw_rounds: list[list[dict[str, Any]]] = []
     served_rounds: list[list[dict[str, Any]]] = []

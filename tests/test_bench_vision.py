@@ -92,3 +92,57 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     assert "| auto | 3 | 3 |" in table
     assert "| pipeline | auto | 3 |" in table
     assert "one 11-tile image alone" in table
+
+
+def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, tmp_path):
+    """``--stand-in-pass-ms``: the in-process levels run on a device that only sleeps, so they
+    measure what the host adds. 11 tiles at a cap of 4 are passes of 4, 4 and 3 tiles: 8 + 8
+    + 7 = 23 ms of stand-in device per image, one pass at a time."""
+    output = tmp_path / "stand-in.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.vision",
+        "--model",
+        str(tiny_flash_models["hf"]),
+        "--device",
+        "cpu",
+        "--no-raw",
+        "--no-served",
+        "--stages",
+        "--stand-in-pass-ms",
+        "5",
+        "1",
+        "--overlap-preparation",
+        "on",
+        "--max-batch-tiles",
+        "4",
+        "--concurrency",
+        "1",
+        "--vir",
+        "off",
+        "auto",
+        "--requests",
+        "4",
+        "--image-size",
+        "700x300",
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["settings"]["stand_in_pass_ms"] == [5.0, 1.0]
+    assert report["settings"]["overlap_preparation"] == "on"
+    stages = {(s["stage"], s["vir"]): s for s in report["stages"]}
+    assert set(stages) == {(stage, v) for stage in ("engine", "pipeline") for v in ("off", "auto")}
+    for level in stages.values():
+        assert level["stand_in_pass_ms"] == [5.0, 1.0]
+        assert level["latency_ms"]["p50"] >= 23.0  # never faster than the stand-in device
+        # The stand-in counts its passes as device time: most of a lone image's wait.
+        assert 0.3 < level["device_busy"] <= 1.05
+    # The stand-in's rows have the real shapes; its p0 of zero compresses nothing.
+    assert stages[("pipeline", "auto")]["visual_tokens_per_image"] == 11 * 256
+    assert "a stand-in device: 5 ms + 1 ms per more tile" in done.stdout

@@ -229,7 +229,19 @@ def test_routing_does_not_depend_on_the_batch(flash_vision):
             future.result()
     assert not busy.header.from_cache
     assert list(busy.header.tokens_per_tile) == list(alone.header.tokens_per_tile)
-    assert torch.equal(busy.embeddings, alone.embeddings)
+    # Alone, this server takes the image in parts (a pass for its grid, one for its
+    # thumbnail); busy, in one piece among others. The 256-token rows are the same bits
+    # whatever the pass; the router's small matrix products (64 rows per tile, one query per
+    # tile) may round their last bit differently with the pass size.
+    tokens = list(alone.header.tokens_per_tile)
+    assert 64 in tokens and 256 in tokens  # both kinds of rows are compared
+    for busy_rows, alone_rows, count in zip(
+        busy.embeddings.split(tokens), alone.embeddings.split(tokens), tokens, strict=True
+    ):
+        if count == 256:
+            assert torch.equal(busy_rows, alone_rows)
+        else:
+            torch.testing.assert_close(busy_rows, alone_rows, rtol=1e-5, atol=1e-5)
 
 
 def test_non_flash_checkpoint(vision_targets):

@@ -8,6 +8,7 @@ started, so that whatever is submitted stays queued and the queue can be filled 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from vision_server import pipeline as pipeline_module
 from vision_server.batching import TileBatcher
 from vision_server.errors import Overloaded
 from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
-from vision_server.preprocess import prepare_image
+from vision_server.preprocess import decode_and_plan, prepare_image
 
 TILE_BYTES = 3 * 448 * 448  # one uint8 RGB tile
 
@@ -37,14 +38,20 @@ def vision_pipeline(tiny_models: dict[str, Path]):
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the pipeline's calls of ``prepare_image`` (decode + tile), one entry per image."""
+    """Counts the images the pipeline decodes, one entry per image: in one piece
+    (``prepare_image``) under load, or decoded and then cut in parts (``decode_and_plan``)
+    while the encoder is idle."""
     calls: list[int] = []
 
-    def counting(data: bytes, *args: Any) -> Any:
-        calls.append(len(data))
-        return prepare_image(data, *args)
+    def counting(prepare: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(data: bytes, *args: Any) -> Any:
+            calls.append(len(data))
+            return prepare(data, *args)
 
-    monkeypatch.setattr(pipeline_module, "prepare_image", counting)
+        return counted
+
+    monkeypatch.setattr(pipeline_module, "prepare_image", counting(prepare_image))
+    monkeypatch.setattr(pipeline_module, "decode_and_plan", counting(decode_and_plan))
     return calls
 
 

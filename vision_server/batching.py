@@ -13,8 +13,9 @@ back) and *wait* (``LaunchedPass.wait``: block until the device is done). On a G
 returns long before the pass ends, so the next pass is staged and copied in while the current
 one computes; ``max_inflight`` passes (2: one computing, one staged) are in flight at most.
 
-Per-tile results are independent of what else shares the pass (tiles do not attend to each
-other), so an image gets exactly the embeddings it gets alone.
+Tiles do not attend to each other, so an image gets the embeddings it gets alone, whatever
+shares its pass: the 256-token rows bit for bit on the CPU; the router's small products (its
+p0 and the 64-token rows) may round their last bit differently with the pass size.
 
 Faults: a pass that fails fails the images in it, and only those (a device out-of-memory error
 becomes ``EncoderOutOfMemory``, anything else ``EncodeFailed``); the loop keeps serving. An
@@ -177,6 +178,11 @@ class TileBatcher(Generic[Piece]):
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no pass being launched or on the device."""
+        return not self._pending and not self._inflight_passes
 
     @property
     def failure(self) -> EngineFailed | None:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -64,6 +64,20 @@ class EncodedImage:
     @property
     def num_visual_tokens(self) -> int:
         return int(self.embeddings.shape[0])
+
+
+@dataclass(frozen=True)
+class TileParts:
+    """An image still being cut: its tiles in parts, in tile order (the grid, then the
+    thumbnail), each ready when its awaitable is. Each part is encoded as soon as it is
+    ready, so a lone image's grid is on the device while its thumbnail is still resized."""
+
+    parts: Sequence[Awaitable[torch.Tensor]]  # [k, 3, H, W] uint8 each, on the host
+    grid: TileGrid
+
+    @property
+    def num_tiles(self) -> int:
+        return self.grid.num_tiles
 
 
 class RowSelection(StrEnum):
@@ -216,6 +230,11 @@ class EncoderEngine:
     @property
     def has_router(self) -> bool:
         return self.encoder.has_router
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing on the device: tiles submitted now start a pass at once."""
+        return self.batcher.idle
 
     @property
     def failure(self) -> BaseException | None:
@@ -373,9 +392,33 @@ class EncoderEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
+    async def _submit(
+        self, image: PreparedImage | TileParts, selection: RowSelection, request_id: str
+    ) -> tuple[list[SliceOutput], BatchStats]:
+        """One image's pieces, in tile order, and its stats; a ``TileParts`` image is
+        submitted part by part, each as soon as it is cut."""
+        if isinstance(image, PreparedImage):
+            return await self.batcher.submit(image.tiles, selection, request_id)
+
+        async def part_of(cut: Awaitable[torch.Tensor]) -> tuple[list[SliceOutput], BatchStats]:
+            return await self.batcher.submit(await cut, selection, request_id)
+
+        parts = [asyncio.ensure_future(part_of(cut)) for cut in image.parts]
+        try:
+            done = await asyncio.gather(*parts)
+        finally:
+            for part in parts:  # one part failed, or the caller is gone: drop the others
+                part.cancel()
+        pieces = [piece for part_pieces, _ in done for piece in part_pieces]
+        stats = BatchStats(
+            queue_ms=min(part_stats.queue_ms for _, part_stats in done),
+            encode_ms=sum(part_stats.encode_ms for _, part_stats in done),
+        )
+        return pieces, stats
+
     async def encode_request(
         self,
-        images: Sequence[PreparedImage],
+        images: Sequence[PreparedImage | TileParts],
         request_id: str = "",
         vir_mode: VirMode = VirMode.AUTO,
         absolute_threshold: float | None = None,
@@ -389,8 +432,7 @@ class EncoderEngine:
         selection = _SELECTION[applied]
         # All images queue at once so they can share forward passes; results come in order.
         tasks = [
-            asyncio.create_task(self.batcher.submit(image.tiles, selection, request_id))
-            for image in images
+            asyncio.create_task(self._submit(image, selection, request_id)) for image in images
         ]
         copies: list[asyncio.Task[torch.Tensor]] = []
         try:
@@ -411,7 +453,7 @@ class EncoderEngine:
                     parts, stats = await task
                     embeddings = await self._assemble_off_loop(parts, None)
                     yield self._encoded(
-                        image, embeddings, [squeeze] * int(image.tiles.shape[0]), stats, applied
+                        image, embeddings, [squeeze] * image.num_tiles, stats, applied
                     )
         finally:
             for task in tasks:
@@ -441,7 +483,7 @@ class EncoderEngine:
 
     def _encoded(
         self,
-        image: PreparedImage,
+        image: PreparedImage | TileParts,
         embeddings: torch.Tensor,
         compress: list[bool],
         stats: BatchStats,

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,9 +32,18 @@ from vision_server.embedding_cache import (
     request_keys,
     tiling_of,
 )
-from vision_server.engine import EncodedImage, EncoderEngine
+from vision_server.engine import EncodedImage, EncoderEngine, TileParts
 from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
-from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions, prepare_image
+from vision_server.preprocess import (
+    ImageLimits,
+    PlannedImage,
+    PreparedImage,
+    TilingOptions,
+    cut_grid,
+    cut_thumbnail,
+    decode_and_plan,
+    prepare_image,
+)
 from vision_server.settings import VisionSettings
 from vision_server.threads import started_pool
 from vision_server.video import PreparedVideo, SampledFrames, VideoLimits, prepare_video
@@ -92,6 +101,10 @@ class VisionPipeline:
         )
         self.default_num_frames = settings.num_frames or spec.video_frames
         self._preprocess_pool = started_pool(settings.preprocess_workers, "preprocess")
+        overlap = settings.overlap_preparation
+        self.overlap_preparation = overlap == "on" or (
+            overlap == "auto" and engine.device.type == "cuda"
+        )
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
@@ -190,14 +203,18 @@ class VisionPipeline:
         per_image: list[TilingOptions],
         indexes: list[int],
         frames: list[int],
-    ) -> tuple[dict[int, PreparedImage], list[PreparedVideo]]:
+    ) -> tuple[dict[int, PreparedImage | TileParts], list[PreparedVideo]]:
         """Decode and tile the images at ``indexes`` and sample every video (in the thread
-        pool)."""
+        pool). While the encoder is idle, an image's grid and thumbnail are cut in parallel
+        after decoding, and the engine takes each part as soon as it is cut (``TileParts``);
+        under load, each image is prepared in one piece, one thread hop and one pass slice."""
         loop = asyncio.get_running_loop()
         pool = self._preprocess_pool
+        in_parts = self.overlap_preparation and self.engine.idle
+        prepare = decode_and_plan if in_parts else prepare_image
         image_jobs = [
             loop.run_in_executor(
-                pool, prepare_image, call.images[index].data, self.limits, per_image[index]
+                pool, prepare, call.images[index].data, self.limits, per_image[index]
             )
             for index in indexes
         ]
@@ -216,21 +233,31 @@ class VisionPipeline:
                 raise InvalidVideo(f"video {position - len(image_jobs)}: {result}")
             if isinstance(result, BaseException):
                 raise result
-        images = cast(list[PreparedImage], results[: len(image_jobs)])
+        images = cast(list[PreparedImage | PlannedImage], results[: len(image_jobs)])
         videos = cast(list[PreparedVideo], results[len(image_jobs) :])
-        return dict(zip(indexes, images, strict=True)), videos
+        prepared = [
+            self._cut_in_parts(image) if isinstance(image, PlannedImage) else image
+            for image in images
+        ]
+        return dict(zip(indexes, prepared, strict=True)), videos
+
+    def _cut_in_parts(self, planned: PlannedImage) -> TileParts:
+        """Start cutting ``planned``'s grid and thumbnail, each on its own thread."""
+        loop = asyncio.get_running_loop()
+        parts = [loop.run_in_executor(self._preprocess_pool, cut_grid, planned)]
+        if planned.grid.thumbnail:
+            parts.append(loop.run_in_executor(self._preprocess_pool, cut_thumbnail, planned))
+        return TileParts(parts, planned.grid)
 
     def _check_tiles(
         self,
-        prepared: dict[int, PreparedImage],
+        prepared: dict[int, PreparedImage | TileParts],
         hits: dict[int, CachedImage],
         videos: list[PreparedVideo],
         count: int,
     ) -> None:
         tiles = sum(
-            prepared[index].grid.num_tiles
-            if index in prepared
-            else len(hits[index].tokens_per_tile)
+            prepared[index].num_tiles if index in prepared else len(hits[index].tokens_per_tile)
             for index in range(count)
         )
         tiles += sum(video.num_frames for video in videos)
@@ -292,6 +319,7 @@ class VisionPipeline:
         applied = vir_mode if self.engine.has_router else None
         count = len(call.images)
         lookup = await self._lookup(call, per_image, applied)
+        prepared: dict[int, PreparedImage | TileParts] = {}
         try:
             hits = lookup.hits if lookup is not None else {}
             if len(hits) == count:
@@ -323,12 +351,13 @@ class VisionPipeline:
         finally:
             if lookup is not None:
                 lookup.release()
+            _discard_parts(prepared.values())
 
     async def _encode_in_order(
         self,
         call: EncodeCall,
         vir_mode: VirMode,
-        prepared: dict[int, PreparedImage],
+        prepared: dict[int, PreparedImage | TileParts],
         hits: dict[int, CachedImage],
         videos: list[PreparedVideo],
     ) -> AsyncGenerator[tuple[int, EncodedImage], None]:
@@ -372,6 +401,21 @@ class VisionPipeline:
             vir_mode=cached.vir_mode,
             from_cache=True,
         )
+
+
+def _discard_parts(images: Iterable[PreparedImage | TileParts]) -> None:
+    """Cancel the cuts nobody will await (the call failed or ended early); retrieve the errors
+    of those that failed, so none is logged as never retrieved."""
+    for image in images:
+        if not isinstance(image, TileParts):
+            continue
+        for part in image.parts:
+            if not isinstance(part, asyncio.Future):
+                continue
+            if not part.done():
+                part.cancel()
+            elif not part.cancelled():
+                part.exception()
 
 
 def _cached(encoded: EncodedImage) -> CachedImage:

@@ -43,6 +43,10 @@ class PreparedImage:
     tiles: torch.Tensor  # [num_tiles, 3, 448, 448] uint8
     grid: TileGrid
 
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tiles.shape[0])
+
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode and validate one encoded image; the pixel count is checked before decoding."""
@@ -81,12 +85,24 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise InvalidImage("image has no pixels")
     # Phone photos store their orientation in EXIF; what the user sees is the transposed image.
-    return ImageOps.exif_transpose(image)
+    # In place: without an orientation tag there is nothing to do, and no copy is made.
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
-def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
-    """Cut a decoded image into InternVL tiles (plus thumbnail), as uint8 pixels."""
-    rgb = image.convert("RGB")
+@dataclass(frozen=True)
+class PlannedImage:
+    """A decoded RGB image and its tile plan, not cut yet. Its grid tiles and its thumbnail
+    are independent (``cut_grid``, ``cut_thumbnail``: two threads can cut them at once, as
+    Pillow releases the GIL while resizing); ``tile_image`` cuts both into one tensor."""
+
+    rgb: Image.Image
+    grid: TileGrid
+
+
+def plan_image(image: Image.Image, options: TilingOptions) -> PlannedImage:
+    # convert() copies even an RGB image; most images are RGB already.
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
     grid = plan_tiles(
         rgb.width,
         rgb.height,
@@ -95,19 +111,59 @@ def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
         use_thumbnail=options.use_thumbnail,
         tile_size=options.tile_size,
     )
+    return PlannedImage(rgb, grid)
+
+
+def _write_grid(out: np.ndarray, planned: PlannedImage) -> None:
+    """The grid tiles into ``out[:grid_tiles]`` ([n, 3, size, size] uint8), row-major."""
+    rgb, grid = planned.rgb, planned.grid
     # Pillow returns a copy when the size is already right; skip even that.
     resized = rgb if rgb.size == grid.resized_size else rgb.resize(grid.resized_size, BICUBIC)
-    size = options.tile_size
     # Each tile is written once, as [3, size, size], straight from the resized pixels (no
     # per-tile images, no stacking): the host's share of an image is mostly decode and resize.
-    tiles = np.empty((grid.num_tiles, 3, size, size), dtype=np.uint8)
     pixels = np.asarray(resized)  # [H, W, 3]
     for index, (left, top, right, bottom) in enumerate(grid.tile_boxes()):
-        tiles[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
+        out[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
+
+
+def _write_thumbnail(out: np.ndarray, planned: PlannedImage) -> None:
+    """The whole image at one tile's size into ``out`` ([3, size, size] uint8)."""
+    size = planned.grid.tile_size
+    out[...] = np.asarray(planned.rgb.resize((size, size), BICUBIC)).transpose(2, 0, 1)
+
+
+def _tiles(count: int, size: int) -> np.ndarray:
+    return np.empty((count, 3, size, size), dtype=np.uint8)
+
+
+def cut_grid(planned: PlannedImage) -> torch.Tensor:
+    """The grid tiles, ``[columns * rows, 3, size, size]`` uint8."""
+    out = _tiles(planned.grid.grid_tiles, planned.grid.tile_size)
+    _write_grid(out, planned)
+    return torch.from_numpy(out)
+
+
+def cut_thumbnail(planned: PlannedImage) -> torch.Tensor:
+    """The thumbnail tile, ``[1, 3, size, size]`` uint8 (whether or not the plan has one)."""
+    out = _tiles(1, planned.grid.tile_size)
+    _write_thumbnail(out[0], planned)
+    return torch.from_numpy(out)
+
+
+def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
+    """Cut a decoded image into InternVL tiles (plus thumbnail), as uint8 pixels."""
+    planned = plan_image(image, options)
+    grid = planned.grid
+    tiles = _tiles(grid.num_tiles, grid.tile_size)
+    _write_grid(tiles, planned)
     if grid.thumbnail:
-        thumbnail = rgb.resize((size, size), BICUBIC)
-        tiles[-1] = np.asarray(thumbnail).transpose(2, 0, 1)
+        _write_thumbnail(tiles[-1], planned)
     return PreparedImage(tiles=torch.from_numpy(tiles), grid=grid)
+
+
+def decode_and_plan(data: bytes, limits: ImageLimits, options: TilingOptions) -> PlannedImage:
+    """Bytes -> validated, decoded image and its tile plan (cut later, in parts)."""
+    return plan_image(decode_image(data, limits), options)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:

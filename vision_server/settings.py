@@ -78,6 +78,14 @@ class VisionSettings(CheckpointSettings):
     preprocess_workers: int = Field(
         4, ge=1, description="threads decoding and tiling images and videos"
     )
+    overlap_preparation: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="while the encoder is idle, cut an image's grid tiles and its thumbnail "
+        "on two threads after decoding and encode each part as soon as it is cut, so a lone "
+        "image's grid is encoded while its thumbnail is resized; under load each image is "
+        "prepared in one piece (auto: on with CUDA; on the CPU the encoder needs the cores "
+        "the second thread would take)",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
