@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The vision service on one CUDA GPU: the `gpu`-marked tests, `dvd-bench-vision` with
-# InternVL3.5-1B's vision geometry (raw encoder vs served through gRPC, vir off and auto), and
-# the embedding transport on this host's cores. Runs from the repository root with the
+# InternVL3.5-1B's vision geometry (raw encoder vs served through gRPC, vir off and auto; a
+# lone image in parts and in one piece), and the embedding transport on this host's cores. Runs from the repository root with the
 # project importable (its .venv, or PYTHONPATH=$PWD where torch and the vision half's packages
 # are installed); needs no language model and no vLLM.
 #
-#   bash docs/benchmarks/gpu.sh [RESULTS_DIR]       # about 5 minutes on one H100
+#   bash docs/benchmarks/gpu.sh [RESULTS_DIR]       # about 7 minutes on one H100
 #   STEPS="tests vision" bash docs/benchmarks/gpu.sh
 #
 # Each step has its own time limit and the script goes on after a failed step; a summary of
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || PY=python
 OUT=${1:-docs/benchmarks/results}
-STEPS=${STEPS:-"tests vision transport"}
+STEPS=${STEPS:-"tests vision lone transport"}
 PRESET=${PRESET:-vision-300m}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -49,6 +49,16 @@ if [[ " $STEPS " == *" vision "* ]]; then
     --batch-sizes 1 4 16 32 64 --raw-seconds 1.5 --concurrency ${CONCURRENCY:-1 16 64} --vir off auto \
     --rounds "${ROUNDS:-2}" --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
     --output "$OUT/vision-gpu-$PRESET.json"
+fi
+
+if [[ " $STEPS " == *" lone "* ]]; then
+  # One image at a time, taken in parts (the default with CUDA) and in one piece.
+  for overlap in on off; do
+    step "lone-$overlap" "${LONE_LIMIT:-150}" "$PY" -m benchmarks.vision --preset "$PRESET" \
+      --batch-sizes 1 4 5 --raw-seconds 1 --concurrency 1 --vir off auto --requests 60 \
+      --overlap-preparation "$overlap" --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
+      --output "$OUT/vision-gpu-$PRESET-lone-$overlap.json"
+  done
 fi
 
 if [[ " $STEPS " == *" transport "* ]]; then
