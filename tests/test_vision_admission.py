@@ -20,7 +20,7 @@ from vision_server import pipeline as pipeline_module
 from vision_server.batching import TileBatcher
 from vision_server.errors import Overloaded
 from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
-from vision_server.preprocess import decode_and_plan, prepare_image
+from vision_server.preprocess import decode_for_parts, prepare_image
 
 TILE_BYTES = 3 * 448 * 448  # one uint8 RGB tile
 
@@ -39,7 +39,7 @@ def vision_pipeline(tiny_models: dict[str, Path]):
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the images the pipeline decodes, one entry per image: in one piece
-    (``prepare_image``) under load, or decoded and then cut in parts (``decode_and_plan``)
+    (``prepare_image``) under load, or decoded and then cut in parts (``decode_for_parts``)
     while the encoder is idle."""
     calls: list[int] = []
 
@@ -51,7 +51,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return counted
 
     monkeypatch.setattr(pipeline_module, "prepare_image", counting(prepare_image))
-    monkeypatch.setattr(pipeline_module, "decode_and_plan", counting(decode_and_plan))
+    monkeypatch.setattr(pipeline_module, "decode_for_parts", counting(decode_for_parts))
     return calls
 
 

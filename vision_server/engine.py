@@ -359,6 +359,9 @@ class EncoderEngine:
     async def _assemble_off_loop(
         self, parts: list[SliceOutput], compress: list[bool] | None
     ) -> torch.Tensor:
+        if compress is None and len(parts) == 1 and parts[0].rows is not None:
+            # One block of rows, already on the host: nothing to copy, so no thread hop.
+            return parts[0].rows.reshape(-1, self.hidden_size)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._copy_back, self._assemble, parts, compress)

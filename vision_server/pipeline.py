@@ -41,7 +41,7 @@ from vision_server.preprocess import (
     TilingOptions,
     cut_grid,
     cut_thumbnail,
-    decode_and_plan,
+    decode_for_parts,
     prepare_image,
 )
 from vision_server.settings import VisionSettings
@@ -211,7 +211,7 @@ class VisionPipeline:
         loop = asyncio.get_running_loop()
         pool = self._preprocess_pool
         in_parts = self.overlap_preparation and self.engine.idle
-        prepare = decode_and_plan if in_parts else prepare_image
+        prepare = decode_for_parts if in_parts else prepare_image
         image_jobs = [
             loop.run_in_executor(
                 pool, prepare, call.images[index].data, self.limits, per_image[index]
@@ -244,9 +244,11 @@ class VisionPipeline:
     def _cut_in_parts(self, planned: PlannedImage) -> TileParts:
         """Start cutting ``planned``'s grid and thumbnail, each on its own thread."""
         loop = asyncio.get_running_loop()
-        parts = [loop.run_in_executor(self._preprocess_pool, cut_grid, planned)]
-        if planned.grid.thumbnail:
-            parts.append(loop.run_in_executor(self._preprocess_pool, cut_thumbnail, planned))
+        pool = self._preprocess_pool
+        parts = [
+            loop.run_in_executor(pool, cut_grid, planned),
+            loop.run_in_executor(pool, cut_thumbnail, planned),
+        ]
         return TileParts(parts, planned.grid)
 
     def _check_tiles(

@@ -161,9 +161,15 @@ def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
     return PreparedImage(tiles=torch.from_numpy(tiles), grid=grid)
 
 
-def decode_and_plan(data: bytes, limits: ImageLimits, options: TilingOptions) -> PlannedImage:
-    """Bytes -> validated, decoded image and its tile plan (cut later, in parts)."""
-    return plan_image(decode_image(data, limits), options)
+def decode_for_parts(
+    data: bytes, limits: ImageLimits, options: TilingOptions
+) -> PlannedImage | PreparedImage:
+    """Bytes -> validated, decoded image and its tile plan, to cut in parts (``cut_grid``,
+    ``cut_thumbnail``); an image of one tile has nothing to cut in parallel and comes cut."""
+    planned = plan_image(decode_image(data, limits), options)
+    if not planned.grid.thumbnail:
+        return PreparedImage(tiles=cut_grid(planned), grid=planned.grid)
+    return planned
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:
