@@ -1,8 +1,9 @@
 """The vision engine on a CUDA device: bf16 against transformers in bf16, the asynchronous data
 path (pinned buffers, side streams, uint8 tiles normalised on the device), routing under
-batching, and the in-process encoder's hold on its peak memory. Only the vision half's packages
-are imported (no vLLM, no FastAPI), so these run on a GPU host that has nothing else. Skipped
-without CUDA; `docs/benchmarks/gpu.sh` runs them with the GPU benchmarks."""
+batching, a lone image taken in parts, and the in-process encoder's hold on its peak memory.
+Only the vision half's packages are imported (no vLLM, no FastAPI), so these run on a GPU host
+that has nothing else. Skipped without CUDA; `docs/benchmarks/gpu.sh` runs them with the GPU
+benchmarks."""
 
 from __future__ import annotations
 
@@ -210,6 +211,23 @@ def test_routing_decisions_are_stable_under_batching(tiny_flash_models):
         assert [e.tokens_per_tile for e in solo] == [e.tokens_per_tile for e in shared]
     decisions = [t for request in alone for e in request for t in e.tokens_per_tile]
     assert 64 in decisions and 256 in decisions  # the router really decided something
+
+
+def test_a_lone_image_in_parts_gets_its_rows(tiny_flash_models):
+    """On CUDA an idle encoder takes each image in parts (grid, then thumbnail: two passes, two
+    graphs): the same router decisions and rows as in one piece, to bf16 rounding."""
+    pipeline = gpu_pipeline(tiny_flash_models["hf"], max_batch_tiles=32)
+    assert pipeline.overlap_preparation  # auto: on with CUDA
+    images = [[encode_image(noise_image(w, h, seed=80 + i))] for i, (w, h) in enumerate(SIZES)]
+    try:
+        in_parts = [encode_all(pipeline, [image])[0][0] for image in images]
+        pipeline.overlap_preparation = False
+        in_one = [encode_all(pipeline, [image])[0][0] for image in images]
+    finally:
+        pipeline.close()
+    for parts, one in zip(in_parts, in_one, strict=True):
+        assert parts.tokens_per_tile == one.tokens_per_tile
+        assert relative_l2(parts.embeddings, one.embeddings) <= 1e-2
 
 
 def test_in_process_encoder_holds_its_peak_on_the_gpu(tiny_models, tmp_path):
