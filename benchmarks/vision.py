@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +52,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.stand_in import StandInDevice
 from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
 from checkpoints.tiny import PRESETS, write_tiny_checkpoint
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.options import VirMode
-from vision_server.batching import PassSlice
 from vision_server.cuda_graphs import GraphedForward
-from vision_server.engine import (
-    RowSelection,
-    SliceOutput,
-    compute_dtype_for_device,
-    resolve_device,
-)
+from vision_server.engine import compute_dtype_for_device, resolve_device
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.tiling import plan_tiles
 
@@ -205,14 +200,22 @@ def _serving(target: str) -> bool:
 
 @contextlib.contextmanager
 def vision_server(
-    model: Path, server_args: list[str], log_path: Path, start_timeout: float
+    model: Path,
+    server_args: list[str],
+    log_path: Path,
+    start_timeout: float,
+    stand_in_pass_ms: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """A ``dvd-vision-server`` process on free ports; yields its target and metrics URL."""
+    """A ``dvd-vision-server`` process on free ports (on a stand-in device with
+    ``stand_in_pass_ms``); yields its target and metrics URL."""
     port, metrics_port = free_port(), free_port()
+    program = ["vision_server.server"]
+    if stand_in_pass_ms is not None:
+        program = ["benchmarks.stand_in", *(f"{ms:g}" for ms in stand_in_pass_ms)]
     argv = [
         sys.executable,
         "-m",
-        "vision_server.server",
+        *program,
         "--model",
         str(model),
         "--port",
@@ -308,48 +311,6 @@ async def run_level(
             "p99": 1000 * percentile(latencies, 0.99),
         },
     }
-
-
-class StandInDevice:
-    """A device that runs one pass at a time, ``first_ms + per_more_ms * (n - 1)`` for n tiles,
-    and needs no host CPU: its passes only sleep, on the batcher's wait thread. Its rows are
-    zeros of the right shapes (and p0 zero: the router keeps every tile)."""
-
-    def __init__(self, first_ms: float, per_more_ms: float, spec: CheckpointSpec) -> None:
-        self.first_s = first_ms / 1000
-        self.per_more_s = per_more_ms / 1000
-        self.spec = spec
-        self._free_at = 0.0  # when the device finishes what it was given
-
-    def run_pass(self, slices: Sequence[PassSlice]) -> _StandInPass:
-        tiles = sum(int(piece.tiles.shape[0]) for piece in slices)
-        seconds = self.first_s + self.per_more_s * (tiles - 1)
-        self._free_at = max(self._free_at, time.perf_counter()) + seconds
-        return _StandInPass(self._free_at, seconds, [self._output(piece) for piece in slices])
-
-    def _output(self, piece: PassSlice) -> SliceOutput:
-        count, hidden = int(piece.tiles.shape[0]), self.spec.llm_hidden_size
-        if piece.want is RowSelection.FULL:
-            return SliceOutput(rows=torch.zeros(count, self.spec.tokens_per_tile, hidden))
-        small = torch.zeros(count, self.spec.compressed_tokens_per_tile, hidden)
-        if piece.want is RowSelection.COMPRESSED:
-            return SliceOutput(rows=small)
-        full = torch.zeros(count, self.spec.tokens_per_tile, hidden)
-        return SliceOutput(full=full, compressed=small, compress_prob=torch.zeros(count))
-
-
-class _StandInPass:
-    def __init__(self, done_at: float, seconds: float, outputs: list[SliceOutput]) -> None:
-        self._done_at = done_at
-        self._seconds = seconds
-        self._outputs = outputs
-
-    def wait(self) -> list[SliceOutput]:
-        from vision_server import metrics
-
-        time.sleep(max(0.0, self._done_at - time.perf_counter()))
-        metrics.device_busy_seconds.inc(self._seconds)
-        return self._outputs
 
 
 def measure_stages(
@@ -477,6 +438,13 @@ def busy_text(level: dict[str, Any]) -> str:
     return "-" if busy is None else f"{busy:.0%}"
 
 
+def stand_in_text(settings: dict[str, Any]) -> str:
+    stand_in = settings.get("stand_in_pass_ms")
+    if not stand_in:
+        return ""
+    return f"; a stand-in device: {stand_in[0]:g} ms + {stand_in[1]:g} ms per more tile"
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
         f"device: {report['device']} ({report['dtype']}"
@@ -487,10 +455,13 @@ def table(report: dict[str, Any]) -> str:
             if report["settings"]["rounds"] > 1
             else ""
         ),
-        "",
-        "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |",
-        "|---|---|---|---|",
     ]
+    if report["raw"]:
+        lines += [
+            "",
+            "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |",
+            "|---|---|---|---|",
+        ]
     for r in report["raw"]:
         lines.append(
             f"| {r['batch_tiles']} | {r['ms_per_pass']:.1f} | {r['tiles_per_s']:.1f} "
@@ -498,12 +469,7 @@ def table(report: dict[str, Any]) -> str:
         )
     stages = report.get("stages")
     if stages:
-        stand_in = report["settings"].get("stand_in_pass_ms")
-        device = (
-            f"; a stand-in device: {stand_in[0]:g} ms + {stand_in[1]:g} ms per more tile"
-            if stand_in
-            else ""
-        )
+        device = stand_in_text(report["settings"])
         lines += [
             "",
             f"in process, no gRPC (engine: cut tiles in; pipeline: image bytes in{device})",
@@ -525,7 +491,7 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"served: {settings['image_size']} {settings['image_format']} images, "
             f"--max-batch-tiles {settings['max_batch_tiles']}; ratio to raw at that batch, "
-            "and to the best raw batch up to it",
+            f"and to the best raw batch up to it{stand_in_text(settings)}",
             "",
             "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy | p50 ms "
             "| p90 ms | p99 ms | tokens/image |",
@@ -542,12 +508,13 @@ def table(report: dict[str, Any]) -> str:
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )
         alone = report.get("alone")
+        forward_name = "stand-in" if report["settings"].get("stand_in_pass_ms") else "raw"
         if alone:
             lines += [
                 "",
                 f"one {alone['tiles']}-tile image alone (vir={alone['vir']}, c=1): p50 "
-                f"{alone['p50_ms']:.1f} ms; 2 x raw forward of {alone['tiles']} tiles + 10 ms = "
-                f"{alone['budget_ms']:.1f} ms",
+                f"{alone['p50_ms']:.1f} ms; 2 x {forward_name} forward of {alone['tiles']} "
+                f"tiles + 10 ms = {alone['budget_ms']:.1f} ms",
             ]
     return "\n".join(lines)
 
@@ -636,10 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=2,
         metavar=("FIRST_TILE", "PER_MORE_TILE"),
-        help="with --stages: replace the device by a stand-in that takes FIRST_TILE + "
-        "PER_MORE_TILE x (n - 1) ms for a pass of n tiles, one pass at a time, and no host "
-        "CPU; the in-process levels then measure what the host adds to a device of that "
-        "speed (the H100 with CUDA graphs: 3.2 1.8)",
+        help="serve (and with --stages, run in process) on a stand-in device that takes "
+        "FIRST_TILE + PER_MORE_TILE x (n - 1) ms for a pass of n tiles, one pass at a time, "
+        "and no host CPU: the levels then measure what the host adds to a device of that "
+        "speed (the H100 with CUDA graphs: 3.2 1.8; use with --no-raw)",
     )
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     return parser
@@ -805,7 +772,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as scratch:
             log = Path(scratch) / "vision-server.log"
-            with vision_server(path, server_args, log, args.start_timeout) as server:
+            with vision_server(
+                path, server_args, log, args.start_timeout, args.stand_in_pass_ms
+            ) as server:
                 for _ in range(args.rounds):
                     one_round(server)
     if raw_rounds:
@@ -819,13 +788,17 @@ def main(argv: list[str] | None = None) -> None:
         report["rounds"] = {"raw": raw_rounds, "served": served_rounds}
     alone = next((s for s in report["served"] if s["concurrency"] == 1), None)
     forward = next((r for r in report["raw"] if r["batch_tiles"] == tiles_per_image), None)
-    if alone and forward:
+    forward_ms = forward["ms_per_pass"] if forward else None
+    if args.stand_in_pass_ms is not None:  # the image's pass on the stand-in device
+        first_ms, per_more_ms = args.stand_in_pass_ms
+        forward_ms = first_ms + per_more_ms * (tiles_per_image - 1)
+    if alone and forward_ms is not None:
         report["alone"] = {
             "vir": alone["vir"],
             "tiles": tiles_per_image,
             "p50_ms": alone["latency_ms"]["p50"],
-            "raw_forward_ms": forward["ms_per_pass"],
-            "budget_ms": 2 * forward["ms_per_pass"] + 10,
+            "raw_forward_ms": forward_ms,
+            "budget_ms": 2 * forward_ms + 10,
         }
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))

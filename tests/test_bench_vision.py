@@ -95,9 +95,10 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
 
 
 def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, tmp_path):
-    """``--stand-in-pass-ms``: the in-process levels run on a device that only sleeps, so they
-    measure what the host adds. 11 tiles at a cap of 4 are passes of 4, 4 and 3 tiles: 8 + 8
-    + 7 = 23 ms of stand-in device per image, one pass at a time."""
+    """``--stand-in-pass-ms``: the server (``benchmarks.stand_in``) and the in-process levels
+    run on a device that only sleeps, so they measure what the host adds. 11 tiles at a cap of
+    4 are passes of 4, 4 and 3 tiles: 8 + 8 + 7 = 23 ms of stand-in device per image, one pass
+    at a time."""
     output = tmp_path / "stand-in.json"
     argv = [
         sys.executable,
@@ -108,7 +109,6 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
         "--device",
         "cpu",
         "--no-raw",
-        "--no-served",
         "--stages",
         "--stand-in-pass-ms",
         "5",
@@ -140,9 +140,18 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
     assert set(stages) == {(stage, v) for stage in ("engine", "pipeline") for v in ("off", "auto")}
     for level in stages.values():
         assert level["stand_in_pass_ms"] == [5.0, 1.0]
+    served = {s["vir"]: s for s in report["served"]}
+    assert set(served) == {"off", "auto"}
+    for level in (*stages.values(), *served.values()):
         assert level["latency_ms"]["p50"] >= 23.0  # never faster than the stand-in device
         # The stand-in counts its passes as device time: most of a lone image's wait.
         assert 0.3 < level["device_busy"] <= 1.05
     # The stand-in's rows have the real shapes; its p0 of zero compresses nothing.
     assert stages[("pipeline", "auto")]["visual_tokens_per_image"] == 11 * 256
+    assert served["auto"]["visual_tokens_per_image"] == 11 * 256
+    # A lone image's budget counts the stand-in's pass for its 11 tiles (5 + 10 x 1 ms).
+    assert report["alone"]["raw_forward_ms"] == 15.0
+    assert report["alone"]["budget_ms"] == 40.0
     assert "a stand-in device: 5 ms + 1 ms per more tile" in done.stdout
+    assert "2 x stand-in forward of 11 tiles + 10 ms = 40.0 ms" in done.stdout
+    assert "| raw batch (tiles) |" not in done.stdout  # no raw figures were taken
