@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ from vision_server.tiling import plan_tiles
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
 BUSY_SAMPLE = "dvd:vision_device_busy_seconds_total"
+# Read around each level: device-busy time, and the tiles and number of forward passes.
+LEVEL_SAMPLES = (BUSY_SAMPLE, "dvd:vision_batch_tiles_sum", "dvd:vision_batch_tiles_count")
 
 
 # ---- the checkpoint -------------------------------------------------------------------------
@@ -257,10 +259,10 @@ async def run_level(
     encode_one: Callable[[], Awaitable[tuple[int, int, bool]]],
     concurrency: int,
     requests: int,
-    busy_seconds: Callable[[], float | None],
+    read_counters: Callable[[], dict[str, float | None]],
 ) -> dict[str, Any]:
     """``requests`` calls of ``encode_one`` (-> tiles, visual tokens, cache hit),
-    ``concurrency`` at a time, after one warm-up round. ``busy_seconds`` reads the encoder's
+    ``concurrency`` at a time, after one warm-up round. ``read_counters`` reads the encoder's
     device-busy counter (None: unknown)."""
     latencies: list[float] = []
     tiles: list[int] = []
@@ -285,14 +287,17 @@ async def run_level(
             await one(record=True)
 
     await asyncio.gather(*(one(record=False) for _ in range(concurrency)))
-    busy_before = busy_seconds()
+    before = read_counters()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
-    busy_after = busy_seconds()
-    busy = None
-    if busy_before is not None and busy_after is not None:
-        busy = (busy_after - busy_before) / wall
+    after = read_counters()
+
+    def grown(sample: str) -> float | None:
+        first, last = before.get(sample), after.get(sample)
+        return None if first is None or last is None else last - first
+
+    busy, pass_tiles, passes = (grown(sample) for sample in LEVEL_SAMPLES)
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -303,7 +308,10 @@ async def run_level(
         "visual_tokens_per_image": statistics.mean(tokens),
         "cache_hits": cached,  # 0: every image was encoded (the server runs without a cache)
         # The fraction of the time the encoder computed (dvd:vision_device_busy_seconds).
-        "device_busy": busy,
+        "device_busy": None if busy is None else busy / wall,
+        # Mean tiles per forward pass (dvd:vision_batch_tiles): small passes at a high
+        # concurrency mean the tile queue ran dry.
+        "tiles_per_pass": pass_tiles / passes if pass_tiles is not None and passes else None,
         "latency_ms": {
             "mean": 1000 * statistics.mean(latencies),
             "p50": 1000 * percentile(latencies, 0.5),
@@ -367,7 +375,7 @@ def measure_stages(
                             one,
                             concurrency,
                             requests_for(concurrency),
-                            lambda: REGISTRY.get_sample_value(BUSY_SAMPLE),
+                            lambda: {n: REGISTRY.get_sample_value(n) for n in LEVEL_SAMPLES},
                         )
                         if stand_in_pass_ms is not None:
                             level["stand_in_pass_ms"] = list(stand_in_pass_ms)
@@ -389,15 +397,16 @@ def measure_stages(
     return levels
 
 
-def scrape_counter(metrics_url: str, sample: str) -> float | None:
-    """One sample of a server's Prometheus page (None when absent)."""
+def scrape_counters(metrics_url: str, samples: Sequence[str]) -> dict[str, float | None]:
+    """Samples of a server's Prometheus page (None when absent)."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:
         text = reply.read().decode()
+    found: dict[str, float | None] = dict.fromkeys(samples)
     for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == sample:
-                return float(found.value)
-    return None
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name] = float(sample.value)
+    return found
 
 
 async def measure_served(
@@ -419,7 +428,7 @@ async def measure_served(
 
     try:
         level = await run_level(
-            one, concurrency, requests, lambda: scrape_counter(metrics_url, BUSY_SAMPLE)
+            one, concurrency, requests, lambda: scrape_counters(metrics_url, LEVEL_SAMPLES)
         )
         return {"vir": vir.value, **level}
     finally:
@@ -436,6 +445,11 @@ def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
 def busy_text(level: dict[str, Any]) -> str:
     busy = level.get("device_busy")
     return "-" if busy is None else f"{busy:.0%}"
+
+
+def pass_text(level: dict[str, Any]) -> str:
+    tiles = level.get("tiles_per_pass")
+    return "-" if tiles is None else f"{tiles:.1f}"
 
 
 def stand_in_text(settings: dict[str, Any]) -> str:
@@ -474,15 +488,17 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"in process, no gRPC (engine: cut tiles in; pipeline: image bytes in{device})",
             "",
-            "| stage | vir | concurrency | tiles/s | x raw | device busy | p50 ms | p90 ms |",
-            "|---|---|---|---|---|---|---|---|",
+            "| stage | vir | concurrency | tiles/s | x raw | device busy | tiles/pass | p50 ms "
+            "| p90 ms |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in stages:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['stage']} | {s['vir']} | {s['concurrency']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {busy_text(s)} | {latency['p50']:.1f} | {latency['p90']:.1f} |"
+                f"| {ratio} | {busy_text(s)} | {pass_text(s)} | {latency['p50']:.1f} "
+                f"| {latency['p90']:.1f} |"
             )
     served = report["served"]
     if served:
@@ -493,9 +509,9 @@ def table(report: dict[str, Any]) -> str:
             f"--max-batch-tiles {settings['max_batch_tiles']}; ratio to raw at that batch, "
             f"and to the best raw batch up to it{stand_in_text(settings)}",
             "",
-            "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy | p50 ms "
-            "| p90 ms | p99 ms | tokens/image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy "
+            "| tiles/pass | p50 ms | p90 ms | p99 ms | tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in served:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
@@ -503,7 +519,7 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {best} | {busy_text(s)} | {latency['p50']:.0f} "
+                f"| {ratio} | {best} | {busy_text(s)} | {pass_text(s)} | {latency['p50']:.0f} "
                 f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO_ROOT
 
 
@@ -65,6 +66,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
         # The server's device-busy counter was read around the level: a fraction of its time.
         assert 0 < level["device_busy"] <= 1.05
+        assert 0 < level["tiles_per_pass"] <= 4  # the batch cap
     # In process, without gRPC: the engine fed cut tiles, then the pipeline fed the bytes.
     stages = {(s["stage"], s["vir"], s["concurrency"]): s for s in report["stages"]}
     assert set(stages) == {
@@ -81,6 +83,8 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     # The router's modes show in the rows sent: 256 per tile, 64 per tile, in between.
     assert served[("off", 1)]["visual_tokens_per_image"] == 11 * 256
     assert served[("max", 1)]["visual_tokens_per_image"] == 11 * 64
+    # Alone, an image of 11 tiles goes through passes of 4, 4 and 3 tiles.
+    assert served[("off", 1)]["tiles_per_pass"] == pytest.approx(11 / 3)
     assert 11 * 64 < served[("auto", 1)]["visual_tokens_per_image"] < 11 * 256
     assert report["alone"]["tiles"] == 11
     # Two rounds, each with every figure; the report keeps the median round of each.
