@@ -65,8 +65,14 @@ from vision_server.tiling import plan_tiles
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
 BUSY_SAMPLE = "dvd:vision_device_busy_seconds_total"
-# Read around each level: device-busy time, and the tiles and number of forward passes.
-LEVEL_SAMPLES = (BUSY_SAMPLE, "dvd:vision_batch_tiles_sum", "dvd:vision_batch_tiles_count")
+# Read around each level: device-busy time, the tiles and number of forward passes, and the
+# CPU time of the process that serves (prometheus-client's process collector).
+LEVEL_SAMPLES = (
+    BUSY_SAMPLE,
+    "dvd:vision_batch_tiles_sum",
+    "dvd:vision_batch_tiles_count",
+    "process_cpu_seconds_total",
+)
 
 
 # ---- the checkpoint -------------------------------------------------------------------------
@@ -297,7 +303,7 @@ async def run_level(
         first, last = before.get(sample), after.get(sample)
         return None if first is None or last is None else last - first
 
-    busy, pass_tiles, passes = (grown(sample) for sample in LEVEL_SAMPLES)
+    busy, pass_tiles, passes, cpu_seconds = (grown(sample) for sample in LEVEL_SAMPLES)
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -312,6 +318,9 @@ async def run_level(
         # Mean tiles per forward pass (dvd:vision_batch_tiles): small passes at a high
         # concurrency mean the tile queue ran dry.
         "tiles_per_pass": pass_tiles / passes if pass_tiles is not None and passes else None,
+        # CPU time of the serving process per image (in process: the bench's own process,
+        # clients included), all threads: what one image costs the host.
+        "cpu_ms_per_image": None if cpu_seconds is None else 1000 * cpu_seconds / len(latencies),
         "latency_ms": {
             "mean": 1000 * statistics.mean(latencies),
             "p50": 1000 * percentile(latencies, 0.5),
@@ -452,6 +461,11 @@ def pass_text(level: dict[str, Any]) -> str:
     return "-" if tiles is None else f"{tiles:.1f}"
 
 
+def cpu_text(level: dict[str, Any]) -> str:
+    cpu = level.get("cpu_ms_per_image")
+    return "-" if cpu is None else f"{cpu:.1f}"
+
+
 def stand_in_text(settings: dict[str, Any]) -> str:
     stand_in = settings.get("stand_in_pass_ms")
     if not stand_in:
@@ -488,17 +502,17 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"in process, no gRPC (engine: cut tiles in; pipeline: image bytes in{device})",
             "",
-            "| stage | vir | concurrency | tiles/s | x raw | device busy | tiles/pass | p50 ms "
-            "| p90 ms |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| stage | vir | concurrency | tiles/s | x raw | device busy | tiles/pass "
+            "| CPU ms/image | p50 ms | p90 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in stages:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['stage']} | {s['vir']} | {s['concurrency']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {busy_text(s)} | {pass_text(s)} | {latency['p50']:.1f} "
-                f"| {latency['p90']:.1f} |"
+                f"| {ratio} | {busy_text(s)} | {pass_text(s)} | {cpu_text(s)} "
+                f"| {latency['p50']:.1f} | {latency['p90']:.1f} |"
             )
     served = report["served"]
     if served:
@@ -510,8 +524,8 @@ def table(report: dict[str, Any]) -> str:
             f"and to the best raw batch up to it{stand_in_text(settings)}",
             "",
             "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy "
-            "| tiles/pass | p50 ms | p90 ms | p99 ms | tokens/image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tiles/pass | server CPU ms/image | p50 ms | p90 ms | p99 ms | tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in served:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
@@ -519,7 +533,8 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {best} | {busy_text(s)} | {pass_text(s)} | {latency['p50']:.0f} "
+                f"| {ratio} | {best} | {busy_text(s)} | {pass_text(s)} | {cpu_text(s)} "
+                f"| {latency['p50']:.0f} "
                 f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )

@@ -67,6 +67,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         # The server's device-busy counter was read around the level: a fraction of its time.
         assert 0 < level["device_busy"] <= 1.05
         assert 0 < level["tiles_per_pass"] <= 4  # the batch cap
+        assert level["cpu_ms_per_image"] > 0  # the server's CPU time, per image
     # In process, without gRPC: the engine fed cut tiles, then the pipeline fed the bytes.
     stages = {(s["stage"], s["vir"], s["concurrency"]): s for s in report["stages"]}
     assert set(stages) == {
