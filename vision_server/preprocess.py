@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vision_server.errors import InvalidImage
+from vision_server.pixels import rgb_pixels
 from vision_server.tiling import TileGrid, plan_tiles
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -121,15 +122,16 @@ def _write_grid(out: np.ndarray, planned: PlannedImage) -> None:
     resized = rgb if rgb.size == grid.resized_size else rgb.resize(grid.resized_size, BICUBIC)
     # Each tile is written once, as [3, size, size], straight from the resized pixels (no
     # per-tile images, no stacking): the host's share of an image is mostly decode and resize.
-    pixels = np.asarray(resized)  # [H, W, 3]
-    for index, (left, top, right, bottom) in enumerate(grid.tile_boxes()):
-        out[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
+    with rgb_pixels(resized) as pixels:  # [H, W, 3]
+        for index, (left, top, right, bottom) in enumerate(grid.tile_boxes()):
+            out[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
 
 
 def _write_thumbnail(out: np.ndarray, planned: PlannedImage) -> None:
     """The whole image at one tile's size into ``out`` ([3, size, size] uint8)."""
     size = planned.grid.tile_size
-    out[...] = np.asarray(planned.rgb.resize((size, size), BICUBIC)).transpose(2, 0, 1)
+    with rgb_pixels(planned.rgb.resize((size, size), BICUBIC)) as pixels:
+        out[...] = pixels.transpose(2, 0, 1)
 
 
 def _tiles(count: int, size: int) -> np.ndarray:
