@@ -73,6 +73,11 @@ LEVEL_SAMPLES = (
     "dvd:vision_batch_tiles_count",
     "process_cpu_seconds_total",
 )
+# Served levels also read how the rows went back: shared memory or the gRPC stream.
+TRANSPORT_SAMPLES = (
+    'dvd:vision_embedding_bytes_total{transport="shared_memory"}',
+    'dvd:vision_embedding_bytes_total{transport="grpc"}',
+)
 
 
 # ---- the checkpoint -------------------------------------------------------------------------
@@ -304,6 +309,8 @@ async def run_level(
         return None if first is None or last is None else last - first
 
     busy, pass_tiles, passes, cpu_seconds = (grown(sample) for sample in LEVEL_SAMPLES)
+    shared_bytes, streamed_bytes = (grown(sample) for sample in TRANSPORT_SAMPLES)
+    rows_bytes = (shared_bytes or 0.0) + (streamed_bytes or 0.0)
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -321,6 +328,9 @@ async def run_level(
         # CPU time of the serving process per image (in process: the bench's own process,
         # clients included), all threads: what one image costs the host.
         "cpu_ms_per_image": None if cpu_seconds is None else 1000 * cpu_seconds / len(latencies),
+        # The share of the rows written into the client's shared memory (the rest streamed
+        # over gRPC); None in process.
+        "shared_memory_share": (shared_bytes or 0.0) / rows_bytes if rows_bytes else None,
         "latency_ms": {
             "mean": 1000 * statistics.mean(latencies),
             "p50": 1000 * percentile(latencies, 0.5),
@@ -407,14 +417,17 @@ def measure_stages(
 
 
 def scrape_counters(metrics_url: str, samples: Sequence[str]) -> dict[str, float | None]:
-    """Samples of a server's Prometheus page (None when absent)."""
+    """Samples of a server's Prometheus page, named as ``name`` or ``name{label="value"}``
+    (None when absent)."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:
         text = reply.read().decode()
     found: dict[str, float | None] = dict.fromkeys(samples)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in found:
-                found[sample.name] = float(sample.value)
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            if key in found:
+                found[key] = float(sample.value)
     return found
 
 
@@ -426,9 +439,16 @@ async def measure_served(
     vir: VirMode,
     concurrency: int,
     requests: int,
+    shared_memory_bytes: int,
 ) -> dict[str, Any]:
     """``requests`` Encode calls, ``concurrency`` at a time, after one warm-up round."""
-    client = GrpcImageEncoder(target, timeout_s=900, expected_hidden_size=hidden_size)
+    client = GrpcImageEncoder(
+        target,
+        timeout_s=900,
+        expected_hidden_size=hidden_size,
+        transport="auto" if shared_memory_bytes else "grpc",
+        shared_memory_bytes=shared_memory_bytes or 1,
+    )
     options = EncodeOptions(vir=vir)
 
     async def one() -> tuple[int, int, bool]:
@@ -437,7 +457,10 @@ async def measure_served(
 
     try:
         level = await run_level(
-            one, concurrency, requests, lambda: scrape_counters(metrics_url, LEVEL_SAMPLES)
+            one,
+            concurrency,
+            requests,
+            lambda: scrape_counters(metrics_url, (*LEVEL_SAMPLES, *TRANSPORT_SAMPLES)),
         )
         return {"vir": vir.value, **level}
     finally:
@@ -459,6 +482,11 @@ def busy_text(level: dict[str, Any]) -> str:
 def pass_text(level: dict[str, Any]) -> str:
     tiles = level.get("tiles_per_pass")
     return "-" if tiles is None else f"{tiles:.1f}"
+
+
+def share_text(level: dict[str, Any]) -> str:
+    share = level.get("shared_memory_share")
+    return "-" if share is None else f"{share:.0%}"
 
 
 def cpu_text(level: dict[str, Any]) -> str:
@@ -524,8 +552,9 @@ def table(report: dict[str, Any]) -> str:
             f"and to the best raw batch up to it{stand_in_text(settings)}",
             "",
             "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy "
-            "| tiles/pass | server CPU ms/image | p50 ms | p90 ms | p99 ms | tokens/image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tiles/pass | server CPU ms/image | rows in shm | p50 ms | p90 ms | p99 ms "
+            "| tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in served:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
@@ -534,7 +563,7 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
                 f"| {ratio} | {best} | {busy_text(s)} | {pass_text(s)} | {cpu_text(s)} "
-                f"| {latency['p50']:.0f} "
+                f"| {share_text(s)} | {latency['p50']:.0f} "
                 f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )
@@ -639,8 +668,28 @@ def build_parser() -> argparse.ArgumentParser:
         "and no host CPU: the levels then measure what the host adds to a device of that "
         "speed (the H100 with CUDA graphs: 3.2 1.8; use with --no-raw)",
     )
+    parser.add_argument(
+        "--client-shared-memory-mb",
+        type=int,
+        help="the bench client's shared memory for embeddings (the language service's "
+        "--shared-memory-mb; default: room for every concurrent call, at least 256; 0: rows "
+        "stream over gRPC)",
+    )
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     return parser
+
+
+def client_shared_memory(
+    args: argparse.Namespace, spec: CheckpointSpec, dtype: torch.dtype, concurrency: int
+) -> int:
+    """The client's shared memory for embeddings: ``--client-shared-memory-mb``, or room for
+    every concurrent call's reservation (each reserves the rows of ``max_tiles`` tiles plus a
+    thumbnail, as the language service does), so that rows stream only when asked to."""
+    if args.client_shared_memory_mb is not None:
+        return args.client_shared_memory_mb * 1024 * 1024
+    rows = (spec.max_tiles + int(spec.use_thumbnail)) * spec.tokens_per_tile
+    per_call = rows * spec.llm_hidden_size * dtype.itemsize
+    return max(256 * 1024 * 1024, concurrency * per_call)
 
 
 def median_of_rounds(rounds: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
@@ -786,6 +835,7 @@ def main(argv: list[str] | None = None) -> None:
                         mode,
                         concurrency,
                         requests_for(concurrency),
+                        client_shared_memory(args, spec, dtype, concurrency),
                     )
                 )
                 level["ratio_to_raw"] = level["tiles_per_s"] / reference if reference else None

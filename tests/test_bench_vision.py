@@ -9,6 +9,8 @@ import sys
 import pytest
 from helpers import REPO_ROOT
 
+from protos import shm
+
 
 def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path):
     output = tmp_path / "vision.json"
@@ -68,6 +70,8 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         assert 0 < level["device_busy"] <= 1.05
         assert 0 < level["tiles_per_pass"] <= 4  # the batch cap
         assert level["cpu_ms_per_image"] > 0  # the server's CPU time, per image
+        # The bench client's shared memory has room for every concurrent call: no row streams.
+        assert level["shared_memory_share"] == (1.0 if shm.available() else 0.0)
     # In process, without gRPC: the engine fed cut tiles, then the pipeline fed the bytes.
     stages = {(s["stage"], s["vir"], s["concurrency"]): s for s in report["stages"]}
     assert set(stages) == {
