@@ -58,10 +58,10 @@ from checkpoints.tiny import PRESETS, write_tiny_checkpoint
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.options import VirMode
+from protos.tiling import plan_tiles
 from vision_server.cuda_graphs import GraphedForward
 from vision_server.engine import compute_dtype_for_device, resolve_device
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
-from vision_server.tiling import plan_tiles
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
 BUSY_SAMPLE = "dvd:vision_device_busy_seconds_total"

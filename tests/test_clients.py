@@ -13,7 +13,7 @@ from helpers import REPO_ROOT, noise_image
 from PIL import Image
 
 from clients import benchmark, datasets
-from vision_server.tiling import plan_tiles
+from protos.tiling import plan_tiles
 
 
 def test_synthetic_images_tile_exactly_as_asked():

@@ -1,10 +1,15 @@
-"""InternVL dynamic tiling, checked against cases worked out by hand."""
+"""InternVL dynamic tiling, checked against cases worked out by hand; the language service's
+count of an image's tiles, checked against the vision service's own preprocessing."""
 
 from __future__ import annotations
 
-import pytest
+import io
 
-from vision_server.tiling import candidate_grids, closest_grid, plan_tiles
+import pytest
+from helpers import encode_image, noise_image
+from PIL import ExifTags, Image
+
+from protos.tiling import candidate_grids, closest_grid, plan_tiles
 
 
 def test_candidate_grids_are_ordered_by_tile_count_then_columns():
@@ -94,3 +99,38 @@ def test_invalid_tile_bounds(min_tiles, max_tiles):
 def test_invalid_image_size():
     with pytest.raises(ValueError):
         closest_grid(0, 10, 1, 12)
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_reservation_fits_the_rows_the_service_will_cut():
+    """The language service reserves each image's rows from its header: exactly the tiles the
+    vision service cuts (its own preprocessing is the oracle here, EXIF orientation
+    included), instead of ``max_tiles`` plus a thumbnail for every image; an image whose
+    header cannot be read gets the most."""
+    from llm_server.vision.grpc_client import image_tiles
+    from protos.dvd.v1 import vision_pb2
+    from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
+
+    info = vision_pb2.ModelInfo(tokens_per_tile=256, tile_size=448, use_thumbnail=True)
+    images = [
+        encode_image(noise_image(896, 896, seed=1), "JPEG"),
+        encode_image(noise_image(300, 300, seed=2)),
+        encode_image(noise_image(900, 600, seed=3)),
+        encode_image(noise_image(1400, 500, seed=4), "WEBP"),
+        _with_orientation(noise_image(1000, 690, seed=5), 6),  # shown as 690 x 1000
+        _with_orientation(noise_image(1000, 690, seed=5), 3),  # upside down: 1000 x 690
+    ]
+    for max_tiles in (1, 6, 12):
+        options = TilingOptions(max_tiles=max_tiles)
+        for data in images:
+            cut = prepare_image(data, ImageLimits(), options).num_tiles
+            assert image_tiles(data, max_tiles, info) == cut, (max_tiles, len(data))
+    assert image_tiles(b"not an image", 12, info) == 13
+    assert image_tiles(b"", 1, info) == 1

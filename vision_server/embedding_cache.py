@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from protos.options import VirMode
+from protos.tiling import TileGrid
 from vision_server import metrics
 from vision_server.preprocess import TilingOptions
-from vision_server.tiling import TileGrid
 
 # (min_tiles, max_tiles, use_thumbnail, tile_size)
 Tiling = tuple[int, int, bool, int]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from protos.options import VirMode
+from protos.tiling import TileGrid
 from vision_server import metrics
 from vision_server.batching import (
     BatchStats,
@@ -45,7 +46,6 @@ from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEn
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
 from vision_server.threads import started_pool
-from vision_server.tiling import TileGrid
 from vision_server.video import SampledFrames
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from protos.tiling import TileGrid, plan_tiles
 from vision_server.errors import InvalidImage
 from vision_server.pixels import rgb_pixels
-from vision_server.tiling import TileGrid, plan_tiles
 
 BICUBIC = Image.Resampling.BICUBIC
 

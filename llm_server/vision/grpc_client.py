@@ -20,15 +20,18 @@ too, which catches one replica behind a shared name that serves another checkpoi
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import ExifTags, Image
 
 from checkpoints.identity import short_digest
 from llm_server import metrics
@@ -39,6 +42,7 @@ from llm_server.vision.errors import vision_error
 from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
 from protos.options import vir_from_wire, vir_to_wire
+from protos.tiling import plan_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +323,7 @@ class GrpcImageEncoder:
         most_rows = 0
         for image in images:
             max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
-            tiles = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
-            most_rows += tiles * info.tokens_per_tile
+            most_rows += image_tiles(image.data, max_tiles, info) * info.tokens_per_tile
         most_rows += sum(video.num_frames for video in videos) * info.tokens_per_tile
         reservation = self.arena.reserve(most_rows * row_bytes)
         if reservation is None:
@@ -468,6 +471,37 @@ def _open_channel(target: str, index: int) -> grpc.aio.Channel:
             ("dvd.channel_index", index),
         ],
     )
+
+
+def image_tiles(data: bytes, max_tiles: int, info: vision_pb2.ModelInfo) -> int:
+    """The tiles the vision service will cut from this image, from its size in the header
+    (no decoding; EXIF orientation applied), so that its shared-memory range fits its rows
+    and no more. An image whose header cannot be read gets the most tiles it can make; one
+    that makes more than counted here (a service with a larger ``min_tiles``) streams."""
+    most = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if image.getexif().get(ExifTags.Base.Orientation, 1) in TRANSPOSED:
+                    width, height = height, width
+    except Exception:  # the vision service decides what is wrong with it
+        return most
+    if width < 1 or height < 1:
+        return most
+    grid = plan_tiles(
+        width,
+        height,
+        max_tiles=max_tiles,
+        use_thumbnail=info.use_thumbnail,
+        tile_size=info.tile_size or 448,
+    )
+    return min(grid.num_tiles, most)
+
+
+# EXIF orientations that swap width and height (a quarter turn, with or without a mirror).
+TRANSPOSED = frozenset({5, 6, 7, 8})
 
 
 def _open_arena(transport: EmbeddingTransport, size_bytes: int) -> EmbeddingArena | None:
