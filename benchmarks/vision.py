@@ -474,24 +474,10 @@ def raw_rate(raw: list[dict[str, Any]], batch: int) -> float | None:
     return next((r["tiles_per_s"] for r in raw if r["batch_tiles"] == batch), None)
 
 
-def busy_text(level: dict[str, Any]) -> str:
-    busy = level.get("device_busy")
-    return "-" if busy is None else f"{busy:.0%}"
-
-
-def pass_text(level: dict[str, Any]) -> str:
-    tiles = level.get("tiles_per_pass")
-    return "-" if tiles is None else f"{tiles:.1f}"
-
-
-def share_text(level: dict[str, Any]) -> str:
-    share = level.get("shared_memory_share")
-    return "-" if share is None else f"{share:.0%}"
-
-
-def cpu_text(level: dict[str, Any]) -> str:
-    cpu = level.get("cpu_ms_per_image")
-    return "-" if cpu is None else f"{cpu:.1f}"
+def level_text(level: dict[str, Any], key: str, spec: str) -> str:
+    """One optional figure of a level, formatted with ``spec`` ("-" when unknown)."""
+    value = level.get(key)
+    return "-" if value is None else format(value, spec)
 
 
 def stand_in_text(settings: dict[str, Any]) -> str:
@@ -539,7 +525,9 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['stage']} | {s['vir']} | {s['concurrency']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {busy_text(s)} | {pass_text(s)} | {cpu_text(s)} "
+                f"| {ratio} | {level_text(s, 'device_busy', '.0%')} "
+                f"| {level_text(s, 'tiles_per_pass', '.1f')} "
+                f"| {level_text(s, 'cpu_ms_per_image', '.1f')} "
                 f"| {latency['p50']:.1f} | {latency['p90']:.1f} |"
             )
     served = report["served"]
@@ -562,8 +550,10 @@ def table(report: dict[str, Any]) -> str:
             latency = s["latency_ms"]
             lines.append(
                 f"| {s['vir']} | {s['concurrency']} | {s['requests']} | {s['tiles_per_s']:.1f} "
-                f"| {ratio} | {best} | {busy_text(s)} | {pass_text(s)} | {cpu_text(s)} "
-                f"| {share_text(s)} | {latency['p50']:.0f} "
+                f"| {ratio} | {best} | {level_text(s, 'device_busy', '.0%')} "
+                f"| {level_text(s, 'tiles_per_pass', '.1f')} "
+                f"| {level_text(s, 'cpu_ms_per_image', '.1f')} "
+                f"| {level_text(s, 'shared_memory_share', '.0%')} | {latency['p50']:.0f} "
                 f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )

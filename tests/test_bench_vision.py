@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import REPO_ROOT
@@ -12,16 +14,25 @@ from helpers import REPO_ROOT
 from protos import shm
 
 
+def run_bench(model: Path, output: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """``dvd-bench-vision`` on the CPU with ``args``: its JSON report and its table."""
+    argv = [sys.executable, "-m", "benchmarks.vision", "--model", str(model), "--device", "cpu"]
+    done = subprocess.run(
+        [*argv, *args, "--output", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text()), done.stdout
+
+
 def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path):
-    output = tmp_path / "vision.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks.vision",
-        "--model",
-        str(tiny_flash_models["hf"]),
-        "--device",
-        "cpu",
+    report, table = run_bench(
+        tiny_flash_models["hf"],
+        tmp_path / "vision.json",
         "--batch-sizes",
         "1",
         "--raw-seconds",
@@ -42,14 +53,7 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
         "--image-size",
         "700x300",
         "--stages",
-        "--output",
-        str(output),
-    ]
-    done = subprocess.run(
-        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(output.read_text())
 
     # 700x300 is a 5x2 grid plus its thumbnail: 11 tiles; raw covers 1, the batch cap and 11.
     assert report["settings"]["tiles_per_image"] == 11
@@ -96,7 +100,6 @@ def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path
     assert len(report["rounds"]["raw"]) == len(report["rounds"]["served"]) == 2
     assert all(level["rounds"] == 2 for level in report["served"])
 
-    table = done.stdout
     assert "| raw batch (tiles) | ms per pass | tiles/s | eager tiles/s |" in table
     assert "| auto | 3 | 3 |" in table
     assert "| pipeline | auto | 3 |" in table
@@ -108,15 +111,9 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
     run on a device that only sleeps, so they measure what the host adds. 11 tiles at a cap of
     4 are passes of 4, 4 and 3 tiles: 8 + 8 + 7 = 23 ms of stand-in device per image, one pass
     at a time."""
-    output = tmp_path / "stand-in.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks.vision",
-        "--model",
-        str(tiny_flash_models["hf"]),
-        "--device",
-        "cpu",
+    report, table = run_bench(
+        tiny_flash_models["hf"],
+        tmp_path / "stand-in.json",
         "--no-raw",
         "--stages",
         "--stand-in-pass-ms",
@@ -135,14 +132,7 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
         "4",
         "--image-size",
         "700x300",
-        "--output",
-        str(output),
-    ]
-    done = subprocess.run(
-        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(output.read_text())
     assert report["settings"]["stand_in_pass_ms"] == [5.0, 1.0]
     assert report["settings"]["overlap_preparation"] == "on"
     stages = {(s["stage"], s["vir"]): s for s in report["stages"]}
@@ -161,6 +151,6 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
     # A lone image's budget counts the stand-in's pass for its 11 tiles (5 + 10 x 1 ms).
     assert report["alone"]["raw_forward_ms"] == 15.0
     assert report["alone"]["budget_ms"] == 40.0
-    assert "a stand-in device: 5 ms + 1 ms per more tile" in done.stdout
-    assert "2 x stand-in forward of 11 tiles + 10 ms = 40.0 ms" in done.stdout
-    assert "| raw batch (tiles) |" not in done.stdout  # no raw figures were taken
+    assert "a stand-in device: 5 ms + 1 ms per more tile" in table
+    assert "2 x stand-in forward of 11 tiles + 10 ms = 40.0 ms" in table
+    assert "| raw batch (tiles) |" not in table  # no raw figures were taken

@@ -85,15 +85,14 @@ def _exported_pixels(image: Image.Image, schema: object, array: object) -> np.nd
 def rgb_pixels(image: Image.Image) -> Iterator[np.ndarray]:
     """``image``'s pixels as ``[H, W, 3]`` uint8, valid inside the ``with`` block only: a view
     of Pillow's memory when it can be exported in one block, else a copy. Read-only use."""
-    if image.mode != "RGB" or image.width == 0 or image.height == 0:
-        yield np.asarray(image)
-        return
-    try:
-        schema, array = image.__arrow_c_array__()
-    except ValueError:  # stored in several blocks
-        yield np.asarray(image)
-        return
-    pixels = _exported_pixels(image, schema, array)
+    schema = array = pixels = None
+    if image.mode == "RGB" and image.width and image.height:
+        try:
+            schema, array = image.__arrow_c_array__()
+        except ValueError:  # stored in several blocks
+            pass
+        else:
+            pixels = _exported_pixels(image, schema, array)
     if pixels is None:
         yield np.asarray(image)
         return
