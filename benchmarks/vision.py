@@ -73,10 +73,13 @@ LEVEL_SAMPLES = (
     "dvd:vision_batch_tiles_count",
     "process_cpu_seconds_total",
 )
-# Served levels also read how the rows went back: shared memory or the gRPC stream.
-TRANSPORT_SAMPLES = (
+# Served levels also read how the rows went back (shared memory or the gRPC stream), and how
+# long the server spent on each call (the rest of the latency is the client and the hop).
+SERVED_SAMPLES = (
     'dvd:vision_embedding_bytes_total{transport="shared_memory"}',
     'dvd:vision_embedding_bytes_total{transport="grpc"}',
+    "dvd:vision_request_seconds_sum",
+    "dvd:vision_request_seconds_count",
 )
 
 
@@ -309,7 +312,7 @@ async def run_level(
         return None if first is None or last is None else last - first
 
     busy, pass_tiles, passes, cpu_seconds = (grown(sample) for sample in LEVEL_SAMPLES)
-    shared_bytes, streamed_bytes = (grown(sample) for sample in TRANSPORT_SAMPLES)
+    shared_bytes, streamed_bytes, call_seconds, calls = (grown(sample) for sample in SERVED_SAMPLES)
     rows_bytes = (shared_bytes or 0.0) + (streamed_bytes or 0.0)
     return {
         "concurrency": concurrency,
@@ -331,6 +334,9 @@ async def run_level(
         # The share of the rows written into the client's shared memory (the rest streamed
         # over gRPC); None in process.
         "shared_memory_share": (shared_bytes or 0.0) / rows_bytes if rows_bytes else None,
+        # The server's mean time per Encode call, from request to its last byte; None in
+        # process. Latency beyond it is the client's and the hop's.
+        "server_ms_per_call": 1000 * call_seconds / calls if call_seconds and calls else None,
         "latency_ms": {
             "mean": 1000 * statistics.mean(latencies),
             "p50": 1000 * percentile(latencies, 0.5),
@@ -460,7 +466,7 @@ async def measure_served(
             one,
             concurrency,
             requests,
-            lambda: scrape_counters(metrics_url, (*LEVEL_SAMPLES, *TRANSPORT_SAMPLES)),
+            lambda: scrape_counters(metrics_url, (*LEVEL_SAMPLES, *SERVED_SAMPLES)),
         )
         return {"vir": vir.value, **level}
     finally:
@@ -541,8 +547,8 @@ def table(report: dict[str, Any]) -> str:
             "",
             "| vir | concurrency | requests | tiles/s | x raw | x best raw | device busy "
             "| tiles/pass | server CPU ms/image | rows in shm | p50 ms | p90 ms | p99 ms "
-            "| tokens/image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| mean ms | server mean ms | tokens/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in served:
             ratio = f"{s['ratio_to_raw']:.2f}" if s.get("ratio_to_raw") else "-"
@@ -554,7 +560,8 @@ def table(report: dict[str, Any]) -> str:
                 f"| {level_text(s, 'tiles_per_pass', '.1f')} "
                 f"| {level_text(s, 'cpu_ms_per_image', '.1f')} "
                 f"| {level_text(s, 'shared_memory_share', '.0%')} | {latency['p50']:.0f} "
-                f"| {latency['p90']:.0f} | {latency['p99']:.0f} "
+                f"| {latency['p90']:.0f} | {latency['p99']:.0f} | {latency['mean']:.1f} "
+                f"| {level_text(s, 'server_ms_per_call', '.1f')} "
                 f"| {s['visual_tokens_per_image']:.0f} |"
             )
         alone = report.get("alone")

@@ -78,6 +78,14 @@ def little_endian_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
+def copy_bytes(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy the ``uint8`` CPU tensor ``source`` into ``target`` (same shape) on this thread, without
+    the GIL. torch's ``copy_`` splits a copy of megabytes across its intra-op threads, and
+    waking them between sparse calls costs more than the copy: 5 MB out of shared memory took
+    2.9 ms that way and 1.0 ms here, on 2 vCPUs."""
+    np.copyto(target.numpy(), source.numpy())
+
+
 def tensor_from_bytes(raw: torch.Tensor, shape: tuple[int, ...], wire: int) -> torch.Tensor:
     """A new tensor of ``shape`` and wire dtype ``wire`` from ``raw``, a flat ``uint8`` tensor
     of exactly its bytes in the wire layout (copied, so ``raw`` may be reused at once)."""
@@ -85,7 +93,10 @@ def tensor_from_bytes(raw: torch.Tensor, shape: tuple[int, ...], wire: int) -> t
     expected = tensor_bytes(shape, wire)
     if raw.numel() != expected:
         raise CodecError(f"{raw.numel()} bytes for a tensor of {expected}")
-    out = raw.clone().view(dtype) if expected else torch.empty(0, dtype=dtype)
+    out = torch.empty(expected, dtype=torch.uint8)
+    if expected:
+        copy_bytes(out, raw)
+    out = out.view(dtype)
     if sys.byteorder != "little":
         out = swap_bytes(out)
     return out.reshape(shape)

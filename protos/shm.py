@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from protos import codec
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -168,7 +170,7 @@ class _AttachedSegment:
         target = torch.frombuffer(
             self._map, dtype=torch.uint8, count=count, offset=HEADER_BYTES + offset
         )
-        target.copy_(payload)
+        codec.copy_bytes(target, payload)
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):

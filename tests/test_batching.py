@@ -270,6 +270,28 @@ def test_an_idle_device_gets_a_pass_at_once_and_a_busy_one_gets_it_filled():
     assert elapsed < 5  # nobody waited for max_wait
 
 
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_passes_in_flight_bounds_the_passes_queued_on_a_busy_device(in_flight):
+    """While the device holds its passes, exactly ``max_inflight`` are launched; the rest of
+    the queue waits, and goes as soon as the device lets them."""
+    gate = _Gate()
+
+    async def scenario() -> object:
+        tiles = batcher(gate, max_batch_tiles=1, max_wait_ms=0, max_inflight=in_flight)
+        tiles.start()
+        images = [asyncio.create_task(outcome(tiles, image(n))) for n in range(1, 6)]
+        await asyncio.sleep(0.3)
+        launched = list(gate.passes)
+        gate.event.set()
+        results = await asyncio.gather(*images)
+        await tiles.stop()
+        return launched, results
+
+    launched, results = run(scenario)
+    assert launched == [[n] for n in range(1, in_flight + 1)]
+    assert results == [[n] for n in range(1, 6)]
+
+
 def test_cancelled_caller_frees_its_queue_space():
     gate = _Gate()
 

@@ -190,3 +190,13 @@ def test_random_and_truncated_frames_only_ever_raise_codec_errors():
     for raw in frames:
         with contextlib.suppress(codec.CodecError):
             codec.parse_response(raw)
+
+
+def test_tensor_from_bytes_is_a_copy_of_exactly_those_bytes():
+    """The rows outlive the buffer they were read from (a shared-memory range is reused)."""
+    rows = torch.randn(7, 33).to(torch.bfloat16)
+    raw = codec.little_endian_bytes(rows).clone()
+    out = codec.tensor_from_bytes(raw, (7, 33), codec.wire_dtype(torch.bfloat16))
+    raw.zero_()
+    assert out.dtype == torch.bfloat16 and out.shape == (7, 33)
+    assert torch.equal(out.view(torch.int16), rows.view(torch.int16))

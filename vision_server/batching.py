@@ -11,7 +11,8 @@ A pass has two halves, each on its own thread so the event loop never waits on t
 *launch* (``run_pass``: stage the tiles, queue the copy in, the forward pass and the copies
 back) and *wait* (``LaunchedPass.wait``: block until the device is done). On a GPU, launching
 returns long before the pass ends, so the next pass is staged and copied in while the current
-one computes; ``max_inflight`` passes (2: one computing, one staged) are in flight at most.
+one computes; ``max_inflight`` passes (``--passes-in-flight``, 2 by default: one computing,
+one staged) are in flight at most.
 
 Tiles do not attend to each other, so an image gets the embeddings it gets alone, whatever
 shares its pass: the 256-token rows bit for bit on the CPU; the router's small products (its

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from protos import codec
 from protos.options import VirMode
 from protos.tiling import TileGrid
 from vision_server import metrics
@@ -201,6 +202,7 @@ class EncoderEngine:
         max_batch_tiles: int,
         max_wait_ms: float,
         max_queued_tiles: int,
+        passes_in_flight: int = 2,
         max_queued_bytes: int = 1 << 40,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -215,6 +217,7 @@ class EncoderEngine:
             self.run_pass,
             max_batch_tiles=max_batch_tiles,
             max_wait_ms=max_wait_ms,
+            max_inflight=passes_in_flight,
             max_queued_tiles=max_queued_tiles,
             max_queued_bytes=max_queued_bytes,
             on_pass=metrics.observe_pass,
@@ -303,7 +306,12 @@ class EncoderEngine:
             return slices[0].tiles
         count = sum(int(s.tiles.shape[0]) for s in slices)
         staging = self._streams.host_empty((count, *slices[0].tiles.shape[1:]), torch.uint8)
-        torch.cat([s.tiles for s in slices], out=staging)
+        # One memcpy per slice on this thread, without the GIL (not torch.cat: see copy_bytes).
+        start = 0
+        for piece in slices:
+            end = start + int(piece.tiles.shape[0])
+            codec.copy_bytes(staging[start:end], piece.tiles)
+            start = end
         return staging
 
     def _copy_out(self, rows: torch.Tensor) -> torch.Tensor:

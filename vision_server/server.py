@@ -82,6 +82,7 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         dtype,
         max_batch_tiles=settings.max_batch_tiles,
         max_wait_ms=settings.max_wait_ms,
+        passes_in_flight=settings.passes_in_flight,
         max_queued_tiles=settings.max_queued_tiles,
         max_queued_bytes=settings.max_queued_bytes,
     )

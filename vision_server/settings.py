@@ -35,6 +35,12 @@ class VisionSettings(CheckpointSettings):
         description="how long tiles wait for more to share a pass while the device is busy "
         "(an idle device starts a pass at once)",
     )
+    passes_in_flight: int = Field(
+        2,
+        ge=1,
+        description="forward passes queued on the device at once: one computing, the others "
+        "staged behind it, so the device does not wait while the host launches the next",
+    )
     max_queued_tiles: int = Field(
         2048, ge=1, description="tiles waiting to be encoded before new requests are refused"
     )

@@ -45,18 +45,21 @@ fi
 
 if [[ " $STEPS " == *" vision "* ]]; then
   # 896x896 JPEGs (4 tiles + thumbnail); served at 1, 16 and 64 concurrent calls.
-  step vision-bench "${VISION_LIMIT:-300}" "$PY" -m benchmarks.vision --preset "$PRESET" \
-    --batch-sizes 1 4 16 32 64 --raw-seconds 1.5 --concurrency ${CONCURRENCY:-1 16 64} --vir off auto \
-    --rounds "${ROUNDS:-2}" --requests "${REQUESTS:-0}" --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
-    --output "$OUT/vision-gpu-$PRESET.json"
+  # VISION_SERVER_ARGS: more dvd-vision-server flags; VISION_TAG: a suffix for the file names.
+  step "vision-bench${VISION_TAG:-}" "${VISION_LIMIT:-300}" "$PY" -m benchmarks.vision \
+    --preset "$PRESET" --batch-sizes 1 4 16 32 64 --raw-seconds 1.5 \
+    --concurrency ${CONCURRENCY:-1 16 64} --vir off auto --rounds "${ROUNDS:-2}" \
+    --requests "${REQUESTS:-0}" --server-args "${VISION_SERVER_ARGS:-}" \
+    --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
+    --output "$OUT/vision-gpu-$PRESET${VISION_TAG:-}.json"
 fi
 
 if [[ " $STEPS " == *" lone "* ]]; then
   # One image at a time, taken in parts (the default with CUDA) and in one piece; --stages
   # splits its latency into the engine (cut tiles in), the pipeline (JPEG in) and gRPC.
-  for overlap in on off; do
+  for overlap in ${OVERLAP:-on off}; do
     step "lone-$overlap" "${LONE_LIMIT:-150}" "$PY" -m benchmarks.vision --preset "$PRESET" \
-      --batch-sizes 1 4 5 --raw-seconds 1 --concurrency 1 --vir off auto --requests 60 \
+      --batch-sizes 1 4 5 --raw-seconds 1 --concurrency 1 --vir off auto --requests "${LONE_REQUESTS:-60}" \
       --stages --overlap-preparation "$overlap" --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
       --output "$OUT/vision-gpu-$PRESET-lone-$overlap.json"
   done
