@@ -418,7 +418,9 @@ class StandInVision:
         try:
             async for frame in self.behaviour(request, context):
                 yield frame
-        except asyncio.CancelledError:
+        # A cancel that lands while gRPC is sending the last frame cancels gRPC's task, not
+        # this generator: it is then closed where it stands (GeneratorExit at the yield).
+        except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.set()
             raise
 

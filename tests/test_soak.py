@@ -377,7 +377,7 @@ def test_killed_engine_core_fails_requests_and_exits_non_zero(soaked):
     results: dict[str, Any] = {}
 
     async def in_flight() -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=120) as client:
 
             async def plain(index: int) -> None:
                 started = time.monotonic()
@@ -390,7 +390,9 @@ def test_killed_engine_core_fails_requests_and_exits_non_zero(soaked):
                 results[f"stream{index}"] = (r.status_code, events)
 
             async def killer() -> None:
-                deadline = time.monotonic() + 30
+                # Generous: on a loaded 2-vCPU machine the four requests took over 30 s to
+                # all be running once.
+                deadline = time.monotonic() + 60
                 while scrape_metric(soaked.base_url, "vllm:num_requests_running") < 4:
                     assert time.monotonic() < deadline, "the load never reached the engine"
                     await asyncio.sleep(0.1)
@@ -400,7 +402,7 @@ def test_killed_engine_core_fails_requests_and_exits_non_zero(soaked):
 
             await asyncio.gather(plain(0), plain(1), streamed(0), streamed(1), killer())
 
-    asyncio.run(asyncio.wait_for(in_flight(), 60))
+    asyncio.run(asyncio.wait_for(in_flight(), 120))
     killed = results["killed"]
     for index in range(2):
         status, body, _ = results[f"plain{index}"]

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def require_api_key(request: Request) -> None:
+# The dependencies are ``async def`` although they never wait: FastAPI runs a plain ``def``
+# dependency on AnyIO's worker threads, a thread hop per request, and those threads come and go.
+async def require_api_key(request: Request) -> None:
     """With ``--api-key``, /v1/* needs ``Authorization: Bearer <key>`` (constant-time check)."""
     expected = getattr(request.app.state, "api_key", None)
     if expected is None:
@@ -44,7 +46,7 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before the response was ready."""
 
 
-def get_chat(request: Request) -> ChatService:
+async def get_chat(request: Request) -> ChatService:
     chat = getattr(request.app.state, "chat", None)
     if chat is None:
         raise EngineUnavailable("the language engine is not running")
