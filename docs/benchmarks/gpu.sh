@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The vision service on one CUDA GPU: the `gpu`-marked tests, `dvd-bench-vision` with
 # InternVL3.5-1B's vision geometry (raw encoder vs served through gRPC, vir off and auto; a
-# lone image in parts and in one piece), and the embedding transport on this host's cores. Runs from the repository root with the
-# project importable (its .venv, or PYTHONPATH=$PWD where torch and the vision half's packages
-# are installed); needs no language model and no vLLM.
+# lone image in parts and in one piece), and the embedding transport on this host's cores.
+# Runs from the repository root with the project importable (its .venv, or PYTHONPATH=$PWD
+# where torch and the vision half's packages are installed); needs no language model and no
+# vLLM.
 #
 #   bash docs/benchmarks/gpu.sh [RESULTS_DIR]       # about 7 minutes on one H100
 #   STEPS="tests vision" bash docs/benchmarks/gpu.sh
+#   STEPS=vision CONCURRENCY=64 REQUESTS=1024 VISION_SERVER_ARGS="--passes-in-flight 3" \
+#     VISION_TAG=-inflight3 bash docs/benchmarks/gpu.sh      # one served level, one server flag
+#
+# Other knobs: PRESET, ROUNDS, OVERLAP ("on off": the lone step's --overlap-preparation
+# values), LONE_REQUESTS, and each step's time limit (TESTS_LIMIT, VISION_LIMIT, LONE_LIMIT,
+# TRANSPORT_LIMIT, in seconds).
 #
 # Each step has its own time limit and the script goes on after a failed step; a summary of
 # every step is printed last.
