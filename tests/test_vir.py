@@ -230,18 +230,55 @@ def test_routing_does_not_depend_on_the_batch(flash_vision):
     assert not busy.header.from_cache
     assert list(busy.header.tokens_per_tile) == list(alone.header.tokens_per_tile)
     # Alone, this server takes the image in parts (a pass for its grid, one for its
-    # thumbnail); busy, in one piece among others. The 256-token rows are the same bits
-    # whatever the pass; the router's small matrix products (64 rows per tile, one query per
-    # tile) may round their last bit differently with the pass size.
+    # thumbnail); busy, in one piece among others. Batch invariance: the same bits.
     tokens = list(alone.header.tokens_per_tile)
     assert 64 in tokens and 256 in tokens  # both kinds of rows are compared
-    for busy_rows, alone_rows, count in zip(
-        busy.embeddings.split(tokens), alone.embeddings.split(tokens), tokens, strict=True
-    ):
-        if count == 256:
-            assert torch.equal(busy_rows, alone_rows)
-        else:
-            torch.testing.assert_close(busy_rows, alone_rows, rtol=1e-5, atol=1e-5)
+    assert torch.equal(busy.embeddings, alone.embeddings)
+
+
+def _one_textured_tile(grid: tuple[int, int]) -> Image.Image:
+    """A flat image of ``grid`` 448-pixel tiles with stripes in its top-left tile only."""
+    columns, rows = grid
+    image = flat_and_stripes(448 * columns, 448 * rows, [])
+    pixels = np.asarray(image).copy()
+    pixels[:448, :448] = np.asarray(flat_and_stripes(448, 448, [(0, 448)]))
+    return Image.fromarray(pixels)
+
+
+def test_a_tile_at_the_cut_off_is_decided_the_same_alone_and_in_any_pass(
+    flash_vision, oracle, flash_weights, flash_thresholds
+):
+    """Five identical flat tiles among seven (a 3x2 grid with one striped tile, and the
+    thumbnail): the request's 0.5 quantile of p0 is exactly their p0, wherever the other two
+    sort, so each of them ties the cut-off and is kept (``p0 > cut-off`` is false). That holds
+    only if identical tiles get identical bits in every pass: alone (in parts), and in one
+    piece among other requests' tiles, with the tied tiles in different passes."""
+    relative, absolute = flash_thresholds
+    assert relative == 0.5
+    image = _one_textured_tile((3, 2))
+    features = vit_features(oracle, image)
+    assert features.shape[0] == 7
+    p0 = torch.cat([reference_compress_prob(flash_weights, f[None]) for f in features])
+    flat_p0 = p0[1:6]
+    assert torch.equal(flat_p0, flat_p0[:1].expand(5))  # the construction: five exact ties
+    assert torch.quantile(p0, relative) == flat_p0[0]
+    expected = rule(p0, relative, absolute)
+    assert expected[1:6] == [False] * 5
+    target = flash_vision["original"][0]
+    probe = encode_image(image)
+    (alone,) = encode_over_grpc(target, [probe])
+    assert [t == 64 for t in alone.header.tokens_per_tile] == expected
+    others = [encode_image(noise_image(448 * (1 + i % 4), 448, seed=400 + i)) for i in range(6)]
+    for round_ in range(3):  # different pass compositions each round
+        with ThreadPoolExecutor(max_workers=7) as pool:
+            futures = [pool.submit(encode_over_grpc, target, [o]) for o in others[round_:]]
+            probe_again = same_pixels_other_file(probe, f"busy-{round_}")
+            busy = pool.submit(encode_over_grpc, target, [probe_again]).result()[0]
+            for future in futures:
+                future.result()
+        assert not busy.header.from_cache
+        assert list(busy.header.tokens_per_tile) == list(alone.header.tokens_per_tile)
+        assert torch.equal(busy.embeddings, alone.embeddings)
 
 
 def test_non_flash_checkpoint(vision_targets):

@@ -30,11 +30,15 @@ logger = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], TileEmbeddings]  # uint8 tiles on the device -> embeddings
 
 
-def graph_batch_sizes(max_batch_tiles: int) -> list[int]:
+def graph_batch_sizes(max_batch_tiles: int, chunk_tiles: int = 0) -> list[int]:
     """Every size up to 8, then every multiple of 4 up to ``max_batch_tiles`` (and that cap
     itself): a pass computes at most 3 padding tiles, and none when it is small, where one
     tile more costs the most latency (one 5-tile image padded to 8 took 1.5x as long on an
-    H100)."""
+    H100). With batch invariance (``chunk_tiles``), every multiple of the chunk up to the
+    cap: those are the only shapes the encoder computes."""
+    if chunk_tiles:
+        top = -(-max_batch_tiles // chunk_tiles) * chunk_tiles
+        return list(range(chunk_tiles, top + 1, chunk_tiles))
     sizes = set(range(1, min(8, max_batch_tiles) + 1))
     sizes.update(range(12, max_batch_tiles + 1, 4))
     sizes.add(max_batch_tiles)
@@ -112,10 +116,11 @@ def capture(
     device: torch.device,
     tile_shape: Sequence[int],
     max_batch_tiles: int,
+    chunk_tiles: int = 0,
 ) -> GraphedForward | None:
     """Graphs for every size up to ``max_batch_tiles``; None (eager passes, with a warning)
     when capture fails, since a slower service beats one that does not start."""
-    sizes = graph_batch_sizes(max_batch_tiles)
+    sizes = graph_batch_sizes(max_batch_tiles, chunk_tiles)
     started = time.perf_counter()
     try:
         graphed = GraphedForward(forward, device, tile_shape, sizes)

@@ -43,6 +43,7 @@ from vision_server.batching import (
     pass_error,
 )
 from vision_server.cuda_graphs import GraphedForward, capture
+from vision_server.invariance import chunked
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import route_tiles
@@ -205,6 +206,7 @@ class EncoderEngine:
         passes_in_flight: int = 2,
         max_queued_bytes: int = 1 << 40,
         on_fatal: Callable[[BaseException], None] | None = None,
+        invariant_chunk_tiles: int = 0,
     ) -> None:
         self.encoder = encoder
         self.spec = encoder.spec
@@ -213,6 +215,11 @@ class EncoderEngine:
         self.hidden_size = encoder.spec.llm_hidden_size
         self._streams = _Streams(device)
         self._normalise = TileNormaliser(self.spec.image_mean, self.spec.image_std, device)
+        # Batch invariance (vision_server.invariance): every pass in chunks of one fixed shape.
+        self.invariant_chunk_tiles = invariant_chunk_tiles
+        self._eager_forward = (
+            chunked(self._encode, invariant_chunk_tiles) if invariant_chunk_tiles else self._encode
+        )
         self.batcher: TileBatcher[SliceOutput] = TileBatcher(
             self.run_pass,
             max_batch_tiles=max_batch_tiles,
@@ -259,10 +266,14 @@ class EncoderEngine:
             return
         size = self.spec.vision.image_size
         self._graphs = capture(
-            self._eager_forward, self.device, (3, size, size), self.batcher.max_batch_tiles
+            self._eager_forward,
+            self.device,
+            (3, size, size),
+            self.batcher.max_batch_tiles,
+            self.invariant_chunk_tiles,
         )
 
-    def _eager_forward(self, tiles: torch.Tensor) -> TileEmbeddings:
+    def _encode(self, tiles: torch.Tensor) -> TileEmbeddings:
         return self.encoder(self._normalise(tiles, self.dtype))
 
     # ---- one pass (launch thread) -----------------------------------------------------------

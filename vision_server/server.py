@@ -19,6 +19,7 @@ from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
 from vision_server.embedding_cache import EmbeddingCache
 from vision_server.engine import EncoderEngine, compute_dtype_for_device, resolve_device
+from vision_server.invariance import chunk_tiles, use_deterministic_cuda_kernels
 from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
 from vision_server.service import SERVICE_NAME, VisionServicer, add_vision_service
@@ -75,6 +76,9 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
     dtype = compute_dtype_for_device(settings.dtype, device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    chunk = chunk_tiles(settings.batch_invariant, device)
+    if chunk and device.type == "cuda":
+        use_deterministic_cuda_kernels()
     encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
     engine = EncoderEngine(
         encoder,
@@ -85,13 +89,14 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         passes_in_flight=settings.passes_in_flight,
         max_queued_tiles=settings.max_queued_tiles,
         max_queued_bytes=settings.max_queued_bytes,
+        invariant_chunk_tiles=chunk,
     )
     if settings.cuda_graphs:
         engine.capture_cuda_graphs()
     engine.warmup()
     digest = checkpoint_digest(path)
     logger.info(
-        "loaded %s (%s layout%s, checkpoint %s) on %s as %s%s: ViT %dx%d, %d tokens/tile, "
+        "loaded %s (%s layout%s, checkpoint %s) on %s as %s%s%s: ViT %dx%d, %d tokens/tile, "
         "LLM width %d",
         model_id,
         spec.layout.value,
@@ -100,6 +105,7 @@ def build_pipeline(settings: VisionSettings) -> tuple[VisionPipeline, str]:
         device,
         str(dtype).removeprefix("torch."),
         ", CUDA graphs" if engine.cuda_graphs else "",
+        f", batch-invariant in chunks of {chunk} tiles" if chunk else "",
         spec.vision.num_layers,
         spec.vision.hidden_size,
         spec.tokens_per_tile,

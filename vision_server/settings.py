@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from checkpoints.settings import CheckpointSettings
+from vision_server.invariance import BatchInvariance
 
 
 class VisionSettings(CheckpointSettings):
@@ -91,6 +92,12 @@ class VisionSettings(CheckpointSettings):
         "image's grid is encoded while its thumbnail is resized; under load each image is "
         "prepared in one piece (auto: on with CUDA; on the CPU the encoder needs the cores "
         "the second thread would take)",
+    )
+    batch_invariant: BatchInvariance = Field(
+        "auto",
+        description="compute every pass in chunks of one fixed shape, so that a tile's rows "
+        "and router decision are the same bits whatever shares its pass (CPU: one tile per "
+        "chunk; CUDA: 8 tiles, padded, cuBLAS split-K off); auto: on for the CPU, off for CUDA",
     )
     torch_threads: int = Field(
         0,
