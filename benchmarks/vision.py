@@ -61,6 +61,7 @@ from protos.options import VirMode
 from protos.tiling import plan_tiles
 from vision_server.cuda_graphs import GraphedForward
 from vision_server.engine import compute_dtype_for_device, resolve_device
+from vision_server.invariance import chunk_tiles, chunked, use_deterministic_cuda_kernels
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
@@ -112,15 +113,22 @@ class RawEncoder:
     it."""
 
     def __init__(
-        self, spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, cuda_graphs: bool
+        self,
+        spec: CheckpointSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        cuda_graphs: bool,
+        chunk_tiles: int = 0,
     ) -> None:
         self.encoder = VisionEncoder.from_checkpoint(spec, device, dtype)
         self.normalise = TileNormaliser(spec.image_mean, spec.image_std, device)
         self.device, self.dtype = device, dtype
         self.tile_size = spec.vision.image_size
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        # With batch invariance, a pass runs in fixed-shape chunks, as the service runs it.
+        self.eager = chunked(self._forward, chunk_tiles) if chunk_tiles else self._forward
 
-    def eager(self, tiles: torch.Tensor) -> TileEmbeddings:
+    def _forward(self, tiles: torch.Tensor) -> TileEmbeddings:
         return self.encoder(self.normalise(tiles, self.dtype))
 
     def _time(
@@ -656,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's --overlap-preparation, in the served and in-process levels",
     )
     parser.add_argument(
+        "--batch-invariant",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the server's --batch-invariant, in the raw, served and in-process levels",
+    )
+    parser.add_argument(
         "--stand-in-pass-ms",
         type=float,
         nargs=2,
@@ -708,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = plan_tiles(width, height, min_tiles=spec.min_tiles, max_tiles=spec.max_tiles)
     tiles_per_image = grid.num_tiles
     batch_sizes = sorted({*args.batch_sizes, args.max_batch_tiles, tiles_per_image})
+    chunk = chunk_tiles(args.batch_invariant, device)
 
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -732,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
             "cuda_graphs": args.cuda_graphs and device.type == "cuda",
             "torch_threads": args.torch_threads or torch.get_num_threads(),
             "overlap_preparation": args.overlap_preparation,
+            "batch_invariant_chunk_tiles": chunk,
             "stand_in_pass_ms": args.stand_in_pass_ms,
         },
         "raw": [],
@@ -740,7 +756,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    raw = None if args.no_raw else RawEncoder(spec, device, dtype, args.cuda_graphs)
+    if chunk and device.type == "cuda":
+        use_deterministic_cuda_kernels()
+    raw = None if args.no_raw else RawEncoder(spec, device, dtype, args.cuda_graphs, chunk)
     modes = [VirMode(v) for v in args.vir if spec.flash is not None or v == "off"]
     image = synthetic_image(width, height, args.image_format)
     server_args = [
@@ -764,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
         "--overlap-preparation",
         args.overlap_preparation,
+        "--batch-invariant",
+        args.batch_invariant,
         *shlex.split(args.server_args),
     ]
 
@@ -784,6 +804,7 @@ def main(argv: list[str] | None = None) -> None:
                 "torch_threads": args.torch_threads,
                 "cuda_graphs": args.cuda_graphs,
                 "overlap_preparation": args.overlap_preparation,
+                "batch_invariant": args.batch_invariant,
             },
             image,
             modes,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import random
 import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import encode_image, encode_over_grpc, same_pixels_other_file
+from helpers import encode_image, encode_over_grpc, same_pixels_other_file, start_vision_server
 from PIL import Image
 
 from protos.dvd.v1 import vision_pb2
@@ -140,8 +140,8 @@ def test_cuda_graph_sizes_are_whole_chunks():
 
 
 def _generated_image(rng: np.random.Generator) -> Image.Image:
-    """Random size (1 to 6 tiles and a thumbnail at most 6 tiles per image below), with flat
-    regions and noise blocks, so that the router's p0 spreads over its range."""
+    """A random size up to 1100x1100, one flat colour with up to three blocks of noise: many
+    tiles with the same pixels (exact p0 ties), and p0 spread over its range."""
     width, height = (int(v) for v in rng.integers(64, 1100, size=2))
     pixels = np.full((height, width, 3), rng.integers(0, 256, size=3), dtype=np.uint8)
     for _ in range(int(rng.integers(0, 4))):
@@ -154,26 +154,32 @@ def _generated_image(rng: np.random.Generator) -> Image.Image:
 
 def _batch_tile_buckets(metrics_url: str) -> dict[str, float]:
     """dvd:vision_batch_tiles histogram buckets: upper bound -> passes of at most that many."""
-    text = httpx.get(metrics_url, timeout=10).text
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
     pattern = r'^dvd:vision_batch_tiles_bucket\{le="([^"]+)"\}\s+([0-9.eE+-]+)$'
     return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["hf", "original"])
-def test_rows_and_decisions_do_not_depend_on_the_load(flash_vision, layout):
-    """120 generated images per layout in 60 requests of 1 to 3 images, each request with its
-    own ``max_tiles`` and router mode (``auto`` or ``max``): encoded one request at a time,
-    then all requests again at once from 12 threads in a random order, as other files with the
-    same pixels (so the embedding cache does not answer). Every request gets the same router
-    decisions and the same bits; the concurrent round really ran passes of several sizes."""
-    target, metrics_url = flash_vision[layout]
-    rng = np.random.default_rng(24 + (layout == "original"))
+Request = tuple[list[bytes], int, int]  # images, max_tiles, router mode
+
+
+def generated_requests(count: int, seed: int) -> list[Request]:
+    """``count`` requests of 1 to 3 generated images, each with its own ``max_tiles`` (1 to
+    6) and router mode (``auto`` and ``max`` in turn)."""
+    rng = np.random.default_rng(seed)
     requests = []
-    for index in range(60):
+    for index in range(count):
         images = [encode_image(_generated_image(rng)) for _ in range(int(rng.integers(1, 4)))]
         mode = vision_pb2.VIR_MODE_AUTO if index % 2 == 0 else vision_pb2.VIR_MODE_MAX
         requests.append((images, int(rng.integers(1, 7)), mode))
+    return requests
+
+
+def assert_load_invariant(target: str, metrics_url: str, requests: list[Request]) -> list:
+    """Encode every request alone (one at a time), then all of them again at once from 12
+    threads in a random order, as other files with the same pixels (so that no embedding
+    cache answers); require the same router decisions and the same bits, and that the
+    concurrent round really shared passes. Returns the replies of the first round."""
 
     def encode(index: int, images: list[bytes]) -> list:
         _, max_tiles, mode = requests[index]
@@ -185,7 +191,7 @@ def test_rows_and_decisions_do_not_depend_on_the_load(flash_vision, layout):
     before = _batch_tile_buckets(metrics_url)
     again = [[same_pixels_other_file(data, "busy") for data in r[0]] for r in requests]
     order = list(range(len(requests)))
-    random.Random(layout).shuffle(order)
+    random.Random(len(requests)).shuffle(order)
     with ThreadPoolExecutor(max_workers=12) as pool:
         futures = {i: pool.submit(encode, i, again[i]) for i in order}
         busy = {i: future.result() for i, future in futures.items()}
@@ -201,3 +207,39 @@ def test_rows_and_decisions_do_not_depend_on_the_load(flash_vision, layout):
             compressed += list(one.header.tokens_per_tile).count(64)
             kept += list(one.header.tokens_per_tile).count(256)
     assert compressed > 50 and kept > 50  # both kinds of rows were compared
+    return alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_rows_and_decisions_do_not_depend_on_the_load(flash_vision, layout):
+    """120 generated images per layout in 60 requests: the same decisions and bits alone and
+    in random concurrent mixes. The "original" server takes an idle image in parts (a pass
+    for its grid, one for its thumbnail), the "hf" one in one piece."""
+    target, metrics_url = flash_vision[layout]
+    assert_load_invariant(target, metrics_url, generated_requests(60, seed=24 + len(layout)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batch_invariant_on_cuda_in_bfloat16(tiny_flash_models, log_dir):
+    """``--batch-invariant on`` with CUDA graphs in bfloat16: the same property, and the same
+    bits as a server that runs every pass eagerly."""
+    requests = generated_requests(60, seed=33)
+    replies = []
+    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
+        server, target = start_vision_server(
+            f"invariant-cuda{graphs.removeprefix('-')}",
+            tiny_flash_models["hf"],
+            log_dir,
+            extra_args=["--device", "cuda", "--batch-invariant", "on", graphs],
+        )
+        try:
+            replies.append(assert_load_invariant(target, str(server.metrics_url), requests))
+        finally:
+            server.stop()
+    for graphed, eager in zip(*replies, strict=True):
+        for one, other in zip(graphed, eager, strict=True):
+            assert one.embeddings.dtype == torch.bfloat16
+            assert list(one.header.tokens_per_tile) == list(other.header.tokens_per_tile)
+            assert torch.equal(one.embeddings, other.embeddings)

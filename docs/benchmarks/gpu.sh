@@ -10,6 +10,8 @@
 #   STEPS="tests vision" bash docs/benchmarks/gpu.sh
 #   STEPS=vision CONCURRENCY=64 REQUESTS=1024 VISION_SERVER_ARGS="--passes-in-flight 3" \
 #     VISION_TAG=-inflight3 bash docs/benchmarks/gpu.sh      # one served level, one server flag
+#   STEPS="vision lone" BATCH_INVARIANT=on VISION_TAG=-invariant bash docs/benchmarks/gpu.sh
+#                                        # the cost of --batch-invariant (raw, served, lone)
 #
 # Other knobs: PRESET, ROUNDS, OVERLAP ("on off": the lone step's --overlap-preparation
 # values), LONE_REQUESTS, and each step's time limit (TESTS_LIMIT, VISION_LIMIT, LONE_LIMIT,
@@ -46,8 +48,8 @@ for i in range(torch.cuda.device_count()):
 PY
 
 if [[ " $STEPS " == *" tests "* ]]; then
-  step gpu-tests "${TESTS_LIMIT:-240}" "$PY" -m pytest -p no:cacheprovider -m gpu -v \
-    tests/test_gpu_vision.py
+  step gpu-tests "${TESTS_LIMIT:-300}" "$PY" -m pytest -p no:cacheprovider -m gpu -v \
+    tests/test_gpu_vision.py tests/test_batch_invariance.py
 fi
 
 if [[ " $STEPS " == *" vision "* ]]; then
@@ -57,6 +59,7 @@ if [[ " $STEPS " == *" vision "* ]]; then
     --preset "$PRESET" --batch-sizes 1 4 16 32 64 --raw-seconds 1.5 \
     --concurrency ${CONCURRENCY:-1 16 64} --vir off auto --rounds "${ROUNDS:-2}" \
     --requests "${REQUESTS:-0}" --server-args "${VISION_SERVER_ARGS:-}" \
+    --batch-invariant "${BATCH_INVARIANT:-auto}" \
     --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
     --output "$OUT/vision-gpu-$PRESET${VISION_TAG:-}.json"
 fi
@@ -65,10 +68,11 @@ if [[ " $STEPS " == *" lone "* ]]; then
   # One image at a time, taken in parts (the default with CUDA) and in one piece; --stages
   # splits its latency into the engine (cut tiles in), the pipeline (JPEG in) and gRPC.
   for overlap in ${OVERLAP:-on off}; do
-    step "lone-$overlap" "${LONE_LIMIT:-150}" "$PY" -m benchmarks.vision --preset "$PRESET" \
+    step "lone${VISION_TAG:-}-$overlap" "${LONE_LIMIT:-150}" "$PY" -m benchmarks.vision --preset "$PRESET" \
       --batch-sizes 1 4 5 --raw-seconds 1 --concurrency 1 --vir off auto --requests "${LONE_REQUESTS:-60}" \
       --stages --overlap-preparation "$overlap" --cache-dir "${CACHE_DIR:-/tmp/dvd-bench-vision}" \
-      --output "$OUT/vision-gpu-$PRESET-lone-$overlap.json"
+      --batch-invariant "${BATCH_INVARIANT:-auto}" \
+      --output "$OUT/vision-gpu-$PRESET${VISION_TAG:-}-lone-$overlap.json"
   done
 fi
 
