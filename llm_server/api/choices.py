@@ -6,10 +6,15 @@ Tool calls are read by vLLM's parser: incrementally for a stream, once for a who
 ``finish_reason`` becomes ``"tool_calls"`` when the model stopped after calling tools. A
 GPT-OSS answer is read from its harmony messages instead (``harmony.py``): content, reasoning
 and tool calls, by vLLM's harmony parser, from the token ids.
+
+What the model writes is not the client's fault: an answer that a parser cannot read (a
+malformed call, a broken harmony message, JSON nested past Python's recursion limit) is
+returned as text, as ``vllm serve`` returns it, never as a 500 or a failed stream.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from llm_server.api.features import OutputOptions
@@ -27,6 +32,8 @@ from llm_server.api.protocol import (
     ToolCallDelta,
 )
 from llm_server.api.tools import ToolCallParser
+
+logger = logging.getLogger(__name__)
 
 
 def _finish_reason(vllm_reason: str | None, called_tools: bool) -> str | None:
@@ -60,6 +67,16 @@ class ChoiceOutput:
         self._content_sent = 0  # characters of text streamed as content (tool parsing only)
         self._calls_streamed = -1  # index of the last tool call streamed
 
+    def _read_whole(self) -> tuple[str | None, str | None, list[ToolCall]]:
+        """(content, reasoning, tool calls) of the whole answer, as the parsers read it."""
+        if self.harmony is not None:
+            answer = self.harmony.whole(self.token_ids)
+            return answer.content, answer.reasoning, answer.tool_calls
+        if self.parser is not None:
+            content, calls = self.parser.extract(self.text)
+            return content, None, calls
+        return self.text, None, []
+
     def _logprobs_of(self, completion: Any) -> list[TokenLogprob]:
         if self.options.top_logprobs is None or completion.logprobs is None:
             return []
@@ -84,6 +101,37 @@ class ChoiceOutput:
             self.vllm_finish_reason = completion.finish_reason
         if not self.streaming:
             return None
+        content_sent = self._content_sent
+        try:
+            content, reasoning, calls = self._read_delta(
+                completion, previous_text, previous_ids, new_ids
+            )
+        except Exception:
+            self._content_sent = content_sent  # what this increment read was not sent
+            content, reasoning, calls = self._read_as_text(completion.text), None, []
+        finish = completion.finish_reason
+        token_ids = new_ids if self.return_token_ids and new_ids else None
+        if (
+            not content
+            and not reasoning
+            and not calls
+            and not entries
+            and not token_ids
+            and finish is None
+        ):
+            return None
+        return ChunkChoice(
+            index=self.index,
+            delta=Delta(content=content or None, reasoning=reasoning, tool_calls=calls or None),
+            finish_reason=_finish_reason(finish, self._calls_streamed >= 0),
+            logprobs=ChoiceLogprobs(content=entries) if entries else None,
+            token_ids=token_ids,
+        )
+
+    def _read_delta(
+        self, completion: Any, previous_text: str, previous_ids: list[int], new_ids: list[int]
+    ) -> tuple[str | None, str | None, list[ToolCallDelta]]:
+        """(content, reasoning, call pieces) of one stream increment, as the parsers read it."""
         content: str | None = completion.text
         reasoning: str | None = None
         calls: list[ToolCallDelta] = []
@@ -106,24 +154,21 @@ class ChoiceOutput:
                 self._calls_streamed = max(call.index for call in calls)
             if completion.finish_reason is not None:
                 content, calls = self._flush(content, calls)
-        finish = completion.finish_reason
-        token_ids = new_ids if self.return_token_ids and new_ids else None
-        if (
-            not content
-            and not reasoning
-            and not calls
-            and not entries
-            and not token_ids
-            and finish is None
-        ):
-            return None
-        return ChunkChoice(
-            index=self.index,
-            delta=Delta(content=content or None, reasoning=reasoning, tool_calls=calls or None),
-            finish_reason=_finish_reason(finish, self._calls_streamed >= 0),
-            logprobs=ChoiceLogprobs(content=entries) if entries else None,
-            token_ids=token_ids,
+        return content, reasoning, calls
+
+    def _read_as_text(self, delta_text: str) -> str | None:
+        """A parser failed on this stream: from now on its text is streamed as content, the
+        text a tool parser held back first."""
+        logger.warning(
+            "choice %d: the answer could not be parsed; streaming it as text",
+            self.index,
+            exc_info=True,
         )
+        if self.parser is not None:
+            delta_text = self.text[self._content_sent :]
+            self._content_sent = len(self.text)
+        self.harmony, self.parser = None, None
+        return delta_text or None
 
     def _flush(
         self, content: str | None, calls: list[ToolCallDelta]
@@ -147,14 +192,15 @@ class ChoiceOutput:
 
     def choice(self) -> Choice:
         """The whole answer (for a response that is not streamed)."""
-        content: str | None = self.text
-        reasoning: str | None = None
-        calls: list[ToolCall] = []
-        if self.harmony is not None:
-            answer = self.harmony.whole(self.token_ids)
-            content, reasoning, calls = answer.content, answer.reasoning, answer.tool_calls
-        elif self.parser is not None:
-            content, calls = self.parser.extract(self.text)
+        try:
+            content, reasoning, calls = self._read_whole()
+        except Exception:
+            logger.warning(
+                "choice %d: the answer could not be parsed; returning it as text",
+                self.index,
+                exc_info=True,
+            )
+            content, reasoning, calls = self.text, None, []
         return Choice(
             index=self.index,
             message=AssistantMessage(
