@@ -1,10 +1,11 @@
 """Turning an ``image_url`` or a ``video_url`` into encoded bytes: ``data:`` URLs, and
 allow-listed http(s).
 
-Decoding is the vision service's job; here we only fetch bytes, bounded in size and time.
-Remote fetching is off unless hosts are allow-listed; addresses that resolve to private,
-loopback, link-local or otherwise internal networks are refused, on every redirect too. Images
-and videos follow the same rules (one allow-list); only their size limits differ.
+Decoding images is the vision service's job; here we only fetch bytes, bounded in size and
+time (a data: URL's base64 is decoded off the event loop). Remote fetching is off unless hosts
+are allow-listed; names that resolve to anything but globally routable addresses (private,
+shared, loopback, link-local or otherwise internal networks) are refused, on every redirect
+too. Images and videos follow the same rules (one allow-list); only their size limits differ.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import binascii
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -46,23 +47,38 @@ class ImageFetchPolicy:
         return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
+# Longest media-type header of a data: URL (``image/png;base64`` and the like): the ','
+# that ends it is looked for this far only, so that a URL without one costs no full scan.
+MAX_DATA_URL_HEADER = 1024
+
+
 def decode_data_url(url: str, max_bytes: int, kind: MediaKind = "image") -> bytes:
     """Bytes of a ``data:image/...;base64,...`` URL (``data:video/...`` for a video)."""
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise _invalid(kind, "malformed data URL: no ',' separator")
-    media = header[len("data:") :]
-    params = media.split(";")
+    return _decode_payload(url, check_data_url(url, max_bytes, kind), kind)
+
+
+def check_data_url(url: str, max_bytes: int, kind: MediaKind = "image") -> int:
+    """Check a data URL's header and its payload's length (nothing decoded, nothing copied:
+    cheap whatever its size); return where the payload starts."""
+    comma = url.find(",", 0, MAX_DATA_URL_HEADER)
+    if comma < 0:
+        raise _invalid(kind, "malformed data URL: no ',' separator after its media type")
+    params = url[len("data:") : comma].split(";")
     if not params[0].startswith(f"{kind}/"):
         raise _invalid(kind, f"data URL media type must be {kind}/*, got {params[0] or 'none'}")
     if "base64" not in params[1:]:
         raise _invalid(kind, "data URLs must be base64-encoded")
-    if len(payload) * 3 // 4 > max_bytes + 3:
+    if (len(url) - comma - 1) * 3 // 4 > max_bytes + 3:
         raise _invalid(
             kind, f"{kind} is larger than the {max_bytes}-byte limit", f"{kind}_too_large"
         )
+    return comma + 1
+
+
+def _decode_payload(url: str, start: int, kind: MediaKind) -> bytes:
+    """The base64 payload of a checked data URL, decoded (tens of ms for 20 MB)."""
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode(url[start:], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise _invalid(kind, f"invalid base64 in data URL: {exc}") from exc
     if not data:
@@ -79,30 +95,61 @@ def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
     return False
 
 
-def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address reached.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+# Special-purpose blocks that are not globally reachable (IANA's registries) but that
+# ``is_global`` accepts in some Python versions (3.11's, for these).
+NOT_GLOBAL = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637)
+)
+
+
+def _ip(address: str) -> IPAddress:
+    return ipaddress.ip_address(address.split("%")[0])
+
+
+def _unwrapped(ip: IPAddress) -> IPAddress:
+    """The IPv4 address that an IPv6 one delivers to, where it embeds one: IPv4-mapped
+    (``::ffff:a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``) and 6to4 (``2002:aabb:ccdd::/48``);
+    the address itself otherwise. Teredo (``2001::/32``) is not global: refused as it is."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    return ip
+    if ip in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip.sixtofour or ip
 
 
 def is_public_address(address: str) -> bool:
-    """False for private, loopback, link-local (cloud metadata), multicast, reserved and
-    unspecified addresses, IPv4-mapped IPv6 included."""
-    ip = _ip(address)
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
+    """True only for a globally routable address (``is_global``, and neither multicast nor
+    reserved, site-local or another special-purpose block); an IPv6 address that embeds an
+    IPv4 one is judged by the IPv4 address. Private, shared (100.64.0.0/10, where some clouds
+    keep their metadata service), loopback, link-local (169.254.169.254) and the rest fail."""
+    ip = _unwrapped(_ip(address))
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
+    return (
+        ip.is_global
+        and not (ip.is_multicast or ip.is_reserved or site_local)
+        and not any(ip in network for network in NOT_GLOBAL)
     )
 
 
 def address_allowed(address: str, policy: ImageFetchPolicy) -> bool:
+    """A public address, or one in the policy's allowed networks (as it is, or the IPv4
+    address it embeds)."""
+    if is_public_address(address):
+        return True
     ip = _ip(address)
-    return is_public_address(address) or any(ip in network for network in policy.allowed_networks)
+    candidates = {ip, _unwrapped(ip)}
+    return any(
+        candidate in network for candidate in candidates for network in policy.allowed_networks
+    )
 
 
 async def _resolve(
@@ -215,7 +262,9 @@ class ImageLoader:
     async def load(self, url: str, kind: MediaKind = "image") -> bytes:
         max_bytes = self.policy.max_bytes if kind == "image" else self.max_video_bytes
         if url.startswith("data:"):
-            return decode_data_url(url, max_bytes, kind)
+            start = check_data_url(url, max_bytes, kind)
+            # Decoding costs milliseconds per megabyte: off the event loop.
+            return await asyncio.to_thread(_decode_payload, url, start, kind)
         if self._client is None:
             # No automatic redirects (each hop is checked), no proxies from the environment.
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)

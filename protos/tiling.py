@@ -7,8 +7,9 @@ there is more than one tile, followed by a 448x448 thumbnail of the whole image.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
-from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -44,20 +45,19 @@ class TileGrid:
         ]
 
 
-@lru_cache(maxsize=64)
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     """All (columns, rows) with ``min_tiles <= columns*rows <= max_tiles``, fewest tiles first.
 
     Within the same tile count the order is columns-major, as InternVL enumerates them; the
-    sort is stable, so ties resolve the same way InternVL resolves them.
+    sort is stable, so ties resolve the same way InternVL resolves them. There are about
+    ``max_tiles * ln(max_tiles)`` of them; ``closest_grid`` finds its grid without listing them.
     """
-    if min_tiles < 1 or max_tiles < min_tiles:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+    _check_tile_bounds(min_tiles, max_tiles)
+    # Each column count c has its rows in [ceil(min/c), floor(max/c)]: no pair is tested.
     grids = [
         (columns, rows)
         for columns in range(1, max_tiles + 1)
-        for rows in range(1, max_tiles + 1)
-        if min_tiles <= columns * rows <= max_tiles
+        for rows in range(-(-min_tiles // columns), max_tiles // columns + 1)
     ]
     return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
 
@@ -69,21 +69,97 @@ def closest_grid(
 
     On an exact tie of aspect-ratio distance, the later (larger) grid wins only while the
     image's area exceeds half the grid's pixel area, so small images are not blown up.
+
+    The answer is the one a scan of ``candidate_grids`` in order gives (the same float
+    arithmetic, the same ties), found in about ``sqrt(max_tiles)`` binary searches (at most
+    ``max_tiles``, when a large ``min_tiles`` leaves few grids): ``max_tiles`` may come from
+    a request.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    aspect = width / height
+    _check_tile_bounds(min_tiles, max_tiles)
     area = width * height
-    best = (1, 1)
-    best_distance = float("inf")
-    for columns, rows in candidate_grids(min_tiles, max_tiles):
-        distance = abs(aspect - columns / rows)
-        if distance < best_distance:
-            best_distance = distance
-            best = (columns, rows)
-        elif distance == best_distance and area > 0.5 * tile_size * tile_size * columns * rows:
+    nearest = _nearest_grids(width / height, min_tiles, max_tiles)
+    best = nearest[0]
+    for columns, rows in nearest[1:]:
+        if area > 0.5 * tile_size * tile_size * columns * rows:
             best = (columns, rows)
     return best
+
+
+def _check_tile_bounds(min_tiles: int, max_tiles: int) -> None:
+    if min_tiles < 1 or max_tiles < min_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+
+
+@dataclass(frozen=True)
+class _Line:
+    """The grids that share one side: ``fixed`` columns (rows free) or ``fixed`` rows."""
+
+    aspect: float
+    fixed: int
+    fixed_columns: bool
+
+    def grid(self, free: int) -> tuple[int, int]:
+        return (self.fixed, free) if self.fixed_columns else (free, self.fixed)
+
+    def distance(self, free: int) -> float:
+        columns, rows = self.grid(free)
+        return abs(self.aspect - columns / rows)
+
+    def past_aspect(self, free: int) -> bool:
+        """Whether the line, walked from its first grid, has reached the image's ratio here:
+        more rows make a grid narrower, more columns wider. False, then True (float division
+        is monotonic)."""
+        columns, rows = self.grid(free)
+        ratio = columns / rows
+        return ratio <= self.aspect if self.fixed_columns else ratio >= self.aspect
+
+
+def _nearest_grids(aspect: float, min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """Every grid at the least distance from ``aspect``, in ``candidate_grids``' order.
+
+    The grids are walked in lines: one per column count for a tall or square image, one per
+    row count for a wide one. Along a line the distance falls until the grid's ratio reaches
+    the image's, then rises (float rounding keeps that shape), so a binary search finds the
+    line's nearest grids. Past about ``sqrt(max_tiles)`` lines, a line stops short of the
+    image's ratio, and each later line stops further short of it: the walk ends there.
+    """
+    fixed_columns = aspect <= 1
+    least = math.inf
+    nearest: list[tuple[int, int]] = []
+    for fixed in range(1, max_tiles + 1):
+        line = _Line(aspect, fixed, fixed_columns)
+        first, last = -(-min_tiles // fixed), max_tiles // fixed
+        if first <= last:
+            distance, run = _line_nearest(line, first, last, least)
+            if distance < least:
+                least, nearest = distance, []
+            nearest.extend(line.grid(free) for free in run)
+        # This line stops short of the image's ratio (its largest grid is its nearest), and
+        # every later line's largest grid stops further short: none comes within ``least``.
+        if not line.past_aspect(last) and line.distance(last) > least:
+            break
+    return sorted(nearest, key=lambda grid: (grid[0] * grid[1], grid[0]))
+
+
+def _line_nearest(line: _Line, first: int, last: int, least: float) -> tuple[float, range]:
+    """The least distance among the line's grids ``first..last`` and the run of them at it
+    (empty when that distance is above ``least``: nothing to list)."""
+    frees = range(first, last + 1)
+    turn = first + bisect_left(frees, True, key=line.past_aspect)
+    distance = min(line.distance(free) for free in (turn - 1, turn) if first <= free <= last)
+    if distance > least:
+        return distance, range(0)
+    # Grids at the same distance sit together at the bottom of the valley: one on each side
+    # of the image's ratio, or a plateau of float rounding.
+    start = first + bisect_left(
+        range(first, turn), True, key=lambda f: line.distance(f) <= distance
+    )
+    stop = turn + bisect_left(
+        range(turn, last + 1), True, key=lambda f: line.distance(f) > distance
+    )
+    return distance, range(start, stop)
 
 
 def plan_tiles(

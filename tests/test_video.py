@@ -172,7 +172,7 @@ def test_shared_memory_reservations_count_every_frame():
             use_thumbnail=True,
         )
         try:
-            reservation = encoder._reserve(images, EncodeOptions(), videos)
+            reservation = await encoder._reserve(images, EncodeOptions(), videos)
             assert reservation is not None
             return reservation.size
         finally:

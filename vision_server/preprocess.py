@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from protos.image_formats import IMAGE_FORMATS
 from protos.tiling import TileGrid, plan_tiles
 from vision_server.errors import InvalidImage
 from vision_server.pixels import rgb_pixels
 
 BICUBIC = Image.Resampling.BICUBIC
 
-DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+DEFAULT_FORMATS = frozenset(IMAGE_FORMATS)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Literal
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, PngImagePlugin, TiffImagePlugin
 
 from checkpoints.identity import short_digest
 from llm_server import metrics
@@ -41,10 +41,17 @@ from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput, Visual
 from llm_server.vision.errors import vision_error
 from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
+from protos.image_formats import IMAGE_FORMATS
 from protos.options import vir_from_wire, vir_to_wire
 from protos.tiling import plan_tiles
 
 logger = logging.getLogger(__name__)
+
+# Pillow warns of a possible decompression bomb when it reads a large image's header. This
+# process reads headers only, never pixels (the vision service decodes, under its own pixel
+# limit), so the warning says nothing here; and it is raised in worker threads, where
+# warnings.catch_warnings is not safe (it swaps a process-wide list).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image")
 
 
 # Encode is idempotent: a call that fails with UNAVAILABLE before its first reply (a replica
@@ -265,7 +272,7 @@ class GrpcImageEncoder:
                 vision_pb2.Video(data=video.data, num_frames=video.num_frames) for video in videos
             ],
         )
-        reservation = self._reserve(images, options, videos)
+        reservation = await self._reserve(images, options, videos)
         if reservation is not None and self.arena is not None:
             request.shared_memory.CopyFrom(
                 vision_pb2.SharedMemoryTarget(
@@ -305,7 +312,7 @@ class GrpcImageEncoder:
         _check_kinds(results, len(images), videos)
         return results
 
-    def _reserve(
+    async def _reserve(
         self,
         images: Sequence[ImageInput],
         options: EncodeOptions,
@@ -320,12 +327,11 @@ class GrpcImageEncoder:
             row_bytes = codec.tensor_bytes((info.hidden_size,), info.dtype)
         except codec.CodecError:  # a service that does not describe its rows: they stream
             return None
-        most_rows = 0
-        for image in images:
-            max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
-            most_rows += image_tiles(image.data, max_tiles, info) * info.tokens_per_tile
-        most_rows += sum(video.num_frames for video in videos) * info.tokens_per_tile
-        reservation = self.arena.reserve(most_rows * row_bytes)
+        counted = [(image.data, _max_tiles(image, options, info)) for image in images]
+        # Reading the headers parses the request's bytes: off the event loop, in one hop.
+        tiles = await asyncio.to_thread(count_tiles, counted, info)
+        tiles += sum(video.num_frames for video in videos)
+        reservation = self.arena.reserve(tiles * info.tokens_per_tile * row_bytes)
         if reservation is None:
             metrics.shared_memory_full.inc()
             if self.transport == "shared-memory":
@@ -473,31 +479,78 @@ def _open_channel(target: str, index: int) -> grpc.aio.Channel:
     )
 
 
+def _max_tiles(image: ImageInput, options: EncodeOptions, info: vision_pb2.ModelInfo) -> int:
+    """The image's ``max_tiles`` as the vision service will take it; above the service's
+    limit (which refuses the call) counted at the limit, which bounds the tiling arithmetic."""
+    max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
+    return min(max_tiles, info.max_tiles_limit) if info.max_tiles_limit else max_tiles
+
+
+def count_tiles(images: Sequence[tuple[bytes, int]], info: vision_pb2.ModelInfo) -> int:
+    """The tiles of all these (encoded image, max_tiles), each counted by ``image_tiles``."""
+    return sum(image_tiles(data, max_tiles, info) for data, max_tiles in images)
+
+
 def image_tiles(data: bytes, max_tiles: int, info: vision_pb2.ModelInfo) -> int:
     """The tiles the vision service will cut from this image, from its size in the header
-    (no decoding; EXIF orientation applied), so that its shared-memory range fits its rows
-    and no more. An image whose header cannot be read gets the most tiles it can make; one
-    that makes more than counted here (a service with a larger ``min_tiles``) streams."""
+    (EXIF orientation applied), so that its shared-memory range fits its rows and no more.
+    An image whose size cannot be read without decoding its pixels gets the most tiles it
+    can make; one that makes more than counted here (a service with a larger ``min_tiles``,
+    a PNG whose EXIF orientation comes after its pixels) streams."""
     most = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if image.getexif().get(ExifTags.Base.Orientation, 1) in TRANSPOSED:
-                    width, height = height, width
-    except Exception:  # the vision service decides what is wrong with it
-        return most
-    if width < 1 or height < 1:
+    size = displayed_size(data)
+    if size is None:
         return most
     grid = plan_tiles(
-        width,
-        height,
+        *size,
         max_tiles=max_tiles,
         use_thumbnail=info.use_thumbnail,
         tile_size=info.tile_size or 448,
     )
     return min(grid.num_tiles, most)
+
+
+def displayed_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image as it is shown (EXIF orientation applied), read from its
+    header by the Pillow plugins of the formats the vision service accepts; no pixel is
+    decoded. None when that cannot be done (the vision service decides what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            if image.format not in IMAGE_FORMATS:  # a JPEG plugin's MPO, say: refused there
+                return None
+            width, height = _stored_size(image)
+            if _orientation(image) in TRANSPOSED:
+                width, height = height, width
+    except Exception:
+        return None
+    if width < 1 or height < 1:
+        return None
+    return width, height
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the file stores the pixels, before any orientation."""
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        # Recent Pillow reports a TIFF's size with its orientation applied (and applies it
+        # when loading); older Pillow does neither. The tags say what is stored.
+        tags = image.tag_v2
+        width = tags.get(ExifTags.Base.ImageWidth, image.width)
+        height = tags.get(ExifTags.Base.ImageLength, image.height)
+        return int(width), int(height)
+    return image.size
+
+
+def _orientation(image: Image.Image) -> object:
+    """The EXIF orientation among what ``Image.open`` read: JPEG's APP1, WebP's EXIF chunk,
+    TIFF's tags, a PNG's chunks before its pixels."""
+    if isinstance(image, PngImagePlugin.PngImageFile):
+        # Pillow's PNG reader would decode the whole image to look for an eXIf chunk after
+        # the pixels; the generic reader takes only the chunks that came before them (eXIf,
+        # an EXIF text profile, XMP), which Image.open kept.
+        exif = Image.Image.getexif(image)
+    else:
+        exif = image.getexif()
+    return exif.get(ExifTags.Base.Orientation, 1)
 
 
 # EXIF orientations that swap width and height (a quarter turn, with or without a mirror).
