@@ -13,7 +13,13 @@ from fastapi import FastAPI
 from checkpoints.default import default_cache_dir, resolve_model
 from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
-from llm_server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from llm_server.api.admission import Admission
+from llm_server.api.middleware import (
+    AdmissionGateMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    RequestMetricsMiddleware,
+)
 from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
@@ -46,6 +52,7 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = PromptBuilder(tokenizer, spec.image_tokens)
     encoder: ImageEncoder | None = None
+    encoder_max_tiles: Callable[[], int | None] | None = None
     utilization = settings.gpu_memory_utilization
     llm_gpus = settings.tensor_parallel_size * settings.pipeline_parallel_size
     if settings.vision == "inprocess" and shares_llm_gpu(settings.vision_device, llm_gpus):
@@ -54,15 +61,16 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
         )
         utilization = coupled.gpu_share(path, utilization).llm_utilization()
-        encoder = coupled
+        encoder, encoder_max_tiles = coupled, lambda: coupled.max_tiles_limit
     engine = LanguageEngine.start(
         spec, settings, model_name, cache_dir, gpu_memory_utilization=utilization
     )
     if encoder is None and settings.vision == "inprocess":
         # After vLLM on CPU: its engine process is forked before this process runs OpenMP.
-        encoder = await InProcessImageEncoder.start(
+        local = await InProcessImageEncoder.start(
             path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
         )
+        encoder, encoder_max_tiles = local, lambda: local.max_tiles_limit
     elif encoder is None:
         digest = await asyncio.to_thread(checkpoint_digest, path)
         logger.info("checkpoint %s: the vision service must serve the same", short_digest(digest))
@@ -76,7 +84,7 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
             shared_memory_bytes=settings.shared_memory_mb * 1024 * 1024,
         )
         remote.start()
-        encoder = remote
+        encoder, encoder_max_tiles = remote, lambda: reported_max_tiles(remote)
     images = ImageLoader(
         ImageFetchPolicy(
             max_bytes=settings.max_image_bytes,
@@ -93,8 +101,20 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
         "in this process" if settings.vision == "inprocess" else settings.vision_target,
     )
     return ChatService(
-        engine, encoder, prompts, images, settings, default_num_frames=spec.video_frames
+        engine,
+        encoder,
+        prompts,
+        images,
+        settings,
+        default_num_frames=spec.video_frames,
+        encoder_max_tiles=encoder_max_tiles,
     )
+
+
+def reported_max_tiles(remote: GrpcImageEncoder) -> int | None:
+    """The vision service's per-image tile limit, from its ModelInfo; None before it has
+    answered (or when it does not say: 0 on the wire)."""
+    return (remote.info.max_tiles_limit or None) if remote.info is not None else None
 
 
 # How often the engine's liveness is checked, and how long a dead engine's server keeps
@@ -140,6 +160,22 @@ def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = N
     app.include_router(router)
     app.include_router(ops_router)
     install_error_handlers(app)
+
+    def admission() -> Admission | None:
+        chat: ChatService | None = getattr(app.state, "chat", None)
+        return chat.admission if chat is not None else None
+
+    # Outermost last: the headers' size first, then the admission gate (before the body is
+    # read), the body limit reads it (size and deadline), the metrics count what routes answer.
     app.add_middleware(RequestMetricsMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        read_timeout_s=settings.request_read_timeout_s,
+        max_json_items=settings.max_json_items,
+    )
+    app.add_middleware(
+        AdmissionGateMiddleware, admission=admission, paths=frozenset({"/v1/chat/completions"})
+    )
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     return app

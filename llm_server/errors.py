@@ -66,6 +66,20 @@ class RequestTooLarge(APIError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class RequestTimeout(APIError):
+    """The client did not send its request within the deadline."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class Unauthorized(APIError):
     status_code = 401
     error_type = "authentication_error"

@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from llm_server.app import create_app
+from llm_server.http_server import uvicorn_config
 from llm_server.settings import LLMSettings
 
 
@@ -53,11 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         failures.append(reason)
         server.should_exit = True  # the same graceful stop as SIGTERM
 
-    config = uvicorn.Config(
-        create_app(settings, on_fatal=stop_on_failure),
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
+    config = uvicorn_config(create_app(settings, on_fatal=stop_on_failure), settings)
     server = DrainingServer(config)
     asyncio.run(server.serve(sockets=[sock]))
     if failures:

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from checkpoints.settings import CheckpointSettings
+from llm_server.api.protocol import (
+    ITEMS_PER_MESSAGE_CAP,
+    LOGIT_BIAS_CAP,
+    MESSAGES_CAP,
+    STOP_SEQUENCES_CAP,
+    TOOLS_CAP,
+)
+
+# Connections and requests in progress that --max-connections allows, when unset, beyond
+# --max-concurrent-requests: room for health checks, /metrics, 429s and clients' idle
+# keep-alive connections.
+CONNECTION_HEADROOM = 256
 
 
 class LLMSettings(CheckpointSettings):
@@ -23,6 +35,32 @@ class LLMSettings(CheckpointSettings):
     # ---- HTTP ----
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open HTTP connections (or requests in progress) beyond which a new "
+        "request gets a 503 at once rather than a queue (uvicorn's limit_concurrency); must "
+        f"be above --max-concurrent-requests (unset: it plus {CONNECTION_HEADROOM})",
+    )
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="deadline for a request's line and headers, from the connection's opening "
+        "or the first byte of its next request; past it the connection is closed (a 408 if "
+        "part of a request had come)",
+    )
+    request_read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="deadline for a request's body, from the end of its headers; past it a "
+        "408 and the connection is closed",
+    )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        description="size of a request's line and headers; beyond it a 431 (a 400 and the "
+        "connection closed when the parser meets it before they are all in)",
+    )
 
     # ---- vision ----
     vision: Literal["grpc", "inprocess"] = Field(
@@ -104,6 +142,12 @@ class LLMSettings(CheckpointSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest HTTP request body (images included)"
     )
+    max_json_items: int = Field(
+        200_000,
+        ge=1,
+        description="commas, objects and arrays in one request body, counted before it is "
+        "parsed (parsing runs on the event loop and costs most for many tiny values)",
+    )
     max_concurrent_requests: int = Field(
         256, ge=1, description="chat requests served at once; beyond it requests get a 429"
     )
@@ -121,6 +165,42 @@ class LLMSettings(CheckpointSettings):
         64, ge=1, description="largest num_frames a request may ask for (per video)"
     )
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_tiles_limit: int = Field(
+        40,
+        ge=1,
+        description="largest per-image max_tiles a request may ask for (the vision service's "
+        "own --max-tiles-limit, which it reports when it connects, applies too)",
+    )
+    max_messages: int = Field(2048, ge=1, le=MESSAGES_CAP, description="messages in one request")
+    max_content_parts: int = Field(
+        256,
+        ge=1,
+        le=ITEMS_PER_MESSAGE_CAP,
+        description="content parts (text, image, video) or tool calls in one message",
+    )
+    max_text_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="characters of text in one request: the messages' text, names and tool "
+        "calls, and the tools' descriptions",
+    )
+    max_tools: int = Field(128, ge=0, le=TOOLS_CAP, description="tools in one request")
+    max_schema_chars: int = Field(
+        262144,
+        ge=2,
+        description="characters of a request's JSON schemas together (compact JSON): its "
+        "tools' parameters and response_format's schema",
+    )
+    max_stop_sequences: int = Field(
+        16, ge=0, le=STOP_SEQUENCES_CAP, description="stop sequences in one request"
+    )
+    max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")
+    max_logit_bias: int = Field(
+        1024, ge=0, le=LOGIT_BIAS_CAP, description="entries in one request's logit_bias"
+    )
+    max_top_logprobs: int = Field(
+        20, ge=0, le=20, description="largest top_logprobs (OpenAI's range is 0-20)"
+    )
     max_tokens_limit: int | None = Field(
         None, ge=1, description="largest max_tokens a request may ask for (unset: the context)"
     )
@@ -154,3 +234,23 @@ class LLMSettings(CheckpointSettings):
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _check_connections(self) -> LLMSettings:
+        if (
+            self.max_connections is not None
+            and self.max_connections <= self.max_concurrent_requests
+        ):
+            raise ValueError(
+                f"--max-connections ({self.max_connections}) must be above "
+                f"--max-concurrent-requests ({self.max_concurrent_requests}), or refused "
+                "requests would get a 503 instead of a 429 and health checks none"
+            )
+        return self
+
+    @property
+    def connection_limit(self) -> int:
+        """Connections or requests in progress beyond which uvicorn answers 503."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return self.max_concurrent_requests + CONNECTION_HEADROOM

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import io
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -39,6 +41,9 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-key-1234"
+# The vision service's own per-image tile limit (the language service's default is 40).
+VISION_ARGS = ["--max-tiles-per-request=30", "--max-image-pixels=4000000", "--max-tiles-limit=12"]
+BODY_TIMEOUT_S = 3
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "dvd-tiny-internvl"
 
@@ -110,8 +115,10 @@ def hardened(tiny_models, log_dir) -> Iterator[Stack]:
             "--allowed-image-networks=127.0.0.1/32",
             "--vision-timeout-s=30",
             "--shutdown-grace-s=20",
+            "--max-messages=64",
+            f"--request-read-timeout-s={BODY_TIMEOUT_S}",
         ],
-        vision_args=["--max-tiles-per-request=30", "--max-image-pixels=4000000"],
+        vision_args=VISION_ARGS,
     )
     stack = running["hardened"]
     try:
@@ -198,6 +205,18 @@ BAD_INPUT = [
     ),
     ("n too large", chat_body([{"role": "user", "content": "hi"}], n=9), 400, "n=9"),
     (
+        "too many messages",
+        chat_body([{"role": "user", "content": "hi"}] * 65),
+        400,
+        "65 messages",
+    ),
+    (
+        "a stop sequence too long",
+        chat_body([{"role": "user", "content": "hi"}], stop="s" * 300),
+        400,
+        "300 characters",
+    ),
+    (
         "prompt longer than the context",
         chat_body([{"role": "user", "content": "word " * 20000}]),
         400,
@@ -274,6 +293,44 @@ def test_default_max_tokens_applies(hardened):
     assert reply.json()["usage"]["completion_tokens"] == 8
 
 
+def test_max_tiles_is_bounded_by_the_vision_services_limit_before_any_fetch(
+    hardened, image_servers
+):
+    """The vision service reports its limit (12 here) in ModelInfo; a request over it is
+    refused by the language service, its image never fetched."""
+    # An image request first: the language service has asked the vision service what it serves.
+    assert post(hardened, chat_body(image_message(png_url(64, 64)))).status_code == 200
+    _ImageHandler.hits.clear()
+    url = f"http://localhost:{image_servers}/image.png"
+    reply = post(hardened, chat_body(image_message(url), max_tiles=13))
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "max_tiles" and "limit of 12 tiles per image" in error["message"]
+    assert _ImageHandler.hits == {}
+    assert post(hardened, chat_body(image_message(url), max_tiles=12)).status_code == 200
+
+
+def test_a_body_sent_a_byte_a_second_is_cut_off(hardened):
+    host, port = hardened.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        started = time.monotonic()
+        received = b""
+        sock.settimeout(1.0)
+        while time.monotonic() - started < BODY_TIMEOUT_S + 10 and b"\r\n\r\n" not in received:
+            try:
+                received += sock.recv(65536)
+            except TimeoutError:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")  # one byte a second
+        elapsed = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408"), received
+    assert BODY_TIMEOUT_S - 0.5 <= elapsed < BODY_TIMEOUT_S + 3, elapsed
+
+
 # ---- remote images (SSRF) ---------------------------------------------------------------
 
 
@@ -312,7 +369,7 @@ def test_remote_images(hardened, image_servers):
 def test_vision_killed_mid_request_fails_fast_then_recovers(hardened, tiny_models, log_dir):
     assert hardened.vision is not None
     port = int(hardened.vision_target.rsplit(":", 1)[1])
-    vision_args = ["--max-tiles-per-request=30", "--max-image-pixels=4000000"]
+    vision_args = VISION_ARGS
 
     def restart(name: str, extra: list[str]) -> None:
         assert hardened.vision is not None

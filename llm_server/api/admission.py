@@ -21,13 +21,21 @@ class Admission:
         self.limit = limit
         self.in_flight = 0
 
+    @property
+    def full(self) -> bool:
+        """Every slot is taken: a request arriving now would be refused."""
+        return self.in_flight >= self.limit
+
+    def refusal(self) -> Overloaded:
+        return Overloaded(
+            f"the server is at its limit of {self.limit} concurrent requests; retry later"
+        )
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """One request's slot, released exactly once when the scope ends."""
-        if self.in_flight >= self.limit:
-            raise Overloaded(
-                f"the server is at its limit of {self.limit} concurrent requests; retry later"
-            )
+        if self.full:
+            raise self.refusal()
         self.in_flight += 1
         metrics.requests_in_flight.inc()
         try:

@@ -1,15 +1,18 @@
 """Pure ASGI middleware (streaming responses and disconnect detection pass through untouched):
-response counting by route and status, and the request body size limit."""
+response counting by route and status, the request body's size limit and read deadline, and
+an early look at admission before a chat request's body is read; the size of the headers."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server import metrics
-from llm_server.errors import RequestTooLarge
+from llm_server.api.admission import Admission
+from llm_server.errors import APIError, HeadersTooLarge, RequestTimeout, RequestTooLarge
 
 
 class RequestMetricsMiddleware:
@@ -35,9 +38,9 @@ class RequestMetricsMiddleware:
             metrics.http_requests.labels(route=path, status=str(status["code"])).inc()
 
 
-# A refused body is still read and thrown away, within these caps, before the 413 is sent:
-# clients that send the whole body before reading the answer (Python's urllib, httpx,
-# requests) would otherwise meet a connection reset instead of the 413.
+# A refused body is still read and thrown away, within these caps, before the refusal (413,
+# 429, 431) is sent: clients that send the whole body before reading the answer (Python's
+# urllib, httpx, requests) would otherwise meet a connection reset instead of the refusal.
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
 DRAIN_MAX_SECONDS = 10.0
 
@@ -60,33 +63,78 @@ async def drain_body(receive: Receive, max_bytes: int, max_seconds: float) -> bo
     return False
 
 
+async def refuse(scope: Scope, receive: Receive, send: Send, error: APIError, unread: bool) -> None:
+    """Answer ``error`` to a request whose body is ``unread`` (all or part of it): the body is
+    drained first, within caps, so that clients that send it all before reading get the
+    answer; a connection whose body could not be drained is closed after it."""
+    headers = dict(scope.get("headers", []))
+    declared = headers.get(b"content-length", b"")
+    drained = False
+    if unread and headers.get(b"expect", b"").lower() != b"100-continue":
+        # A client waiting for "100 Continue" sends nothing more; the others are sending.
+        too_long = declared.isdigit() and int(declared) > DRAIN_MAX_BYTES
+        if not too_long:
+            drained = await drain_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS)
+    extra = {} if drained or not unread else {"Connection": "close"}
+    response = JSONResponse(
+        error.body(), status_code=error.status_code, headers={**error.headers(), **extra}
+    )
+    await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, unread: bool) -> None:
+        super().__init__()
+        self.unread = unread  # more of the body is on its way
+
+
+async def read_body(receive: Receive, max_bytes: int) -> bytes | None:
+    """The whole request body; None when the client left while sending it; ``_BodyTooLarge``
+    as soon as it passes ``max_bytes``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left while sending
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        more = bool(message.get("more_body", False))
+        if size > max_bytes:
+            raise _BodyTooLarge(unread=more)
+        chunks.append(chunk)
+        if not more:
+            return b"".join(chunks)
+
+
+def json_items(body: bytes) -> int:
+    """Commas, objects and arrays in ``body``: every JSON value but the first of its array or
+    object follows a comma, and containers cost the most to build. Base64 (images, videos)
+    has none of them. A few milliseconds per 10 MiB."""
+    return body.count(b",") + body.count(b"{") + body.count(b"[")
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` with a 413, before reading them when
-    ``Content-Length`` says so, else as soon as they pass the limit. The app receives the
-    body in one message, once it has all arrived within the limit."""
+    ``Content-Length`` says so, else as soon as they pass the limit; bodies that have not
+    all arrived ``read_timeout_s`` after the headers with a 408 (a client that sends one byte
+    a second holds a connection that long, no longer); and bodies with more than
+    ``max_json_items`` JSON items with a 413, before they are parsed (parsing runs on the
+    event loop, and a body of tiny values costs many times one of long strings). The app
+    receives the body in one message, once it has all arrived within the limits."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, read_timeout_s: float, max_json_items: int
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
+        self.max_json_items = max_json_items
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, unread: bool) -> None:
-        headers = dict(scope.get("headers", []))
-        declared = headers.get(b"content-length", b"")
-        drained = False
-        if unread and headers.get(b"expect", b"").lower() != b"100-continue":
-            # A client waiting for "100 Continue" sends nothing more; the others are sending.
-            too_long = declared.isdigit() and int(declared) > DRAIN_MAX_BYTES
-            if not too_long:
-                drained = await drain_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS)
-        error = RequestTooLarge(
+    def _too_large(self) -> RequestTooLarge:
+        return RequestTooLarge(
             f"request body exceeds {self.max_bytes} bytes; send smaller or fewer images"
         )
-        response = JSONResponse(
-            error.body(),
-            status_code=error.status_code,
-            headers=None if drained or not unread else {"Connection": "close"},
-        )
-        await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,25 +142,34 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, unread=True)
+            await refuse(scope, receive, send, self._too_large(), unread=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = bool(message.get("more_body", False))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, unread=more)
-                return
-            chunks.append(chunk)
-            if not more:
-                break
-        body = b"".join(chunks)
-        del chunks
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                body = await read_body(receive, self.max_bytes)
+        except _BodyTooLarge as exc:
+            await refuse(scope, receive, send, self._too_large(), unread=exc.unread)
+            return
+        except TimeoutError:
+            late = RequestTimeout(
+                f"the request body did not arrive within {self.read_timeout_s:g} s"
+            )
+            # Not drained: the client is the slow party. The connection closes after this.
+            response = JSONResponse(
+                late.body(), status_code=late.status_code, headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        if body is None:
+            return
+        items = json_items(body)
+        if items > self.max_json_items:
+            crowded = RequestTooLarge(
+                f"the request body holds {items} JSON items (commas, objects and arrays); the "
+                f"limit is {self.max_json_items}"
+            )
+            await refuse(scope, receive, send, crowded, unread=False)
+            return
         replayed = False
 
         async def replay_then_receive() -> Message:
@@ -124,3 +181,47 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, replay_then_receive, send)
+
+
+class AdmissionGateMiddleware:
+    """A 429 for a chat request that arrives while every admission slot is taken, before its
+    body is read or parsed: under overload, refusing costs no JSON parsing. The slot itself is
+    still taken in the route (this is an early look, and a request that passes it may still
+    find the slots gone by then)."""
+
+    def __init__(
+        self, app: ASGIApp, admission: Callable[[], Admission | None], paths: frozenset[str]
+    ) -> None:
+        self.app = app
+        self.admission = admission  # None until the chat service has started
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            admission = self.admission()
+            if admission is not None and admission.full:
+                await refuse(scope, receive, send, admission.refusal(), unread=True)
+                return
+        await self.app(scope, receive, send)
+
+
+class HeaderLimitMiddleware:
+    """A 431 for a request whose line and headers together exceed ``max_bytes``. The HTTP
+    parser (h11) bounds what it buffers while headers arrive; headers that arrive whole, in
+    one read, are counted here, before anything else looks at the request."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+            size += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+            if size > self.max_bytes:
+                error = HeadersTooLarge(
+                    f"the request line and headers exceed {self.max_bytes} bytes"
+                )
+                await refuse(scope, receive, send, error, unread=True)
+                return
+        await self.app(scope, receive, send)

@@ -19,6 +19,16 @@ from protos.options import VirMode
 
 # ---- request ------------------------------------------------------------------------------
 
+# Hard caps on the request's lists, enforced while the body is validated: pydantic stops at
+# the first item past a cap, so no list costs more to validate than its cap. The service's
+# own limits (settings, checked right after parsing by ``llm_server.api.limits``) are tighter
+# and may be raised up to these.
+MESSAGES_CAP = 65_536
+ITEMS_PER_MESSAGE_CAP = 4_096  # content parts, tool calls
+TOOLS_CAP = 4_096
+STOP_SEQUENCES_CAP = 1_024
+LOGIT_BIAS_CAP = 262_144  # above the largest vocabularies
+
 
 class ImageURL(BaseModel):
     url: str = Field(description="data:image/...;base64,... or an http(s) URL")
@@ -78,9 +88,13 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=ITEMS_PER_MESSAGE_CAP)] | None = (
+        None
+    )
     name: str | None = None
-    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages only")
+    tool_calls: list[ToolCall] | None = Field(
+        None, max_length=ITEMS_PER_MESSAGE_CAP, description="assistant messages only"
+    )
     tool_call_id: str | None = Field(None, description="tool messages: the call answered")
 
     @model_validator(mode="after")
@@ -176,7 +190,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MESSAGES_CAP)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -184,7 +198,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=STOP_SEQUENCES_CAP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -192,10 +206,12 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="token id (as a string) -> bias added to its logit"
+        None,
+        max_length=LOGIT_BIAS_CAP,
+        description="token id (as a string) -> bias added to its logit",
     )
     response_format: ResponseFormat | None = None
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=TOOLS_CAP)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # Known OpenAI fields this server does not implement: refused when present (their "off"
@@ -224,9 +240,8 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # How many, and how long: the service's limits (llm_server.api.limits).
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value

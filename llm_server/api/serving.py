@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from llm_server import metrics
 from llm_server.api.admission import Admission
 from llm_server.api.choices import ChoiceOutput
 from llm_server.api.features import OpenAIFeatures, OutputOptions
+from llm_server.api.limits import check_request_limits
 from llm_server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -131,6 +132,7 @@ class ChatService:
         images: ImageLoader,
         settings: LLMSettings,
         default_num_frames: int | None = None,
+        encoder_max_tiles: Callable[[], int | None] | None = None,
     ) -> None:
         self.engine = engine
         self.encoder = encoder
@@ -146,6 +148,16 @@ class ChatService:
         self.created = int(time.time())
         # Callers hold a slot (``admission.slot()``) around prepare + complete/stream.
         self.admission = Admission(settings.max_concurrent_requests)
+        # The encoder's own per-image tile limit, once known (the vision service reports it
+        # when it connects); None: not known (yet).
+        self._encoder_max_tiles = encoder_max_tiles
+
+    def max_tiles_limit(self) -> int:
+        """The largest per-image ``max_tiles`` a request may ask for: this service's limit,
+        and the image encoder's when it is known and tighter."""
+        limit = self.settings.max_tiles_limit
+        encoder_limit = self._encoder_max_tiles() if self._encoder_max_tiles else None
+        return min(limit, encoder_limit) if encoder_limit else limit
 
     def models(self) -> ModelList:
         return ModelList(
@@ -172,10 +184,7 @@ class ChatService:
         feature = request.unsupported_feature()
         if feature:
             raise BadRequest(f"{feature} is not supported by this server", param=feature)
-        if request.n > self.settings.max_n:
-            raise BadRequest(
-                f"n={request.n} exceeds this server's limit of {self.settings.max_n}", param="n"
-            )
+        check_request_limits(request, self.settings, self.max_tiles_limit())
         parts: list[VisualPart] = [
             part
             for message in request.messages
@@ -312,7 +321,9 @@ class ChatService:
         self, request: ChatCompletionRequest, request_id: str, arrived: float
     ) -> PreparedChat:
         parts = self._validate(request)
-        features = self.features.resolve(request)
+        # Off the event loop: checking schemas (jsonschema, in Python) and building tool
+        # parsers' structural tags cost what the request's schemas make them cost.
+        features = await asyncio.to_thread(self.features.resolve, request)
         num_frames = self.num_frames(request)
         images, videos = await self._load_media(parts, num_frames) if parts else ([], [])
         options = EncodeOptions(

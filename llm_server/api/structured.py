@@ -34,6 +34,8 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
             + (f" (at {where})" if where else ""),
             param=param,
         ) from None
+    except RecursionError:  # the metaschema check recurses once per level of the schema
+        raise BadRequest(f"{param} is nested too deeply", param=param) from None
     except jsonschema.exceptions.UnknownType as exc:  # pragma: no cover - defensive
         raise BadRequest(f"{param} is not a valid JSON Schema: {exc}", param=param) from None
 

@@ -150,6 +150,11 @@ class InProcessImageEncoder:
         pipeline.engine.start()
         return cls(pipeline, gpu_bytes)
 
+    @property
+    def max_tiles_limit(self) -> int:
+        """The largest per-image max_tiles this encoder accepts (its settings')."""
+        return int(self.pipeline.settings.max_tiles_limit)
+
     def gpu_share(self, checkpoint: Path, utilization: float) -> GpuShare:
         """The split of this encoder's CUDA device with a vLLM given ``utilization``."""
         import torch
