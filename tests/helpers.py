@@ -325,6 +325,7 @@ def start_stacks(
     vision_args: Sequence[str] = (),
     coupled: frozenset[str] = frozenset(),
     llm_args_by_name: dict[str, Sequence[str]] | None = None,
+    llm_env: dict[str, str] | None = None,
 ) -> dict[str, Stack]:
     """Start one vision + one language server per model (just a language server with
     ``--vision inprocess`` for names in ``coupled``), all at once, and wait for them."""
@@ -349,7 +350,7 @@ def start_stacks(
             f"{name}-llm",
             llm_server_argv(model, http_port, vision_target, extra),
             log_dir,
-            env=LLM_TEST_ENV,
+            env={**LLM_TEST_ENV, **(llm_env or {})},
         )
         pending.append((name, Stack(vision, llm, vision_target, f"http://127.0.0.1:{http_port}")))
     stacks: dict[str, Stack] = {}

@@ -1,0 +1,338 @@
+"""The front door's rule, proven on a running language service: its event loop never runs work
+whose cost a request controls, and every size a request controls is refused before work is
+spent on it.
+
+One stack (vision + language service) runs with asyncio's debug mode, which logs every
+callback or task step that holds the event loop longer than ``slow_callback_duration``. A
+corpus of hostile requests generated here (huge and negative values in every bounded field,
+images whose headers are small and whose pixels are many in each accepted format, many of them
+per request, deeply nested JSON, slow senders) is sent while a thread polls ``/health`` every
+250 ms. The test fails if any loop step took longer than 250 ms, if any answer was a 5xx or
+took more than a few seconds, or if ``/health`` ever took more than 1 s to answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import SERVED_MODEL_NAME, Stack, start_stacks
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+STEP_LIMIT_S = 0.25  # the longest an event-loop step may take (2-core CI machine)
+ANSWER_LIMIT_S = 5.0  # the longest a refusal may take
+HEALTH_LIMIT_S = 1.0
+READ_TIMEOUT_S = 3  # the stack's header and body deadlines
+# asyncio's debug mode reports "Executing <callback or task> took 0.312 seconds".
+SLOW_STEP = re.compile(r"Executing (.*?) took (\d+\.\d+) seconds")
+
+
+@pytest.fixture(scope="module")
+def front_door(tiny_flash_models, log_dir) -> Iterator[Stack]:
+    running = start_stacks(
+        {"front-door": tiny_flash_models["hf"]},
+        log_dir,
+        llm_args=[
+            f"--header-read-timeout-s={READ_TIMEOUT_S}",
+            f"--request-read-timeout-s={READ_TIMEOUT_S}",
+        ],
+        llm_env={"PYTHONASYNCIODEBUG": "1"},
+    )
+    stack = running["front-door"]
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+# ---- images whose headers are small and whose pixels are many ------------------------------
+
+SIDE = 12_000  # 144 Mpixels: under Pillow's own bomb error (178 M), over the service's limit
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _exif_orientation(value: int) -> bytes:
+    """A TIFF-format EXIF block with one tag: Orientation."""
+    entry = struct.pack(">HHIHH", 0x0112, 3, 1, value, 0)
+    return b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + b"\x00" * 4
+
+
+def png_pixel_bomb(side: int = SIDE) -> bytes:
+    """A valid greyscale PNG of ``side`` x ``side`` black pixels (a few hundred KB), with its
+    EXIF after the pixels, where reading it means decoding them."""
+    compressor = zlib.compressobj(9)
+    rows = b"\x00" * ((side + 1) * 500)  # 500 rows: filter byte + pixels each
+    pixels = b"".join(compressor.compress(rows) for _ in range(side // 500))
+    pixels += compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", pixels)
+        + _chunk(b"eXIf", _exif_orientation(6))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def _small(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def jpeg_claiming(side: int = SIDE) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims ``side`` x ``side``."""
+    data = bytearray(_small("JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
+def gif_claiming(side: int = SIDE) -> bytes:
+    data = bytearray(_small("GIF"))
+    data[6:10] = struct.pack("<HH", side, side)  # the logical screen
+    return bytes(data)
+
+
+def bmp_claiming(side: int = SIDE) -> bytes:
+    data = bytearray(_small("BMP"))
+    data[18:26] = struct.pack("<ii", side, side)
+    return bytes(data)
+
+
+def webp_claiming(side: int = SIDE) -> bytes:
+    """A small lossy WebP whose VP8 frame header claims ``side`` x ``side``."""
+    data = bytearray(_small("WEBP"))
+    frame = data.index(b"\x9d\x01\x2a") + 3  # after the VP8 key frame's start code
+    data[frame : frame + 4] = struct.pack("<HH", side, side)
+    return bytes(data)
+
+
+def tiff_claiming(side: int = SIDE) -> bytes:
+    """A small TIFF whose ImageWidth and ImageLength tags claim ``side`` x ``side``."""
+    data = bytearray(_small("TIFF"))
+    little = data[:2] == b"II"
+    order = "<" if little else ">"
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+    for index in range(count):
+        entry = ifd + 2 + 12 * index
+        tag, kind = struct.unpack(order + "HH", data[entry : entry + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            value = struct.pack(order + ("H" if kind == 3 else "I"), side)
+            data[entry + 8 : entry + 8 + len(value)] = value
+    return bytes(data)
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# ---- the corpus -----------------------------------------------------------------------------
+
+
+def _chat(**fields: object) -> dict:
+    body: dict = {
+        "model": SERVED_MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+    }
+    body.update(fields)
+    return body
+
+
+def _images(*urls: str) -> list[dict]:
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}]
+
+
+def _tool(index: int, schema: dict) -> dict:
+    return {"type": "function", "function": {"name": f"f{index}", "parameters": schema}}
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"model": "m", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def corpus() -> list[tuple[str, dict | bytes]]:
+    png = png_pixel_bomb()
+    bombs = {
+        "png": data_url(png, "image/png"),
+        "jpeg": data_url(jpeg_claiming(), "image/jpeg"),
+        "gif": data_url(gif_claiming(), "image/gif"),
+        "bmp": data_url(bmp_claiming(), "image/bmp"),
+        "webp": data_url(webp_claiming(), "image/webp"),
+        "tiff": data_url(tiff_claiming(), "image/tiff"),
+    }
+    huge = 10**12
+    items: list[tuple[str, dict | bytes]] = [
+        *[(f"{fmt} pixels", _chat(messages=_images(url))) for fmt, url in bombs.items()],
+        ("16 png pixel bombs", _chat(messages=_images(*[bombs["png"]] * 16))),
+        ("max_tiles huge", _chat(messages=_images(bombs["jpeg"]), max_tiles=10**6)),
+        ("max_tiles 10**5", _chat(messages=_images(bombs["png"]), max_tiles=10**5)),
+        ("max_tiles negative", _chat(max_tiles=-5)),
+        ("num_frames huge", _chat(num_frames=10**6)),
+        ("n huge", _chat(n=10**6)),
+        ("n negative", _chat(n=-1)),
+        ("top_logprobs huge", _chat(logprobs=True, top_logprobs=10**6)),
+        ("max_tokens huge", _chat(max_tokens=huge)),
+        ("min_tokens huge", _chat(min_tokens=huge)),  # bounded by max_tokens: answered
+        ("seed huge", _chat(seed=10**30)),
+        (
+            "many messages",
+            _chat(messages=[{"role": "user", "content": "hi"}] * 100_000),
+        ),
+        (
+            "many content parts",
+            _chat(
+                messages=[{"role": "user", "content": [{"type": "text", "text": "a"}] * 100_000}]
+            ),
+        ),
+        ("many tools", _chat(tools=[_tool(i, {"type": "object"}) for i in range(20_000)])),
+        (
+            "a huge tool schema",
+            _chat(tools=[_tool(0, {"type": "object", "description": "x" * 5_000_000})]),
+        ),
+        ("many stops", _chat(stop=["s"] * 100_000)),
+        ("a huge stop", _chat(stop=["s" * 1_000_000])),
+        ("many logit_bias", _chat(logit_bias={str(i): 1 for i in range(200_000)})),
+        ("a huge text", _chat(messages=[{"role": "user", "content": "word " * 6_000_000}])),
+        ("deeply nested JSON", _nested(200_000)),
+        (
+            "deeply nested schema",
+            _chat(
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": json.loads("[" * 500 + "]" * 500)},
+                }
+            ),
+        ),
+    ]
+    return items
+
+
+# ---- the watchdogs --------------------------------------------------------------------------
+
+
+class HealthPoller(threading.Thread):
+    """GET /health every 250 ms until stopped; records each answer's latency and status."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(daemon=True)
+        self.base_url = base_url
+        self.samples: list[tuple[float, int]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.halt.is_set():
+                started = time.perf_counter()
+                try:
+                    status = client.get(f"{self.base_url}/health").status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.samples.append((time.perf_counter() - started, status))
+                self.halt.wait(0.25)
+
+
+def slow_steps(log: Path, offset: int) -> list[tuple[float, str]]:
+    """Event-loop steps over the limit that the server logged after ``offset``."""
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    return [
+        (float(m.group(2)), m.group(1)[:200])
+        for m in SLOW_STEP.finditer(text)
+        if float(m.group(2)) > STEP_LIMIT_S
+    ]
+
+
+def _http_port(stack: Stack) -> tuple[str, int]:
+    host_port = stack.base_url.removeprefix("http://")
+    host, _, port = host_port.rpartition(":")
+    return host, int(port)
+
+
+def slow_sender(stack: Stack, headers_done: bool) -> float:
+    """Send a request one byte every 0.5 s (its body after whole headers, or its headers);
+    return how long the server took to answer or close the connection (30 s at most)."""
+    host, port = _http_port(stack)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    started = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as sock:
+        if headers_done:
+            sock.sendall(head)
+        trickle = b"{" * 100_000 if headers_done else head
+        sock.settimeout(0.5)
+        for byte in trickle:
+            if time.perf_counter() - started > 30:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+                sock.recv(65536)  # an answer (a 408) or b"" (closed): either ends the wait
+                break
+            except TimeoutError:
+                continue  # nothing yet: the next byte
+            except OSError:
+                break  # reset by the server
+    return time.perf_counter() - started
+
+
+# ---- the test -------------------------------------------------------------------------------
+
+
+def test_no_hostile_request_stalls_the_event_loop(front_door):
+    log = front_door.llm.log_path
+    offset = log.stat().st_size
+    poller = HealthPoller(front_door.base_url)
+    poller.start()
+    answers: list[tuple[str, int, float, str]] = []
+    try:
+        with httpx.Client(timeout=20) as client:
+            for name, body in corpus():
+                started = time.perf_counter()
+                url = f"{front_door.base_url}/v1/chat/completions"
+                content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                try:
+                    reply = client.post(
+                        url, content=content, headers={"Content-Type": "application/json"}
+                    )
+                    status, text = reply.status_code, reply.text[:200]
+                except httpx.TimeoutException:
+                    status, text = 0, "no answer"  # reported below as too slow
+                elapsed = time.perf_counter() - started
+                answers.append((name, status, elapsed, text))
+        body_wait = slow_sender(front_door, headers_done=True)
+        header_wait = slow_sender(front_door, headers_done=False)
+    finally:
+        poller.halt.set()
+        poller.join(timeout=30)
+    server_errors = [a for a in answers if a[1] >= 500]
+    assert not server_errors, server_errors
+    slow_answers = [a for a in answers if a[2] > ANSWER_LIMIT_S]
+    assert not slow_answers, slow_answers
+    assert body_wait < READ_TIMEOUT_S + 3, f"a slow body held its connection {body_wait:.1f} s"
+    assert header_wait < READ_TIMEOUT_S + 3, f"slow headers held the connection {header_wait:.1f} s"
+    latencies = [latency for latency, _ in poller.samples]
+    assert len(latencies) >= 8 and all(status == 200 for _, status in poller.samples)
+    assert max(latencies) <= HEALTH_LIMIT_S, f"/health took {max(latencies):.2f} s"
+    steps = slow_steps(log, offset)
+    assert not steps, f"event-loop steps over {STEP_LIMIT_S} s: {steps}"
