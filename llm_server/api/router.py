@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -37,8 +39,48 @@ async def require_api_key(request: Request) -> None:
         raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
 
 
+# Bodies from this size on are parsed on a worker thread. Parsing is C code that holds the GIL
+# either way, but on a thread it is not one more piece of an event-loop step that already
+# read, joined and counted the body: a 30 MB body took one 0.24 s step parsed on the loop.
+THREADED_JSON_BYTES = 1 << 20
+
+
+def parse_json(body: bytes) -> Any:
+    """``json.loads``, with nesting past the interpreter's recursion limit reported as the
+    malformed JSON it is (a 400), not as a RecursionError (a 500)."""
+    try:
+        return json.loads(body)
+    except RecursionError as exc:
+        raise json.JSONDecodeError("JSON nested too deeply", "", 0) from exc
+
+
+class JSONOffLoopRequest(Request):
+    """A request whose large JSON body is parsed on a worker thread."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            if len(body) < THREADED_JSON_BYTES:
+                self._json = parse_json(body)
+            else:
+                self._json = await asyncio.to_thread(parse_json, body)
+        return self._json
+
+
+class JSONOffLoopRoute(APIRoute):
+    """FastAPI's route, handing its handler a ``JSONOffLoopRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(JSONOffLoopRequest(request.scope, request.receive))
+
+        return handle
+
+
 # /v1/*: the OpenAI API, behind the API key when there is one. /health, /metrics: operations.
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], route_class=JSONOffLoopRoute)
 ops_router = APIRouter()
 
 
