@@ -33,7 +33,6 @@ from helpers import (
 
 from llm_server import metrics
 from llm_server.errors import VisionUnavailable
-from llm_server.vision import arena as arena_module
 from llm_server.vision.arena import EmbeddingArena
 from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
@@ -135,8 +134,7 @@ def lone_vision(tiny_models, log_dir):
         server.stop()
 
 
-def test_without_shared_memory_on_the_vision_side_embeddings_are_streamed(lone_vision, monkeypatch):
-    monkeypatch.setattr(arena_module, "QUARANTINE_S", 0.2)
+def test_without_shared_memory_on_the_vision_side_embeddings_are_streamed(lone_vision):
     target = lone_vision("--no-shared-memory")
     options = EncodeOptions(max_tiles=2)
 
@@ -147,13 +145,13 @@ def test_without_shared_memory_on_the_vision_side_embeddings_are_streamed(lone_v
             before = _bytes_received("grpc")
             results = await auto.encode(IMAGES[:1], options, "fallback")
             assert _bytes_received("grpc") - before == results[0].embeddings.numel() * 4
+            # The probe went unanswered: nothing was ever reserved.
+            assert not auto.shared_memory_proven and auto.arena is None
             with pytest.raises(VisionUnavailable, match="instead of writing them to shared"):
                 await required.encode(IMAGES[:1], options, "required")
-            await asyncio.sleep(0.5)
-            # Nothing stays reserved after either call (the failed one's after a quarantine).
-            for encoder in (auto, required):
-                assert encoder.arena is not None
-                assert encoder.arena.free_bytes == encoder.arena.size
+            # The failed call's range came back at once: nothing can write into it any more.
+            assert required.arena is not None
+            assert required.arena.free_bytes == required.arena.size
         finally:
             await auto.close()
             await required.close()
@@ -168,7 +166,8 @@ def test_a_segment_on_another_host_falls_back_to_streaming(flash_vision, monkeyp
 
     async def run() -> list[torch.Tensor]:
         encoder = _encoder(target, "auto")
-        assert encoder.arena is not None
+        await encoder._check_model(60)  # the vision service proves it sees our /dev/shm
+        assert encoder.shared_memory_proven and encoder.arena is not None
         real_name = encoder.arena.segment.name
         monkeypatch.setattr(encoder.arena.segment, "name", real_name[:-8] + "00000000")
         before = _bytes_received("grpc")
@@ -184,10 +183,10 @@ def test_a_segment_on_another_host_falls_back_to_streaming(flash_vision, monkeyp
     assert rows.shape[1] == 128
 
 
-def test_vision_restart_while_ranges_are_held(lone_vision, monkeypatch):
+def test_vision_restart_while_ranges_are_held(lone_vision):
     """The vision service dies in the middle of a call: the call fails with a 503, its range
-    comes back after the quarantine, and the next call after the restart uses shared memory."""
-    monkeypatch.setattr(arena_module, "QUARANTINE_S", 0.5)
+    comes back at once (a dead writer holds no lock), and the next call after the restart
+    uses shared memory."""
     target = lone_vision()
     server = lone_vision.servers[-1]  # type: ignore[attr-defined]
     # Other files of one picture: the embedding cache would answer copies of one file at once.
@@ -206,8 +205,6 @@ def test_vision_restart_while_ranges_are_held(lone_vision, monkeypatch):
             server.proc.send_signal(signal.SIGKILL)
             with pytest.raises(VisionUnavailable):
                 await asyncio.wait_for(call, 60)
-            assert encoder.arena.free_bytes < encoder.arena.size  # held back, not reused yet
-            await asyncio.sleep(1.0)
             assert encoder.arena.free_bytes == encoder.arena.size
             await asyncio.to_thread(lone_vision)
             before = _bytes_received("shared_memory")
@@ -221,7 +218,7 @@ def test_vision_restart_while_ranges_are_held(lone_vision, monkeypatch):
                         raise
                     await asyncio.sleep(0.2)
             assert _bytes_received("shared_memory") > before
-            await asyncio.sleep(1.0)  # failed attempts while reconnecting are held back too
+            # Failed attempts while reconnecting gave their ranges back too.
             assert encoder.arena.free_bytes == encoder.arena.size
         finally:
             await encoder.close()
@@ -284,17 +281,22 @@ def test_writer_refuses_wrong_tokens_names_and_ranges():
     segment = shm.OwnedSegment(1 << 20)
     writer = shm.SegmentWriter()
     try:
-        writer.check(segment.name, segment.token, 0, 1 << 20)
+        assert segment.set_generation(0, 1 << 20, 7)
+        writer.check(segment.name, segment.token, 0, 1 << 20, 7)
         with pytest.raises(shm.SharedMemoryError, match="token"):
-            writer.check(segment.name, bytes(16), 0, 1024)
+            writer.check(segment.name, bytes(16), 0, 1024, 7)
         with pytest.raises(shm.SharedMemoryError, match="outside"):
-            writer.check(segment.name, segment.token, 1 << 19, 1 << 20)
-        for name in ("../etc/passwd", "dvd-emb-1-2-zz", "other"):
+            writer.check(segment.name, segment.token, 1 << 19, 1 << 20, 7)
+        with pytest.raises(shm.SharedMemoryError, match="generation"):
+            writer.check(segment.name, segment.token, 0, 1024, 0)
+        for name in ("../etc/passwd", "dvd-emb-1-2-zz", "dvd-emb-" + "A" * 32, "other"):
             with pytest.raises(shm.SharedMemoryError, match="not an embedding segment name"):
-                writer.check(name, segment.token, 0, 1)
+                writer.check(name, segment.token, 0, 1, 7)
         payload = torch.arange(256, dtype=torch.uint8)
-        writer.write(segment.name, 4096, payload)
+        writer.write(segment.name, 4096, payload, 7)
         assert torch.equal(segment.rows(4096, 256), payload)
+        with pytest.raises(shm.StaleRange):
+            writer.write(segment.name, 4096, payload, 8)
     finally:
         writer.close()
         segment.close()
@@ -305,9 +307,9 @@ def test_writer_unmaps_segments_their_owner_unlinked():
     writer = shm.SegmentWriter()
     first, second = shm.OwnedSegment(1 << 16), shm.OwnedSegment(1 << 16)
     try:
-        writer.check(first.name, first.token, 0, 1)
+        writer.check(first.name, first.token, 0, 1, 1)
         first.close()  # its owner is gone
-        writer.check(second.name, second.token, 0, 1)
+        writer.check(second.name, second.token, 0, 1, 1)
         assert writer.open_segments == [second.name]
     finally:
         writer.close()

@@ -16,7 +16,7 @@ from protos import codec, shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from protos.options import vir_from_wire, vir_to_wire
 from vision_server import metrics
-from vision_server.delivery import SharedMemoryDelivery
+from vision_server.delivery import SharedMemoryDelivery, probe_nonce
 from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidRequest, VisionError, grpc_status
 from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
@@ -143,6 +143,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             embedding_cache_bytes=(
                 self.pipeline.cache.capacity_bytes if self.pipeline.cache is not None else 0
             ),
+            shared_memory_nonce=probe_nonce(self.shared_memory, request.shared_memory_probe),
         )
 
 

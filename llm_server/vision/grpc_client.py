@@ -7,8 +7,11 @@ transfers do not queue behind each other on one connection.
 
 Embeddings come back in one of two ways, chosen per call by the vision service: streamed as
 chunk messages, or written straight into this process's shared memory when the service runs
-on the same host (``transport``: ``auto`` offers shared memory when this host has it,
-``grpc`` never does, ``shared-memory`` requires it).
+on the same host (``transport``: ``auto`` offers shared memory once the vision service has
+proved it sees this process's ``/dev/shm``, ``grpc`` never does, ``shared-memory`` requires
+it). The proof is a probe segment named in ``GetModelInfo``, whose random nonce the service
+must read back; until it succeeds (never, across hosts or pods) no shared memory is reserved
+and no segment is named in calls.
 
 Model identity: rows only make sense in prompts of the checkpoint they were computed for.
 ``GetModelInfo`` is asked when a connection becomes ready (at start-up and after every
@@ -23,6 +26,7 @@ import asyncio
 import io
 import json
 import logging
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -122,7 +126,12 @@ class GrpcImageEncoder:
             response_deserializer=vision_pb2.ModelInfo.FromString,
         )
         self.info: vision_pb2.ModelInfo | None = None
+        self.shared_memory_bytes = shared_memory_bytes
         self.arena = _open_arena(transport, shared_memory_bytes)
+        # Whether a model check proved that the vision service sees our /dev/shm. It stays
+        # true: replicas behind the name that do not see it stream, call by call.
+        self.shared_memory_proven = False
+        self._arena_task: asyncio.Task[None] | None = None
         self._model_checked = False
         self._model_check_lock = asyncio.Lock()
         # Checkpoint digests vision replicas answered with, and mismatches already logged.
@@ -164,14 +173,52 @@ class GrpcImageEncoder:
         try:
             async with asyncio.timeout(timeout_s), self._model_check_lock:
                 if not self._model_checked:
-                    info = await self._model_info(
-                        vision_pb2.GetModelInfoRequest(), timeout=timeout_s
-                    )
-                    self._accept_model(info)
+                    await self._ask_model_info(timeout_s)
         except TimeoutError as exc:
             raise vision_error(grpc.StatusCode.DEADLINE_EXCEEDED, "model check") from exc
         except grpc.aio.AioRpcError as exc:
             raise vision_error(exc.code(), exc.details() or "") from exc
+
+    async def _ask_model_info(self, timeout_s: float) -> None:
+        """GetModelInfo, with a shared-memory probe until a vision service has read one."""
+        probe = _new_probe() if self.transport == "auto" and self.arena is None else None
+        request = vision_pb2.GetModelInfoRequest(
+            shared_memory_probe=probe.name if probe is not None else ""
+        )
+        try:
+            info = await self._model_info(request, timeout=timeout_s)
+        finally:
+            if probe is not None:
+                probe.close()
+        self._accept_model(info)
+        if probe is not None:
+            await self._accept_probe(probe, info)
+
+    async def _accept_probe(self, probe: shm.ProbeSegment, info: vision_pb2.ModelInfo) -> None:
+        """Offer shared memory from now on if the vision service read the probe's nonce, and
+        make the arena for it."""
+        if not secrets.compare_digest(info.shared_memory_nonce, probe.nonce):
+            return  # another host or pod, or shared memory off there: calls stream
+        if not self.shared_memory_proven:
+            logger.info("vision service at %s sees this host's shared memory", self.target)
+        self.shared_memory_proven = True
+        if self.arena is None:
+            if self._arena_task is None or self._arena_task.done():
+                self._arena_task = asyncio.get_running_loop().create_task(
+                    self._create_arena(), name="vision-shared-memory"
+                )
+            # Shielded: a check that times out meanwhile leaves the arena to be finished.
+            await asyncio.shield(self._arena_task)
+
+    async def _create_arena(self) -> None:
+        # Reserving the pages (posix_fallocate of --shared-memory-mb) takes tens of ms.
+        try:
+            arena = await asyncio.to_thread(EmbeddingArena, self.shared_memory_bytes)
+        except shm.SharedMemoryError as exc:
+            logger.info("embeddings will be streamed over gRPC: %s", exc)
+            return
+        self.arena = arena
+        _log_arena(arena)
 
     def _accept_model(self, info: vision_pb2.ModelInfo) -> None:
         if info.hidden_size != self.expected_hidden_size:
@@ -280,15 +327,14 @@ class GrpcImageEncoder:
                     token=self.arena.segment.token,
                     offset=reservation.offset,
                     capacity=reservation.size,
+                    generation=reservation.generation,
                 )
             )
         encode = self._encode[self._next_channel]
         self._next_channel = (self._next_channel + 1) % len(self._encode)
         call = encode(request, timeout=max(deadline - time.monotonic(), 0.001))
-        done = False
         try:
             results = await self._receive(call, reservation)
-            done = True
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             raise vision_error(exc.code(), details, request_bytes=request.ByteSize()) from exc
@@ -300,10 +346,9 @@ class GrpcImageEncoder:
             # object is collected. A finished call ignores this.
             call.cancel()
             if reservation is not None and self.arena is not None:
-                if done:
-                    self.arena.release(reservation)
-                else:  # the vision service may still be writing into it
-                    self.arena.release_later(reservation)
+                # Even if the vision service is still writing: the range's stamp is cleared
+                # first, so no late write can land in it once it is reserved again.
+                self.arena.release(reservation)
         if len(results) != len(images) + len(videos):
             raise VisionBadResponse(
                 f"vision service returned {len(results)} of {len(images) + len(videos)} "
@@ -319,8 +364,10 @@ class GrpcImageEncoder:
         videos: Sequence[VideoInput] = (),
     ) -> Reservation | None:
         """A shared-memory range large enough for the most rows these images and videos can
-        produce (a video: one tile per frame)."""
+        produce (a video: one tile per frame); None when shared memory is not offered."""
         if self.arena is None or self.info is None:
+            return None
+        if self.transport == "auto" and not self.shared_memory_proven:
             return None
         info = self.info
         try:
@@ -375,6 +422,8 @@ class GrpcImageEncoder:
                         reservation, header.shared_memory_offset, header.num_bytes
                     )
                     embeddings = codec.tensor_from_bytes(rows, shape, header.dtype)
+                    if not self.arena.holds(reservation):  # copied while still ours?
+                        raise VisionBadResponse("the shared-memory range changed hands")
                     metrics.embedding_bytes.labels(transport="shared_memory").inc(header.num_bytes)
                     metrics.vision_transfer.observe(time.perf_counter() - header_at)
                     results.append(_visual_embedding(header, embeddings))
@@ -421,6 +470,8 @@ class GrpcImageEncoder:
             watcher.cancel()
         for channel in self._channels:
             await channel.close()
+        if self._arena_task is not None:
+            await self._arena_task
         if self.arena is not None:
             self.arena.close()
 
@@ -558,19 +609,32 @@ TRANSPOSED = frozenset({5, 6, 7, 8})
 
 
 def _open_arena(transport: EmbeddingTransport, size_bytes: int) -> EmbeddingArena | None:
-    """The shared-memory arena for ``transport``, None when embeddings are only streamed."""
-    if transport == "grpc":
+    """The arena to create at start-up: only when shared memory is required (a full
+    ``/dev/shm`` then stops the service at once). ``auto`` creates it once a vision service
+    has proved it sees it; until then it only unlinks what dead processes left behind."""
+    if transport == "auto" and shm.available():
+        shm.reclaim_orphans()
+    if transport != "shared-memory":
         return None
-    try:
-        arena = EmbeddingArena(size_bytes)
-    except shm.SharedMemoryError as exc:
-        if transport == "shared-memory":
-            raise
-        logger.info("embeddings will be streamed over gRPC: %s", exc)
-        return None
+    arena = EmbeddingArena(size_bytes)
+    _log_arena(arena)
+    return arena
+
+
+def _log_arena(arena: EmbeddingArena) -> None:
     logger.info(
         "offering the vision service %d MiB of shared memory (%s) for embeddings",
         arena.size >> 20,
         arena.segment.name,
     )
-    return arena
+
+
+def _new_probe() -> shm.ProbeSegment | None:
+    """A probe segment for the next model check; None where this host has no shared memory."""
+    if not shm.available():
+        return None
+    try:
+        return shm.ProbeSegment()
+    except shm.SharedMemoryError as exc:
+        logger.info("no shared-memory probe: %s", exc)
+        return None

@@ -56,16 +56,18 @@ class EncodeOptions(_message.Message):
     def __init__(self, max_tiles: _Optional[int] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., vir_threshold: _Optional[float] = ...) -> None: ...
 
 class SharedMemoryTarget(_message.Message):
-    __slots__ = ("segment", "token", "offset", "capacity")
+    __slots__ = ("segment", "token", "offset", "capacity", "generation")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     segment: str
     token: bytes
     offset: int
     capacity: int
-    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "images", "options", "shared_memory", "videos")
@@ -154,11 +156,13 @@ class EncodeResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ImageHeader, _Mapping]] = ..., chunk: _Optional[_Union[EmbeddingChunk, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("shared_memory_probe",)
+    SHARED_MEMORY_PROBE_FIELD_NUMBER: _ClassVar[int]
+    shared_memory_probe: str
+    def __init__(self, shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "checkpoint_layout", "hidden_size", "dtype", "tile_size", "tokens_per_tile", "compressed_tokens_per_tile", "default_max_tiles", "max_tiles_limit", "use_thumbnail", "vir_available", "image_start_token", "image_context_token", "image_end_token", "device", "checkpoint_digest", "embedding_cache_bytes")
+    __slots__ = ("model_id", "checkpoint_layout", "hidden_size", "dtype", "tile_size", "tokens_per_tile", "compressed_tokens_per_tile", "default_max_tiles", "max_tiles_limit", "use_thumbnail", "vir_available", "image_start_token", "image_context_token", "image_end_token", "device", "checkpoint_digest", "embedding_cache_bytes", "shared_memory_nonce")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_NONCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     checkpoint_layout: str
     hidden_size: int
@@ -193,4 +198,5 @@ class ModelInfo(_message.Message):
     device: str
     checkpoint_digest: str
     embedding_cache_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., checkpoint_layout: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tile_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., compressed_tokens_per_tile: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., max_tiles_limit: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ..., vir_available: _Optional[bool] = ..., image_start_token: _Optional[str] = ..., image_context_token: _Optional[str] = ..., image_end_token: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_digest: _Optional[str] = ..., embedding_cache_bytes: _Optional[int] = ...) -> None: ...
+    shared_memory_nonce: bytes
+    def __init__(self, model_id: _Optional[str] = ..., checkpoint_layout: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tile_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., compressed_tokens_per_tile: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., max_tiles_limit: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ..., vir_available: _Optional[bool] = ..., image_start_token: _Optional[str] = ..., image_context_token: _Optional[str] = ..., image_end_token: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_digest: _Optional[str] = ..., embedding_cache_bytes: _Optional[int] = ..., shared_memory_nonce: _Optional[bytes] = ...) -> None: ...
