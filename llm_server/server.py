@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import sys
@@ -29,6 +30,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
 logger = logging.getLogger("llm_server")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine. Names other than ``localhost``
+    are not resolved: what they resolve to can change after the check."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def unauthenticated_exposure(settings: LLMSettings) -> str | None:
+    """Why the settings would expose /v1 without a key to other machines, or None."""
+    has_key = settings.api_key is not None and settings.api_key.get_secret_value() != ""
+    if has_key or settings.allow_unauthenticated or is_loopback(settings.host):
+        return None
+    return (
+        f"refusing to serve /v1 on {settings.host} without an API key: anyone who reaches this "
+        "address could use the model. Set --api-key (DVD_API_KEY), listen on 127.0.0.1, or "
+        "pass --allow-unauthenticated if something in front of this service authenticates"
+    )
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that a SIGTERM/SIGINT that led to a graceful drain ends the process with
     status 0 (uvicorn re-raises the signal after shutting down, which exits with 128 + 15)."""
@@ -47,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Before the port is bound and the model loaded: a configuration error, reported at once.
+    refusal = unauthenticated_exposure(settings)
+    if refusal is not None:
+        logger.error(refusal)
+        sys.exit(2)
     sock = bind_socket(settings.host, settings.port)
     failures: list[str] = []
 

@@ -61,6 +61,11 @@ class LLMSettings(CheckpointSettings):
         description="size of a request's line and headers; beyond it a 431 (a 400 and the "
         "connection closed when the parser meets it before they are all in)",
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve /v1 without --api-key on an address other than loopback (without "
+        "this flag the service refuses to start there)",
+    )
 
     # ---- vision ----
     vision: Literal["grpc", "inprocess"] = Field(

@@ -30,6 +30,10 @@ from helpers import (
     noise_image,
 )
 
+from llm_server.launcher import ServeSettings
+from llm_server.server import unauthenticated_exposure
+from llm_server.settings import LLMSettings
+
 BIN = Path(sys.executable).parent
 
 
@@ -127,6 +131,61 @@ def test_compose_gpu_file_is_what_operators_expect():
     )
     assert tuned["services"]["vision"]["environment"]["DVD_MODEL"] == "org/model"
     assert "--tensor-parallel-size=2" in tuned["services"]["llm"]["command"]
+
+
+def compose_llm_settings(service: dict[str, Any]) -> LLMSettings:
+    """The language service's settings as its container reads them: its DVD_* variables
+    (empty ones mean unset), then its flags."""
+    values: dict[str, Any] = {
+        name.removeprefix("DVD_").lower(): value
+        for name, value in service["environment"].items()
+        if name.startswith("DVD_") and value != ""
+    }
+    for arg in service["command"][1:]:
+        name, equals, value = arg.removeprefix("--").partition("=")
+        values[name.replace("-", "_")] = value if equals else True
+    # model_validate, not the constructor: this process's own DVD_* variables must not count.
+    return LLMSettings.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ("docker-compose.yml",),
+        ("docker-compose.yml", "docker-compose.cpu.yml"),
+        ("docker-compose.yml", "docker-compose.single-gpu.yml"),
+    ],
+)
+def test_compose_serves_the_api_on_loopback_without_a_key(files):
+    """In its container the language service listens on 0.0.0.0, which it refuses without a
+    key; compose lets it (DVD_ALLOW_UNAUTHENTICATED) and publishes the port on this host's
+    loopback only. Publishing it further goes with a key, which /v1 then requires."""
+    llm = load_compose(*files, env={})["services"]["llm"]
+    host_address, host_port, container_port = llm["ports"][0].split(":")
+    assert (host_address, host_port, container_port) == ("127.0.0.1", "8000", "8000")
+    settings = compose_llm_settings(llm)
+    assert settings.host == "0.0.0.0" and settings.api_key is None
+    assert settings.allow_unauthenticated and unauthenticated_exposure(settings) is None
+    assert "DVD_API_KEY" not in load_compose(*files, env={})["services"]["vision"]["environment"]
+
+    strict = load_compose(*files, env={"DVD_ALLOW_UNAUTHENTICATED": "false"})["services"]["llm"]
+    assert unauthenticated_exposure(compose_llm_settings(strict)) is not None
+    published = load_compose(*files, env={"DVD_API_KEY": "sk-1", "DVD_HTTP_ADDRESS": "0.0.0.0"})
+    llm = published["services"]["llm"]
+    assert llm["ports"][0] == "0.0.0.0:8000:8000"
+    settings = compose_llm_settings(llm)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "sk-1"
+
+
+def test_make_serve_needs_no_key():
+    """`make serve` (dvd-serve) listens on 127.0.0.1: no key, and the check lets it start."""
+    host = ServeSettings.model_validate({}).host
+    assert host == "127.0.0.1"
+    assert unauthenticated_exposure(LLMSettings.model_validate({"host": host})) is None
+    for loopback in ("localhost", "127.0.0.3", "::1"):
+        assert unauthenticated_exposure(LLMSettings.model_validate({"host": loopback})) is None
+    for exposed in ("0.0.0.0", "::", "10.1.2.3", "", "llm.internal"):
+        assert unauthenticated_exposure(LLMSettings.model_validate({"host": exposed})), exposed
 
 
 def test_compose_variants():
