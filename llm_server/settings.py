@@ -150,8 +150,9 @@ class LLMSettings(CheckpointSettings):
     max_json_items: int = Field(
         200_000,
         ge=1,
-        description="commas, objects and arrays in one request body, counted before it is "
-        "parsed (parsing runs on the event loop and costs most for many tiny values)",
+        description="commas, objects, arrays and escapes in one request body, counted as it "
+        "arrives, before it is parsed (parsing holds the event loop and costs most for many "
+        "tiny values and for escapes)",
     )
     max_concurrent_requests: int = Field(
         256, ge=1, description="chat requests served at once; beyond it requests get a 429"

@@ -28,6 +28,7 @@ import pytest
 import uvicorn
 
 from llm_server.api.admission import Admission
+from llm_server.api.middleware import json_items, read_body
 from llm_server.app import create_app
 from llm_server.http_server import uvicorn_config
 from llm_server.server import bind_socket
@@ -250,6 +251,31 @@ def test_a_body_of_many_tiny_json_values_is_refused_before_parsing():
         assert b"JSON items" in refused
         within = exchange(port, post_chat(crowded.replace(b"{},", b"0 ", 120)))
         assert status(within) != 413, within
+
+
+def test_a_body_of_escapes_is_refused_before_parsing():
+    """An escape costs a string about twice a plain character: escapes count as items."""
+    text = b"\\n" * 200
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + text + b'"}]}'
+    with served(limits(max_json_items=150)) as port:
+        refused = exchange(port, post_chat(body))
+        assert status(refused) == 413, refused
+        assert b"escapes" in refused
+        within = exchange(port, post_chat(body.replace(b"\\n", b"nn", 100)))
+        assert status(within) != 413, within
+
+
+def test_the_body_is_counted_chunk_by_chunk_as_it_arrives():
+    body = b'{"a": [1, 2, {"b": "\\n\\t"}], "c": "' + b"x" * 1000 + b'"}'
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]
+
+    async def receive() -> dict:
+        piece = pieces.pop(0)
+        return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+    received = asyncio.run(read_body(receive, max_bytes=len(body)))
+    assert json_items(body) == 8  # 3 commas, 2 objects, 1 array, 2 escapes
+    assert received == (body, 8)
 
 
 def test_a_full_server_refuses_before_parsing_the_body():

@@ -88,11 +88,20 @@ class _BodyTooLarge(Exception):
         self.unread = unread  # more of the body is on its way
 
 
-async def read_body(receive: Receive, max_bytes: int) -> bytes | None:
-    """The whole request body; None when the client left while sending it; ``_BodyTooLarge``
-    as soon as it passes ``max_bytes``."""
+def json_items(data: bytes) -> int:
+    """Commas, objects, arrays and escapes in ``data``: every JSON value but the first of its
+    array or object follows a comma, containers cost the most to build, and an escape costs
+    a string about twice a plain character (64 MiB of ``\\n`` took ``json.loads`` 0.23 s,
+    of plain text 0.12 s). Base64 (images, videos) has none of them."""
+    return data.count(b",") + data.count(b"{") + data.count(b"[") + data.count(b"\\")
+
+
+async def read_body(receive: Receive, max_bytes: int) -> tuple[bytes, int] | None:
+    """The whole request body and its ``json_items``, counted chunk by chunk as it arrives
+    (64 MiB counted at once held the event loop 75 ms); None when the client left while
+    sending it; ``_BodyTooLarge`` as soon as it passes ``max_bytes``."""
     chunks: list[bytes] = []
-    size = 0
+    size = items = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client left while sending
@@ -103,15 +112,9 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes | None:
         if size > max_bytes:
             raise _BodyTooLarge(unread=more)
         chunks.append(chunk)
+        items += json_items(chunk)
         if not more:
-            return b"".join(chunks)
-
-
-def json_items(body: bytes) -> int:
-    """Commas, objects and arrays in ``body``: every JSON value but the first of its array or
-    object follows a comma, and containers cost the most to build. Base64 (images, videos)
-    has none of them. A few milliseconds per 10 MiB."""
-    return body.count(b",") + body.count(b"{") + body.count(b"[")
+            return b"".join(chunks), items
 
 
 class BodyLimitMiddleware:
@@ -119,7 +122,7 @@ class BodyLimitMiddleware:
     ``Content-Length`` says so, else as soon as they pass the limit; bodies that have not
     all arrived ``read_timeout_s`` after the headers with a 408 (a client that sends one byte
     a second holds a connection that long, no longer); and bodies with more than
-    ``max_json_items`` JSON items with a 413, before they are parsed (parsing runs on the
+    ``max_json_items`` JSON items with a 413, before they are parsed (parsing holds the
     event loop, and a body of tiny values costs many times one of long strings). The app
     receives the body in one message, once it has all arrived within the limits."""
 
@@ -146,7 +149,7 @@ class BodyLimitMiddleware:
             return
         try:
             async with asyncio.timeout(self.read_timeout_s):
-                body = await read_body(receive, self.max_bytes)
+                received = await read_body(receive, self.max_bytes)
         except _BodyTooLarge as exc:
             await refuse(scope, receive, send, self._too_large(), unread=exc.unread)
             return
@@ -160,13 +163,13 @@ class BodyLimitMiddleware:
             )
             await response(scope, receive, send)
             return
-        if body is None:
+        if received is None:
             return
-        items = json_items(body)
+        body, items = received
         if items > self.max_json_items:
             crowded = RequestTooLarge(
-                f"the request body holds {items} JSON items (commas, objects and arrays); the "
-                f"limit is {self.max_json_items}"
+                f"the request body holds {items} JSON items (commas, objects, arrays and "
+                f"escapes); the limit is {self.max_json_items}"
             )
             await refuse(scope, receive, send, crowded, unread=False)
             return
