@@ -67,12 +67,14 @@ from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEn
 DEFAULT_CACHE = Path("~/.cache/dvd/bench-vision").expanduser()
 BUSY_SAMPLE = "dvd:vision_device_busy_seconds_total"
 # Read around each level: device-busy time, the tiles and number of forward passes, and the
-# CPU time of the process that serves (prometheus-client's process collector).
+# CPU time of the process that serves (prometheus-client's process collector) and of its media
+# worker processes, which decode and tile the images.
 LEVEL_SAMPLES = (
     BUSY_SAMPLE,
     "dvd:vision_batch_tiles_sum",
     "dvd:vision_batch_tiles_count",
     "process_cpu_seconds_total",
+    "dvd:vision_media_worker_cpu_seconds_total",
 )
 # Served levels also read how the rows went back (shared memory or the gRPC stream), and how
 # long the server spent on each call (the rest of the latency is the client and the hop).
@@ -319,7 +321,9 @@ async def run_level(
         first, last = before.get(sample), after.get(sample)
         return None if first is None or last is None else last - first
 
-    busy, pass_tiles, passes, cpu_seconds = (grown(sample) for sample in LEVEL_SAMPLES)
+    busy, pass_tiles, passes, cpu_seconds, worker_seconds = (
+        grown(sample) for sample in LEVEL_SAMPLES
+    )
     shared_bytes, streamed_bytes, call_seconds, calls = (grown(sample) for sample in SERVED_SAMPLES)
     rows_bytes = (shared_bytes or 0.0) + (streamed_bytes or 0.0)
     return {
@@ -337,8 +341,17 @@ async def run_level(
         # concurrency mean the tile queue ran dry.
         "tiles_per_pass": pass_tiles / passes if pass_tiles is not None and passes else None,
         # CPU time of the serving process per image (in process: the bench's own process,
-        # clients included), all threads: what one image costs the host.
-        "cpu_ms_per_image": None if cpu_seconds is None else 1000 * cpu_seconds / len(latencies),
+        # clients included), all threads, and of its media workers: what one image costs the
+        # host.
+        "cpu_ms_per_image": (
+            None
+            if cpu_seconds is None
+            else 1000 * (cpu_seconds + (worker_seconds or 0.0)) / len(latencies)
+        ),
+        # The media workers' share of it (decoding and tiling).
+        "worker_cpu_ms_per_image": (
+            None if worker_seconds is None else 1000 * worker_seconds / len(latencies)
+        ),
         # The share of the rows written into the client's shared memory (the rest streamed
         # over gRPC); None in process.
         "shared_memory_share": (shared_bytes or 0.0) / rows_bytes if rows_bytes else None,

@@ -102,10 +102,10 @@ class LLMSettings(CheckpointSettings):
     shared_memory_mb: int = Field(
         256,
         ge=1,
-        description="shared memory (/dev/shm, reserved up front) for embeddings from a vision "
-        "service on this host; each call takes room for its rows (its images' tiles, counted "
-        "from their headers, x 256 x the LLM width x 2 bytes in bfloat16) and calls that find "
-        "it full stream instead",
+        description="shared memory (/dev/shm, reserved once a vision service has proven it "
+        "shares this host, by reading back a probe) for embeddings; each call takes room for "
+        "its rows (its images' tiles, counted from their headers, x 256 x the LLM width x 2 "
+        "bytes in bfloat16) and calls that find it full stream instead",
     )
     vision_channels: int = Field(
         1, ge=1, le=64, description="gRPC connections to each vision replica (for large transfers)"

@@ -4,13 +4,13 @@ must get the rows and router decisions it gets in one piece (bit for bit),
 whatever order the parts finish in; under load an image is prepared in one piece; a call that
 fails drops the cuts it started.
 
-Real encoder (the tiny Flash checkpoint, on the CPU), real batcher, real preprocessing.
+Real encoder (the tiny Flash checkpoint, on the CPU), real batcher, real preprocessing (in
+the media worker processes).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch
 from helpers import encode_image, noise_image
 
 from protos.options import VirMode
-from vision_server import pipeline as pipeline_module
 from vision_server.batching import TileBatcher
 from vision_server.engine import EncodedImage, TileParts
 from vision_server.errors import TooManyImages
@@ -161,20 +160,13 @@ def test_under_load_an_image_is_prepared_in_one_piece(flash_pipeline, monkeypatc
     """With tiles of another request already queued, the encoder is not idle: the image is
     decoded and cut in one piece, and queued as one job."""
     decoded: list[str] = []
+    prepare = flash_pipeline.media.prepare_image
 
-    def spy(name: str, prepare: Callable[..., Any]) -> Callable[..., Any]:
-        def spied(*args: Any) -> Any:
-            decoded.append(name)
-            return prepare(*args)
+    async def spied(data: bytes, options: Any, in_parts: bool = False) -> Any:
+        decoded.append("in parts" if in_parts else "one piece")
+        return await prepare(data, options, in_parts)
 
-        return spied
-
-    monkeypatch.setattr(
-        pipeline_module, "prepare_image", spy("one piece", pipeline_module.prepare_image)
-    )
-    monkeypatch.setattr(
-        pipeline_module, "decode_for_parts", spy("in parts", pipeline_module.decode_for_parts)
-    )
+    monkeypatch.setattr(flash_pipeline.media, "prepare_image", spied)
 
     async def scenario() -> list[int]:
         batcher = _fresh_batcher(flash_pipeline)  # not started: what is queued stays queued
@@ -206,14 +198,15 @@ def test_a_refused_call_drops_the_cuts_it_started(flash_pipeline, monkeypatch):
     """The tile count is known only after decoding: a call over the per-request limit is
     refused then, and the cuts it started are cancelled or finished, none left pending."""
     started: list[TileParts] = []
-    cut_in_parts = VisionPipeline._cut_in_parts
+    prepare = flash_pipeline.media.prepare_image
 
-    def spied(self: VisionPipeline, planned: Any) -> TileParts:
-        parts = cut_in_parts(self, planned)
-        started.append(parts)
-        return parts
+    async def spied(data: bytes, options: Any, in_parts: bool = False) -> Any:
+        prepared = await prepare(data, options, in_parts)
+        if isinstance(prepared, TileParts):
+            started.append(prepared)
+        return prepared
 
-    monkeypatch.setattr(VisionPipeline, "_cut_in_parts", spied)
+    monkeypatch.setattr(flash_pipeline.media, "prepare_image", spied)
     monkeypatch.setattr(flash_pipeline.settings, "max_tiles_per_request", 6)
 
     async def scenario() -> None:

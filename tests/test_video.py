@@ -93,7 +93,7 @@ def test_limits_are_checked_before_any_frame_is_decoded(monkeypatch, limits, fra
     def no_decoding(*args, **kwargs):
         raise AssertionError("a frame was decoded")
 
-    monkeypatch.setattr(video_module, "decode_frames", no_decoding)
+    monkeypatch.setattr(video_module, "decode_sampled_tiles", no_decoding)
     with pytest.raises(InvalidVideo, match=fragment):
         prepare_video(data, 8, limits)
 

@@ -8,7 +8,6 @@ started, so that whatever is submitted stays queued and the queue can be filled 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ import pytest
 import torch
 from helpers import encode_image, encode_video, grey_level_frames, noise_image
 
-from vision_server import pipeline as pipeline_module
 from vision_server.batching import TileBatcher
 from vision_server.errors import Overloaded
 from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
-from vision_server.preprocess import decode_for_parts, prepare_image
 
 TILE_BYTES = 3 * 448 * 448  # one uint8 RGB tile
 
@@ -37,21 +34,17 @@ def vision_pipeline(tiny_models: dict[str, Path]):
 
 
 @pytest.fixture
-def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the images the pipeline decodes, one entry per image: in one piece
-    (``prepare_image``) under load, or decoded and then cut in parts (``decode_for_parts``)
-    while the encoder is idle."""
+def decodes(vision_pipeline: VisionPipeline, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the images the pipeline hands to its media workers, one entry per image (in
+    one piece or in parts)."""
     calls: list[int] = []
+    prepare = vision_pipeline.media.prepare_image
 
-    def counting(prepare: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(data: bytes, *args: Any) -> Any:
-            calls.append(len(data))
-            return prepare(data, *args)
+    async def counted(data: bytes, *args: Any) -> Any:
+        calls.append(len(data))
+        return await prepare(data, *args)
 
-        return counted
-
-    monkeypatch.setattr(pipeline_module, "prepare_image", counting(prepare_image))
-    monkeypatch.setattr(pipeline_module, "decode_for_parts", counting(decode_for_parts))
+    monkeypatch.setattr(vision_pipeline.media, "prepare_image", counted)
     return calls
 
 
@@ -198,11 +191,11 @@ def test_video_frames_count_in_the_bound(vision_pipeline, decodes, monkeypatch):
     at 8 frames is refused before the video is opened, and so is an image next to it."""
     opened: list[int] = []
 
-    def counting_video(data: bytes, *args: Any) -> Any:
+    async def counting_video(data: bytes, *args: Any) -> Any:
         opened.append(len(data))
         raise AssertionError("the video was decoded")
 
-    monkeypatch.setattr(pipeline_module, "prepare_video", counting_video)
+    monkeypatch.setattr(vision_pipeline.media, "prepare_video", counting_video)
     video = VideoPayload(encode_video(grey_level_frames(16)), num_frames=8)
 
     async def scenario() -> list[Overloaded]:

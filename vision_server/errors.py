@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+# Why an image or video failed in a media worker that ran out of its address space.
+MEMORY_LIMIT_REASON = "decoding it needs more memory than the limit"
+
 
 class VisionError(Exception):
     """Base class: a request the vision service refuses or cannot serve."""
@@ -57,6 +60,13 @@ class EncodeFailed(VisionError):
 class EngineFailed(VisionError):
     """The encoder can no longer run (a broken device context, a dead batching loop): the
     process reports NOT_SERVING and exits so that its supervisor restarts it."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class MediaWorkersUnavailable(VisionError):
+    """No media worker process runs (none can be started, or the service is stopping): images
+    and videos cannot be decoded here; another replica may."""
 
     status = grpc.StatusCode.UNAVAILABLE
 

@@ -79,6 +79,20 @@ embedding_cache_entries = Gauge(
     "dvd:vision_embedding_cache_entries", "Images held by the embedding cache."
 )
 
+media_worker_restarts = Counter(
+    "dvd:vision_media_worker_restarts",
+    "Media worker processes replaced, by reason (crashed: a signal or an exit while decoding; "
+    "cpu_limit, timeout: a limit of one item; protocol: an answer out of protocol; cancelled: "
+    "not stopped in time after its call was cancelled; recycled: its address space stayed "
+    "large after an item; start: could not start).",
+    ["reason"],
+)
+media_worker_cpu_seconds = Counter(
+    "dvd:vision_media_worker_cpu_seconds",
+    "CPU time the media worker processes spent on the items they finished (decoding and "
+    "tiling; not counted in process_cpu_seconds_total, which is the server's own).",
+)
+
 
 def observe_pass(num_tiles: int, seconds: float) -> None:
     batch_tiles.observe(num_tiles)

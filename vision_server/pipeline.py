@@ -34,19 +34,10 @@ from vision_server.embedding_cache import (
 )
 from vision_server.engine import EncodedImage, EncoderEngine, TileParts
 from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
-from vision_server.preprocess import (
-    ImageLimits,
-    PlannedImage,
-    PreparedImage,
-    TilingOptions,
-    cut_grid,
-    cut_thumbnail,
-    decode_for_parts,
-    prepare_image,
-)
+from vision_server.media_workers import MediaWorkerConfig, MediaWorkerPool, default_workers
+from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions
 from vision_server.settings import VisionSettings
-from vision_server.threads import started_pool
-from vision_server.video import PreparedVideo, SampledFrames, VideoLimits, prepare_video
+from vision_server.video import PreparedVideo, SampledFrames, VideoLimits
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +89,31 @@ class VisionPipeline:
             max_pixels=settings.max_video_pixels,
             max_duration_s=settings.max_video_duration_s,
             max_decoded_frames=settings.max_video_decoded_frames,
+            max_decoded_pixels=settings.max_video_decoded_pixels,
+            max_decode_s=settings.max_video_decode_s,
         )
         self.default_num_frames = settings.num_frames or spec.video_frames
-        self._preprocess_pool = started_pool(settings.preprocess_workers, "preprocess")
+        # Every image and video is decoded and tiled in these processes, never in this one.
+        self.media = MediaWorkerPool(
+            MediaWorkerConfig(
+                workers=settings.preprocess_workers or default_workers(),
+                memory_bytes=settings.media_worker_memory_mb * 1024 * 1024,
+                item_cpu_s=settings.media_item_cpu_s,
+                item_timeout_s=settings.media_item_timeout_s,
+                image_limits=self.limits,
+                video_limits=self.video_limits,
+                max_image_tiles=settings.max_tiles_limit + 1,
+                max_frames=settings.max_num_frames,
+                tile_size=spec.vision.image_size,
+            )
+        )
         overlap = settings.overlap_preparation
         self.overlap_preparation = overlap == "on" or (
             overlap == "auto" and engine.device.type == "cuda"
         )
 
     def close(self) -> None:
-        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self.media.close()
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -204,52 +210,44 @@ class VisionPipeline:
         indexes: list[int],
         frames: list[int],
     ) -> tuple[dict[int, PreparedImage | TileParts], list[PreparedVideo]]:
-        """Decode and tile the images at ``indexes`` and sample every video (in the thread
-        pool). While the encoder is idle, an image's grid and thumbnail are cut in parallel
-        after decoding, and the engine takes each part as soon as it is cut (``TileParts``);
-        under load, each image is prepared in one piece, one thread hop and one pass slice."""
-        loop = asyncio.get_running_loop()
-        pool = self._preprocess_pool
+        """Decode and tile the images at ``indexes`` and sample every video, in the media
+        workers. While the encoder is idle, an image comes back as soon as it is decoded and
+        its grid and thumbnail are cut on two threads of its worker, the engine taking each
+        part as soon as it is cut (``TileParts``); under load, each image comes in one piece,
+        one pass slice. The first item that fails fails the call, and the others are stopped
+        (their workers are told, or killed)."""
         in_parts = self.overlap_preparation and self.engine.idle
-        prepare = decode_for_parts if in_parts else prepare_image
-        image_jobs = [
-            loop.run_in_executor(
-                pool, prepare, call.images[index].data, self.limits, per_image[index]
+        media = self.media
+        jobs: list[asyncio.Future[PreparedImage | TileParts | PreparedVideo]] = [
+            asyncio.ensure_future(
+                media.prepare_image(call.images[index].data, per_image[index], in_parts)
             )
             for index in indexes
         ]
-        tile_size = self.spec.vision.image_size
-        video_jobs = [
-            loop.run_in_executor(
-                pool, prepare_video, video.data, count, self.video_limits, tile_size
-            )
+        jobs += [
+            asyncio.ensure_future(media.prepare_video(video.data, count))
             for video, count in zip(call.videos, frames, strict=True)
         ]
-        results = await asyncio.gather(*image_jobs, *video_jobs, return_exceptions=True)
-        for position, result in enumerate(results):
-            if isinstance(result, InvalidImage):
-                raise InvalidImage(f"image {indexes[position]}: {result}")
-            if isinstance(result, InvalidVideo):
-                raise InvalidVideo(f"video {position - len(image_jobs)}: {result}")
-            if isinstance(result, BaseException):
-                raise result
-        images = cast(list[PreparedImage | PlannedImage], results[: len(image_jobs)])
-        videos = cast(list[PreparedVideo], results[len(image_jobs) :])
-        prepared = [
-            self._cut_in_parts(image) if isinstance(image, PlannedImage) else image
-            for image in images
-        ]
-        return dict(zip(indexes, prepared, strict=True)), videos
-
-    def _cut_in_parts(self, planned: PlannedImage) -> TileParts:
-        """Start cutting ``planned``'s grid and thumbnail, each on its own thread."""
-        loop = asyncio.get_running_loop()
-        pool = self._preprocess_pool
-        parts = [
-            loop.run_in_executor(pool, cut_grid, planned),
-            loop.run_in_executor(pool, cut_thumbnail, planned),
-        ]
-        return TileParts(parts, planned.grid)
+        succeeded = False
+        try:
+            pending = set(jobs)
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for position, job in enumerate(jobs):
+                    if job.done() and (error := job.exception()) is not None:
+                        raise _labelled(error, position, indexes)
+            succeeded = True
+        finally:
+            if not succeeded:  # stop what still runs, drop the parts still being cut
+                for job in jobs:
+                    if not job.done():
+                        job.cancel()
+                    elif not job.cancelled() and job.exception() is None:  # (retrieved)
+                        _discard_parts([job.result()])
+        results = [job.result() for job in jobs]
+        images = cast(list[PreparedImage | TileParts], results[: len(indexes)])
+        videos = cast(list[PreparedVideo], results[len(indexes) :])
+        return dict(zip(indexes, images, strict=True)), videos
 
     def _check_tiles(
         self,
@@ -282,13 +280,9 @@ class VisionPipeline:
             # are not cached: such a request could never hit, and its rows must not be served
             # to a request without the same videos.
             return None
-        loop = asyncio.get_running_loop()
         # sha256 releases the GIL: large images are hashed off the event loop, in parallel.
         hashes = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._preprocess_pool, hashlib.sha256, image.data)
-                for image in call.images
-            )
+            *(asyncio.to_thread(hashlib.sha256, image.data) for image in call.images)
         )
         flash = self.spec.flash
         thresholds = None
@@ -405,7 +399,17 @@ class VisionPipeline:
         )
 
 
-def _discard_parts(images: Iterable[PreparedImage | TileParts]) -> None:
+def _labelled(error: BaseException, position: int, indexes: list[int]) -> BaseException:
+    """``error`` of the job at ``position`` (the images to encode, then the videos), saying
+    which image or video of the request it is about."""
+    if isinstance(error, InvalidImage):
+        return InvalidImage(f"image {indexes[position]}: {error}")
+    if isinstance(error, InvalidVideo):
+        return InvalidVideo(f"video {position - len(indexes)}: {error}")
+    return error
+
+
+def _discard_parts(images: Iterable[PreparedImage | TileParts | PreparedVideo]) -> None:
     """Cancel the cuts nobody will await (the call failed or ended early); retrieve the errors
     of those that failed, so none is logged as never retrieved."""
     for image in images:

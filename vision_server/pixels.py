@@ -1,8 +1,9 @@
 """An RGB Pillow image's pixels as a numpy view, without copying them.
 
 ``np.asarray(image)`` goes through ``Image.tobytes``, which copies every pixel twice while
-holding the GIL: in a service where the event loop and the pass launcher need the GIL, that
-is the largest share of preprocessing that blocks them. Pillow also exports its own pixel
+holding the GIL: time, and memory under a media worker's limit (tiles are cut in the media
+worker processes; when they were cut in the server, this was also the largest share of
+preprocessing that blocked its event loop and pass launcher). Pillow also exports its own pixel
 memory through the Arrow C data interface (``__arrow_c_array__``, a stable ABI): an RGB image
 is a list of 4-byte pixels (R, G, B, padding) in one block. ``rgb_pixels`` reads that block as
 an ``[H, W, 3]`` view, and the tiles are then copied out of it by numpy, which releases the GIL.

@@ -1,6 +1,11 @@
 """Encoded image bytes -> uint8 tiles, as InternVL cuts them (Pillow only).
 
-CPU-heavy (decode, resize): the service runs it in a thread pool, never on the event loop.
+CPU-heavy (decode, resize) and fed untrusted bytes: the service runs it in its media worker
+processes (``vision_server/media_worker.py``), which write the tiles straight into shared
+memory (``write_grid``, ``write_thumbnail``). torch is imported only by the functions that
+return tensors (``tile_image``, ``prepare_image``: in-process use, tests and benchmarks), so
+that a worker never loads it (a second of start-up and hundreds of MB of address space under
+the worker's memory limit).
 """
 
 from __future__ import annotations
@@ -8,15 +13,18 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protos.image_formats import IMAGE_FORMATS
 from protos.tiling import TileGrid, plan_tiles
-from vision_server.errors import InvalidImage
+from vision_server.errors import MEMORY_LIMIT_REASON, InvalidImage
 from vision_server.pixels import rgb_pixels
+
+if TYPE_CHECKING:
+    import torch
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -84,6 +92,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         Image.DecompressionBombError,
     ) as exc:
         raise InvalidImage(f"cannot decode image: {exc}") from exc
+    except MemoryError as exc:  # the worker's address-space limit (RLIMIT_AS)
+        raise InvalidImage(f"cannot decode image: {MEMORY_LIMIT_REASON}") from exc
     if image.width < 1 or image.height < 1:
         raise InvalidImage("image has no pixels")
     # Phone photos store their orientation in EXIF; what the user sees is the transposed image.
@@ -95,8 +105,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
 @dataclass(frozen=True)
 class PlannedImage:
     """A decoded RGB image and its tile plan, not cut yet. Its grid tiles and its thumbnail
-    are independent (``cut_grid``, ``cut_thumbnail``: two threads can cut them at once, as
-    Pillow releases the GIL while resizing); ``tile_image`` cuts both into one tensor."""
+    are independent (``write_grid``, ``write_thumbnail``: two threads can cut them at once,
+    as Pillow releases the GIL while resizing)."""
 
     rgb: Image.Image
     grid: TileGrid
@@ -116,7 +126,7 @@ def plan_image(image: Image.Image, options: TilingOptions) -> PlannedImage:
     return PlannedImage(rgb, grid)
 
 
-def _write_grid(out: np.ndarray, planned: PlannedImage) -> None:
+def write_grid(out: np.ndarray, planned: PlannedImage) -> None:
     """The grid tiles into ``out[:grid_tiles]`` ([n, 3, size, size] uint8), row-major."""
     rgb, grid = planned.rgb, planned.grid
     # Pillow returns a copy when the size is already right; skip even that.
@@ -128,51 +138,33 @@ def _write_grid(out: np.ndarray, planned: PlannedImage) -> None:
             out[index] = pixels[top:bottom, left:right].transpose(2, 0, 1)
 
 
-def _write_thumbnail(out: np.ndarray, planned: PlannedImage) -> None:
+def write_thumbnail(out: np.ndarray, planned: PlannedImage) -> None:
     """The whole image at one tile's size into ``out`` ([3, size, size] uint8)."""
     size = planned.grid.tile_size
     with rgb_pixels(planned.rgb.resize((size, size), BICUBIC)) as pixels:
         out[...] = pixels.transpose(2, 0, 1)
 
 
-def _tiles(count: int, size: int) -> np.ndarray:
+def empty_tiles(count: int, size: int) -> np.ndarray:
+    """Room for ``count`` tiles, ``[count, 3, size, size]`` uint8."""
     return np.empty((count, 3, size, size), dtype=np.uint8)
-
-
-def cut_grid(planned: PlannedImage) -> torch.Tensor:
-    """The grid tiles, ``[columns * rows, 3, size, size]`` uint8."""
-    out = _tiles(planned.grid.grid_tiles, planned.grid.tile_size)
-    _write_grid(out, planned)
-    return torch.from_numpy(out)
-
-
-def cut_thumbnail(planned: PlannedImage) -> torch.Tensor:
-    """The thumbnail tile, ``[1, 3, size, size]`` uint8 (whether or not the plan has one)."""
-    out = _tiles(1, planned.grid.tile_size)
-    _write_thumbnail(out[0], planned)
-    return torch.from_numpy(out)
 
 
 def tile_image(image: Image.Image, options: TilingOptions) -> PreparedImage:
     """Cut a decoded image into InternVL tiles (plus thumbnail), as uint8 pixels."""
+    import torch
+
     planned = plan_image(image, options)
-    grid = planned.grid
-    tiles = _tiles(grid.num_tiles, grid.tile_size)
-    _write_grid(tiles, planned)
-    if grid.thumbnail:
-        _write_thumbnail(tiles[-1], planned)
-    return PreparedImage(tiles=torch.from_numpy(tiles), grid=grid)
+    tiles = empty_tiles(planned.grid.num_tiles, planned.grid.tile_size)
+    write_tiles(tiles, planned)
+    return PreparedImage(tiles=torch.from_numpy(tiles), grid=planned.grid)
 
 
-def decode_for_parts(
-    data: bytes, limits: ImageLimits, options: TilingOptions
-) -> PlannedImage | PreparedImage:
-    """Bytes -> validated, decoded image and its tile plan, to cut in parts (``cut_grid``,
-    ``cut_thumbnail``); an image of one tile has nothing to cut in parallel and comes cut."""
-    planned = plan_image(decode_image(data, limits), options)
-    if not planned.grid.thumbnail:
-        return PreparedImage(tiles=cut_grid(planned), grid=planned.grid)
-    return planned
+def write_tiles(out: np.ndarray, planned: PlannedImage) -> None:
+    """All of ``planned``'s tiles, grid then thumbnail, into ``out`` ([n, 3, size, size])."""
+    write_grid(out, planned)
+    if planned.grid.thumbnail:
+        write_thumbnail(out[planned.grid.grid_tiles], planned)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, options: TilingOptions) -> PreparedImage:

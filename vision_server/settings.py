@@ -75,6 +75,18 @@ class VisionSettings(CheckpointSettings):
         ge=1,
         description="frames in one video (decoding cost), counted from its packets before decoding",
     )
+    max_video_decoded_pixels: int = Field(
+        20_000_000_000,
+        ge=1,
+        description="pixels decoded for one video (width x height summed over every frame "
+        "decoded, sampled or not), counted as frames are decoded",
+    )
+    max_video_decode_s: float = Field(
+        60.0,
+        gt=0,
+        description="wall time to check and decode one video, from opening it to its last "
+        "sampled frame, checked as frames are decoded",
+    )
     num_frames: int | None = Field(
         None,
         ge=1,
@@ -82,8 +94,30 @@ class VisionSettings(CheckpointSettings):
         "checkpoint's, or 8)",
     )
     max_num_frames: int = Field(64, ge=1, description="most frames a call may sample per video")
-    preprocess_workers: int = Field(
-        4, ge=1, description="threads decoding and tiling images and videos"
+    preprocess_workers: int | None = Field(
+        None,
+        ge=1,
+        description="media worker processes decoding and tiling images and videos, one item "
+        "at a time each; videos take at most all but one (unset: one per CPU this process may "
+        "use, its cgroup's CPU quota included, from 2 to 32)",
+    )
+    media_worker_memory_mb: int = Field(
+        2048,
+        ge=512,
+        description="address space of one media worker process (RLIMIT_AS); an image or "
+        "video whose decoding needs more fails alone, with a 400",
+    )
+    media_item_cpu_s: int = Field(
+        120,
+        ge=1,
+        description="CPU seconds a media worker may spend on one image or video (RLIMIT_CPU); "
+        "past them it is killed and replaced, and the item fails",
+    )
+    media_item_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        description="wall time a media worker may spend on one image or video; past it, it is "
+        "killed and replaced, and the item fails (a video's --max-video-decode-s comes first)",
     )
     overlap_preparation: Literal["auto", "on", "off"] = Field(
         "auto",
