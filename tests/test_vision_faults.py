@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from faulty_vision_server import FAULT_RELEASED, FAULT_STARTED
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import (
     REPO_ROOT,
@@ -28,6 +29,7 @@ from helpers import (
     free_port,
     grpc_serving,
     noise_image,
+    same_pixels_other_file,
 )
 from PIL import Image
 
@@ -40,6 +42,7 @@ def flat(level: int) -> bytes:
 
 
 def start_faulty(name: str, model: Path, log_dir: Path, *args: str) -> tuple[ServerProcess, str]:
+    """The faulty server; its poisoned passes hold while ``hold_file(server)`` says so."""
     port = free_port()
     argv = [
         sys.executable,
@@ -52,7 +55,8 @@ def start_faulty(name: str, model: Path, log_dir: Path, *args: str) -> tuple[Ser
         "0",
         *args,
     ]
-    server = ServerProcess(name, argv, log_dir)
+    hold = log_dir / f"{name}.hold"
+    server = ServerProcess(name, argv, log_dir, env={"DVD_TEST_FAULT_HOLD": str(hold)})
     target = f"127.0.0.1:{port}"
     server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
     return server, target
@@ -70,6 +74,20 @@ def faulty_vision(tiny_models, log_dir) -> Iterator[tuple[ServerProcess, str]]:
 
 
 GOOD = [encode_image(noise_image(900, 600, seed=41)), encode_image(noise_image(448, 448, 42))]
+
+
+def hold_file(server: ServerProcess) -> Path:
+    return server.log_path.with_suffix(".hold")
+
+
+def times_logged(server: ServerProcess, line: str) -> int:
+    return server.log_path.read_text(errors="replace").count(line)
+
+
+def fresh(data: bytes) -> bytes:
+    """Another file of the same picture, never sent before: the embedding cache (keyed by a
+    file's bytes) cannot answer it, so its tiles really queue for a pass."""
+    return same_pixels_other_file(data, uuid.uuid4().hex)
 
 
 def test_a_failed_pass_fails_its_request_and_the_service_keeps_serving(
@@ -95,17 +113,31 @@ def test_a_failed_pass_fails_its_request_and_the_service_keeps_serving(
 def test_only_the_images_of_the_failed_pass_fail(faulty_vision):
     """A poisoned request and healthy ones at once: the healthy ones that did not share its
     pass succeed, and every call ends (none hangs)."""
-    _, target = faulty_vision
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        poisoned = pool.submit(encode_over_grpc, target, [flat(7)], timeout=30)
-        time.sleep(0.3)  # the poisoned pass is running (it fails after 1 s)
-        healthy = [pool.submit(encode_over_grpc, target, [GOOD[0]], timeout=30) for _ in range(4)]
-        with pytest.raises(grpc.RpcError) as caught:
-            poisoned.result()
-        assert caught.value.code() == grpc.StatusCode.INTERNAL
-        for future in healthy:
-            (reply,) = future.result()  # queued behind the failed pass: served
-            assert reply.header.num_tiles == 7
+    server, target = faulty_vision
+    healthy_images = [fresh(GOOD[0]) for _ in range(4)]  # 7 tiles each
+    started = times_logged(server, FAULT_STARTED)
+    # The poisoned pass fails only once all 28 healthy tiles are queued behind it.
+    hold_file(server).write_text("28")
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            poisoned = pool.submit(encode_over_grpc, target, [flat(7)], timeout=30)
+            # The healthy images are sent once the poisoned pass runs: none can join it.
+            server.wait_until(
+                lambda: times_logged(server, FAULT_STARTED) > started, 30, "in the poisoned pass"
+            )
+            healthy = [
+                pool.submit(encode_over_grpc, target, [image], timeout=30)
+                for image in healthy_images
+            ]
+            with pytest.raises(grpc.RpcError) as caught:
+                poisoned.result()
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            for future in healthy:
+                (reply,) = future.result()  # queued behind the failed pass: served
+                assert reply.header.num_tiles == 7
+    finally:
+        hold_file(server).unlink(missing_ok=True)
+    assert FAULT_RELEASED.format(queued=28) in server.log_tail(200)
 
 
 def test_out_of_memory_is_resource_exhausted(faulty_vision):
@@ -139,25 +171,31 @@ def test_a_broken_device_flips_health_fails_pending_calls_and_exits(tiny_models,
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    # The broken pass fails only once the second request's 7 tiles are queued behind it.
+    hold_file(server).write_text("7")
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             broken = pool.submit(encode_over_grpc, target, [flat(9)], timeout=30)
-            time.sleep(0.3)
-            queued_at = time.monotonic()
-            queued = pool.submit(encode_over_grpc, target, [GOOD[0]], timeout=30)
+            server.wait_until(
+                lambda: times_logged(server, FAULT_STARTED) > 0, 30, "in the broken pass"
+            )
+            queued = pool.submit(encode_over_grpc, target, [fresh(GOOD[0])], timeout=30)
             with pytest.raises(grpc.RpcError) as in_pass:
                 broken.result()
             with pytest.raises(grpc.RpcError) as waiting:
                 queued.result()
-            failed_after = time.monotonic() - queued_at
+        assert FAULT_RELEASED.format(queued=7) in server.log_tail(200)
         assert in_pass.value.code() == grpc.StatusCode.INTERNAL
         assert "AcceleratorError" in in_pass.value.details()
+        # Failed by the engine, with its reason (not by a deadline, nor by the connection
+        # going away when the process exits).
         assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert failed_after < 5  # failed fast: no waiting for a deadline
+        assert "replica is restarting" in waiting.value.details(), waiting.value.details()
         server.proc.wait(timeout=30)
         assert server.proc.returncode == 1
         watcher.join(10)
         assert statuses[0] == SERVING and NOT_SERVING in statuses
         assert "reporting NOT_SERVING and exiting" in server.log_tail(200)
     finally:
+        hold_file(server).unlink(missing_ok=True)
         server.stop()
