@@ -11,6 +11,7 @@ cache; a hit must equal it exactly (``torch.equal``), not approximately.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -244,7 +245,26 @@ def test_a_cancelled_leader_hands_over_to_a_waiting_request(cached):
     cache = cached.cache
     assert cache is not None
 
+    passes_may_run = threading.Event()  # no pass ends before the leader is cancelled
+    follower_waits = asyncio.Event()
+    follower: asyncio.Task | None = None
+    real_lookup = cache.lookup
+
+    async def lookup(keys, rounds=4):  # type: ignore[no-untyped-def]
+        # The follower finds the leader's claim: from here to waiting on it nothing awaits.
+        if asyncio.current_task() is follower and any(key in cache._claims for key in keys):
+            follower_waits.set()
+        return await real_lookup(keys, rounds)
+
     async def scenario():  # type: ignore[no-untyped-def]
+        nonlocal follower
+        launch = cached.engine.batcher.run_pass
+
+        def gated(slices):  # type: ignore[no-untyped-def]
+            assert passes_may_run.wait(60), "the test never let the passes run"
+            return launch(slices)
+
+        cached.engine.batcher.run_pass = gated
         leader = asyncio.create_task(collect(cached, call))
         for _ in range(500):  # until the leader has claimed the image
             if cache._claims:
@@ -252,12 +272,18 @@ def test_a_cancelled_leader_hands_over_to_a_waiting_request(cached):
             await asyncio.sleep(0.002)
         assert cache._claims
         follower = asyncio.create_task(collect(cached, call))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(follower_waits.wait(), 60)  # the follower waits on the claim
         leader.cancel()
+        passes_may_run.set()
         (encoded,) = await asyncio.wait_for(follower, 60)
         return leader.cancelled(), encoded
 
-    (leader_cancelled, encoded), _ = run(cached, scenario)
+    cache.lookup = lookup  # type: ignore[method-assign]
+    try:
+        (leader_cancelled, encoded), _ = run(cached, scenario)
+    finally:
+        passes_may_run.set()
+        del cache.lookup
     assert leader_cancelled
     assert not encoded.from_cache  # the follower encoded it itself
     assert encode(cached, [data], VirMode.OFF)[0].from_cache
