@@ -14,12 +14,15 @@ from checkpoints.default import default_cache_dir, resolve_model
 from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
 from llm_server.api.admission import Admission
+from llm_server.api.completions import CompletionService
 from llm_server.api.middleware import (
     AdmissionGateMiddleware,
     BodyLimitMiddleware,
     HeaderLimitMiddleware,
     RequestMetricsMiddleware,
 )
+from llm_server.api.response_store import ResponseStore
+from llm_server.api.responses import ResponsesService
 from llm_server.api.router import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
@@ -32,6 +35,9 @@ from llm_server.vision.grpc_client import GrpcImageEncoder
 from llm_server.vision.inprocess import InProcessImageEncoder, shares_llm_gpu
 
 logger = logging.getLogger("llm_server")
+
+# The routes that generate: each request holds an admission slot (checked early, too).
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 async def build_chat_service(settings: LLMSettings) -> ChatService:
@@ -145,12 +151,16 @@ def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = N
         await install_default_executor(default_executor_workers())
         chat = await build_chat_service(settings)
         app.state.chat = chat
+        app.state.completions = CompletionService(chat)
+        store_bytes = settings.response_store_mb * 1024 * 1024
+        store = ResponseStore(store_bytes, settings.response_store_ttl_s)
+        app.state.responses = ResponsesService(chat, store)
         watchdog = asyncio.create_task(watch_engine(chat.engine, on_fatal))
         try:
             yield
         finally:
             watchdog.cancel()
-            app.state.chat = None
+            app.state.chat = app.state.completions = app.state.responses = None
             await chat.encoder.close()
             await chat.images.close()
             chat.engine.shutdown()
@@ -174,8 +184,6 @@ def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = N
         read_timeout_s=settings.request_read_timeout_s,
         max_json_items=settings.max_json_items,
     )
-    app.add_middleware(
-        AdmissionGateMiddleware, admission=admission, paths=frozenset({"/v1/chat/completions"})
-    )
+    app.add_middleware(AdmissionGateMiddleware, admission=admission, paths=GENERATION_PATHS)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     return app

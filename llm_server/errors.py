@@ -95,6 +95,14 @@ class ModelNotFound(APIError):
     code = "model_not_found"
 
 
+class ResponseNotFound(APIError):
+    """A stored response that does not exist, has expired or was evicted (``/v1/responses``)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
 class Overloaded(APIError):
     """Too much work in flight; the client should retry later."""
 

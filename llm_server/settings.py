@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from checkpoints.settings import CheckpointSettings
+from llm_server.api.completion_protocol import PROMPTS_CAP
 from llm_server.api.protocol import (
     ITEMS_PER_MESSAGE_CAP,
     LOGIT_BIAS_CAP,
@@ -171,6 +172,12 @@ class LLMSettings(CheckpointSettings):
         64, ge=1, description="largest num_frames a request may ask for (per video)"
     )
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_prompts: int = Field(
+        64,
+        ge=1,
+        le=PROMPTS_CAP,
+        description="prompts in one /v1/completions request (each is generated n times)",
+    )
     max_tiles_limit: int = Field(
         40,
         ge=1,
@@ -227,6 +234,21 @@ class LLMSettings(CheckpointSettings):
     )
     image_fetch_timeout_s: float = Field(
         10.0, gt=0, description="timeout of one image (or video) download"
+    )
+
+    # ---- /v1/responses ----
+    response_store_mb: int = Field(
+        256,
+        ge=0,
+        description="memory for stored responses (store=true), which previous_response_id "
+        "continues: each holds its whole conversation, images as sent; the oldest go first "
+        "(0: nothing is stored)",
+    )
+    response_store_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long a stored response can be continued or read back; later its id "
+        "is a 404",
     )
 
     # ---- security and lifecycle ----

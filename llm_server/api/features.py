@@ -88,7 +88,7 @@ class OpenAIFeatures:
         if top_logprobs is not None:
             sampling["logprobs"] = top_logprobs
         if request.logit_bias:
-            sampling["logit_bias"] = self._logit_bias(request.logit_bias)
+            sampling["logit_bias"] = self.token_biases(request.logit_bias)
         plan = self.tools.plan(request)
         constraint = structured_outputs_for(request.response_format)
         source = "response_format" if constraint is not None else None
@@ -130,7 +130,8 @@ class OpenAIFeatures:
             return None
         return request.top_logprobs or 0
 
-    def _logit_bias(self, biases: dict[str, float]) -> dict[int, float]:
+    def token_biases(self, biases: dict[str, float]) -> dict[int, float]:
+        """``logit_bias`` keyed by token id; 400 unless every key is a token id in range."""
         out: dict[int, float] = {}
         invalid = []
         for key, bias in biases.items():

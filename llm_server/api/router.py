@@ -18,7 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from llm_server.api.completion_protocol import CompletionRequest, text_completion_id
+from llm_server.api.completions import CompletionService
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
+from llm_server.api.response_protocol import ResponsesRequest, response_id
+from llm_server.api.responses import ResponsesService
 from llm_server.api.serving import ChatService
 from llm_server.errors import APIError, EngineUnavailable, Unauthorized
 
@@ -98,6 +102,24 @@ async def get_chat(request: Request) -> ChatService:
 ChatDependency = Annotated[ChatService, Depends(get_chat)]
 
 
+async def get_completions(request: Request) -> CompletionService:
+    completions = getattr(request.app.state, "completions", None)
+    if completions is None:
+        raise EngineUnavailable("the language engine is not running")
+    return completions
+
+
+async def get_responses(request: Request) -> ResponsesService:
+    responses = getattr(request.app.state, "responses", None)
+    if responses is None:
+        raise EngineUnavailable("the language engine is not running")
+    return responses
+
+
+CompletionsDependency = Annotated[CompletionService, Depends(get_completions)]
+ResponsesDependency = Annotated[ResponsesService, Depends(get_responses)]
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; cancel it (aborting vLLM and gRPC calls) if the client disconnects."""
     task = asyncio.ensure_future(work)
@@ -164,6 +186,53 @@ async def create_chat_completion(
             )
         response = await until_disconnected(request, chat.complete(prepared, body.return_token_ids))
     return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    body: CompletionRequest, request: Request, completions: CompletionsDependency
+) -> Response:
+    request_id = text_completion_id()
+    headers = {"X-Request-Id": request_id}
+    async with contextlib.AsyncExitStack() as request_scope:
+        await request_scope.enter_async_context(completions.admission.slot())
+        prepared = await until_disconnected(request, completions.prepare(body, request_id))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = completions.stream(prepared, include_usage=include_usage)
+            return ScopedStreamingResponse(
+                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
+            )
+        response = await until_disconnected(request, completions.complete(prepared))
+    return JSONResponse(response.wire(), headers=headers)
+
+
+@router.post("/v1/responses")
+async def create_response(
+    body: ResponsesRequest, request: Request, responses: ResponsesDependency
+) -> Response:
+    request_id = response_id()
+    headers = {"X-Request-Id": request_id}
+    async with contextlib.AsyncExitStack() as request_scope:
+        await request_scope.enter_async_context(responses.admission.slot())
+        prepared = await until_disconnected(request, responses.prepare(body, request_id))
+        if body.stream:
+            events = responses.stream(prepared)
+            return ScopedStreamingResponse(
+                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
+            )
+        response = await until_disconnected(request, responses.create(prepared))
+    return JSONResponse(response.wire(), headers=headers)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str, responses: ResponsesDependency) -> JSONResponse:
+    return JSONResponse(responses.retrieve(response_id).wire())
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, responses: ResponsesDependency) -> JSONResponse:
+    return JSONResponse(responses.delete(response_id))
 
 
 @router.get("/v1/models")

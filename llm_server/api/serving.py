@@ -391,7 +391,7 @@ class ChatService:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _generate(self, chat: PreparedChat) -> AsyncGenerator[Any, None]:
+    async def generate(self, chat: PreparedChat) -> AsyncGenerator[Any, None]:
         """vLLM's outputs for one prepared chat, with latency and token accounting. Closing
         this generator aborts the request in vLLM."""
         from vllm.exceptions import VLLMClientError
@@ -429,7 +429,7 @@ class ChatService:
             ChoiceOutput(i, chat.output, streaming=False, return_token_ids=return_token_ids)
             for i in range(chat.n)
         ]
-        async with contextlib.aclosing(self._generate(chat)) as engine_outputs:
+        async with contextlib.aclosing(self.generate(chat)) as engine_outputs:
             async for output in engine_outputs:
                 for completion in output.outputs:
                     choices[completion.index].add(completion)
@@ -477,7 +477,7 @@ class ChatService:
                 ],
                 vision=chat.vision,
             )
-            async with contextlib.aclosing(self._generate(chat)) as engine_outputs:
+            async with contextlib.aclosing(self.generate(chat)) as engine_outputs:
                 async for output in engine_outputs:
                     choices = []
                     for completion in output.outputs:
