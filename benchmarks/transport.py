@@ -91,7 +91,8 @@ class _StandInServicer(vision_pb2_grpc.VisionServiceServicer):
         )
 
 
-def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any, torch_threads: int) -> None:
+def _serve(port: int, chunk_bytes: int, max_rows: int, bound: Any, torch_threads: int) -> None:
+    """A stand-in server on ``port`` (0: a free one); puts the port bound on ``bound``."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
 
@@ -99,9 +100,9 @@ def _serve(port: int, chunk_bytes: int, max_rows: int, ready: Any, torch_threads
         server = grpc.aio.server()
         servicer = _StandInServicer(chunk_bytes, max_rows)
         add_vision_service(servicer, server)  # type: ignore[arg-type]
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        bound_port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        ready.set()
+        bound.put(bound_port)
         await server.wait_for_termination()
 
     asyncio.run(run())
@@ -248,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=1, help="gRPC channels per client")
     parser.add_argument("--calls", type=int, default=20, help="calls per stream")
     parser.add_argument("--chunk-mb", type=float, default=2.0)
-    parser.add_argument("--port", type=int, default=50199, help="first stand-in server port")
+    parser.add_argument(
+        "--port", type=int, default=0, help="first stand-in server port (0: free ones)"
+    )
     parser.add_argument(
         "--server-torch-threads",
         type=int,
@@ -262,19 +265,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("shared memory (/dev/shm) is not available on this host")
     max_rows = max(rows_for(int(mb * 2**20)) for mb in args.sizes_mb)
     context = multiprocessing.get_context("spawn")
-    ports = [args.port + i for i in range(args.servers)]
+    ports = []
     servers = []
-    for port in ports:
-        ready = context.Event()
+    for i in range(args.servers):
+        bound = context.Queue()
+        port = args.port + i if args.port else 0
         server = context.Process(
             target=_serve,
-            args=(port, int(args.chunk_mb * 2**20), max_rows, ready, args.server_torch_threads),
+            args=(port, int(args.chunk_mb * 2**20), max_rows, bound, args.server_torch_threads),
             daemon=True,
         )
         server.start()
         servers.append(server)
-        if not ready.wait(60):
-            raise RuntimeError("transport benchmark server did not start")
+        try:
+            ports.append(int(bound.get(timeout=60)))
+        except Empty:
+            raise RuntimeError("transport benchmark server did not start") from None
     results = []
     try:
         for transport in args.transports:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from llm_server.app import create_app
 from llm_server.http_server import uvicorn_config
+from llm_server.port_file import write_port_file
 from llm_server.settings import LLMSettings
 
 
@@ -55,7 +58,23 @@ def unauthenticated_exposure(settings: LLMSettings) -> str | None:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that a SIGTERM/SIGINT that led to a graceful drain ends the process with
-    status 0 (uvicorn re-raises the signal after shutting down, which exits with 128 + 15)."""
+    status 0 (uvicorn re-raises the signal after shutting down, which exits with 128 + 15), and
+    that it says where it listens once it serves (a log line, and ``--port-file``)."""
+
+    def __init__(self, config: uvicorn.Config, settings: LLMSettings, port: int) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.port = port
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the engine is up (lifespan), the socket listens
+        host = self.settings.host
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("language service listening on http://%s:%d", shown, self.port)
+        if self.settings.port_file:
+            write_port_file(
+                Path(self.settings.port_file), {"host": host, "port": self.port, "pid": os.getpid()}
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -76,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     if refusal is not None:
         logger.error(refusal)
         sys.exit(2)
+    port_file = Path(settings.port_file) if settings.port_file else None
+    if port_file is not None:
+        port_file.unlink(missing_ok=True)  # an earlier start's port is not ours
     sock = bind_socket(settings.host, settings.port)
+    port = int(sock.getsockname()[1])  # the one bound, when --port is 0
     failures: list[str] = []
 
     def stop_on_failure(reason: str) -> None:
@@ -84,8 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         server.should_exit = True  # the same graceful stop as SIGTERM
 
     config = uvicorn_config(create_app(settings, on_fatal=stop_on_failure), settings)
-    server = DrainingServer(config)
-    asyncio.run(server.serve(sockets=[sock]))
+    server = DrainingServer(config, settings, port)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
     if failures:
         # Non-zero, so that compose or Kubernetes restarts the service.
         logger.error("exiting with status 1: %s", failures[0])

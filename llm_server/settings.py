@@ -35,7 +35,14 @@ class LLMSettings(CheckpointSettings):
 
     # ---- HTTP ----
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    port: int = Field(
+        8000, ge=0, le=65535, description="HTTP port (0: a free one, chosen when it binds)"
+    )
+    port_file: str | None = Field(
+        None,
+        description="once serving, write the port it bound to this file as one JSON object "
+        '({"host", "port", "pid"}), replaced whole, removed at a clean exit',
+    )
     max_connections: int | None = Field(
         None,
         ge=1,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class RunningServer:
     engine: EncoderEngine
     health: health.aio.HealthServicer
     port: int
+    metrics_port: int | None  # None: no metrics page
     engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_engine_failure(self, cause: BaseException) -> None:
@@ -147,26 +150,54 @@ async def start_server(settings: VisionSettings) -> RunningServer:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
+    # Port 0 binds a free port: the ones bound are reported (log line, --port-file), so that
+    # nothing has to pick a port ahead of the server and race it for the bind.
     port = server.add_insecure_port(f"{host}:{settings.port}")
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
-    running = RunningServer(server, servicer, engine, health_servicer, port)
+    metrics_port = None
+    if settings.metrics:
+        metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
+        metrics_port = int(metrics_http.server_port)
+    running = RunningServer(server, servicer, engine, health_servicer, port, metrics_port)
     engine.set_fatal_handler(running.on_engine_failure)
     engine.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "vision service listening on %s:%d (metrics on :%d)",
+        "vision service listening on %s:%d (%s)",
         settings.host,
         port,
-        settings.metrics_port,
+        "no metrics" if metrics_port is None else f"metrics on :{metrics_port}",
     )
+    if settings.port_file:
+        write_port_file(
+            Path(settings.port_file),
+            {"host": settings.host, "port": port, "metrics_port": metrics_port, "pid": os.getpid()},
+        )
     return running
+
+
+def write_port_file(path: Path, ports: dict[str, object]) -> None:
+    """Write ``ports`` to ``path`` as one JSON object, through a rename: a reader sees the
+    whole file or none (of this start)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(ports) + "\n")
+    partial.replace(path)
 
 
 async def serve(settings: VisionSettings) -> int:
     """Serve until SIGINT/SIGTERM (exit status 0) or until the engine fails for good (1)."""
+    port_file = Path(settings.port_file) if settings.port_file else None
+    if port_file is not None:
+        port_file.unlink(missing_ok=True)  # an earlier start's ports are not ours
+    try:
+        return await _serve(settings)
+    finally:
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
+
+
+async def _serve(settings: VisionSettings) -> int:
     running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

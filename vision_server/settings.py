@@ -19,9 +19,24 @@ class VisionSettings(CheckpointSettings):
         description="model id reported to clients (default: --model, or the tiny model's name)",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    port: int = Field(
+        50051, ge=0, le=65535, description="gRPC port (0: a free one, chosen when it binds)"
+    )
     metrics_port: int = Field(
-        9400, ge=0, le=65535, description="HTTP port of the Prometheus /metrics page (0: off)"
+        9400,
+        ge=0,
+        le=65535,
+        description="HTTP port of the Prometheus /metrics page (0: a free one, chosen when it "
+        "binds)",
+    )
+    metrics: bool = Field(
+        True, description="serve the Prometheus /metrics page (--no-metrics: no metrics port)"
+    )
+    port_file: str | None = Field(
+        None,
+        description="once serving, write the ports it bound to this file as one JSON object "
+        '({"host", "port", "metrics_port", "pid"}; metrics_port null without metrics), '
+        "replaced whole, removed at a clean exit",
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
