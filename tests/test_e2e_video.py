@@ -19,6 +19,7 @@ from helpers import (
     mixed_frames,
     video_data_url,
 )
+from margins import MARGIN_PARAMS, compare_greedy, served_margins
 from reference import OracleAnswer, TransformersOracle, load_video_frames, video_prompt_parts
 
 pytestmark = pytest.mark.slow
@@ -45,10 +46,29 @@ def chat(base_url: str, messages, **params) -> httpx.Response:
 
 def greedy(base_url: str, messages, **params) -> dict[str, Any]:
     reply = chat(
-        base_url, messages, temperature=0, max_tokens=MAX_TOKENS, return_token_ids=True, **params
+        base_url,
+        messages,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        return_token_ids=True,
+        **MARGIN_PARAMS,
+        **params,
     )
     assert reply.status_code == 200, reply.text
     return reply.json()
+
+
+def assert_follows(reply: dict[str, Any], expected: OracleAnswer, what: str) -> None:
+    """The served greedy tokens are the oracle's up to the first near tie where they part
+    (``margins.compare_greedy``, with both runs' margins)."""
+    choice = reply["choices"][0]
+    compare_greedy(
+        choice["token_ids"],
+        expected.token_ids,
+        [expected.margins, served_margins(choice)],
+        min_compared=16,
+        what=what,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +106,7 @@ def test_video_answer_equals_transformers(stacks, eight_frames, stack):
     expected = eight_frames
     assert_sharp(expected)
     reply = greedy(stacks[stack].base_url, video_question(), num_frames=8, vir="off")
-    assert reply["choices"][0]["token_ids"] == expected.token_ids
+    assert_follows(reply, expected, f"{stack}, 8 frames")
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
     details = reply["usage"]["prompt_tokens_details"]
     assert details["video_tokens"] == expected.num_image_tokens == 8 * 256
@@ -109,17 +129,17 @@ def test_num_frames_and_the_video_change_the_answer(stacks, oracle, eight_frames
     base_url = stacks["hf"].base_url
     four = oracle_video_answer(oracle, VIDEO, 4)
     reply = greedy(base_url, video_question(), num_frames=4)
-    assert reply["choices"][0]["token_ids"] == four.token_ids
+    assert_follows(reply, four, "4 frames")
     assert reply["usage"]["prompt_tokens_details"]["video_tokens"] == 4 * 256
     assert four.token_ids != eight_frames.token_ids
     other = greedy(base_url, video_question(OTHER_VIDEO), num_frames=8)
     assert other["choices"][0]["token_ids"] != eight_frames.token_ids
-    assert other["choices"][0]["token_ids"] == oracle_video_answer(oracle, OTHER_VIDEO, 8).token_ids
+    assert_follows(other, oracle_video_answer(oracle, OTHER_VIDEO, 8), "the other video")
 
 
 def test_default_frames_are_the_checkpoints_eight(stacks, eight_frames):
     reply = greedy(stacks["original"].base_url, video_question())
-    assert reply["choices"][0]["token_ids"] == eight_frames.token_ids
+    assert_follows(reply, eight_frames, "the default number of frames")
 
 
 def test_an_image_and_a_video_in_one_message(stacks, oracle):
@@ -131,7 +151,7 @@ def test_an_image_and_a_video_in_one_message(stacks, oracle):
         {"type": "text", "text": QUESTION},
     ]
     reply = greedy(stacks["hf"].base_url, [{"role": "user", "content": content}], num_frames=8)
-    assert reply["choices"][0]["token_ids"] == expected.token_ids
+    assert_follows(reply, expected, "an image and a video")
     details = reply["usage"]["prompt_tokens_details"]
     assert (details["image_tokens"], details["video_tokens"]) == (256, 8 * 256)
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens

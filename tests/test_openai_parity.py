@@ -9,12 +9,14 @@ give one."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 import httpx
 import jsonschema
 import pytest
 from helpers import gradient_image, noise_image
+from margins import MARGIN_PARAMS, compare_greedy, served_margins
 from pydantic import BaseModel, Field
 from reference import TransformersOracle, to_oracle_messages
 from test_e2e_chat import image_part, wire
@@ -96,10 +98,19 @@ def test_logprobs_equal_transformers_log_softmax(base_url, oracle, conversation)
         return_token_ids=True,
     )
     choice = reply["choices"][0]
-    assert choice["token_ids"] == expected.token_ids
+    # The same tokens up to the first near tie where the runs part (margins.py); past it the
+    # log-probabilities belong to another prefix.
+    comparison = compare_greedy(
+        choice["token_ids"],
+        expected.token_ids,
+        [expected.margins, served_margins(choice)],
+        min_compared=8,
+        what=f"{conversation} chat against transformers",
+    )
     entries = choice["logprobs"]["content"]
-    assert len(entries) == len(expected.token_ids) >= 8
-    for step, (token_id, entry) in enumerate(zip(expected.token_ids, entries, strict=True)):
+    assert len(entries) == len(choice["token_ids"])
+    compared = zip(expected.token_ids[: comparison.compared], entries, strict=False)
+    for step, (token_id, entry) in enumerate(compared):
         row = expected.logprobs[step]
         assert entry["logprob"] == pytest.approx(float(row[token_id]), abs=1e-3)
         top = row.topk(5)
@@ -112,7 +123,7 @@ def test_logprobs_equal_transformers_log_softmax(base_url, oracle, conversation)
             text = oracle.tokenizer.decode([alt_id])
             if "\ufffd" not in text:
                 assert alt["token"] == text
-    # The tokens' bytes spell the answer.
+    # The tokens' bytes spell the answer (the served one, whether or not it parted).
     answer = b"".join(bytes(entry["bytes"]) for entry in entries)
     assert answer.decode("utf-8", errors="replace").startswith(choice["message"]["content"])
 
@@ -553,9 +564,17 @@ def test_tool_history_renders_as_transformers_renders_it(base_url, oracle):
         max_tokens=16,
         tools=TOOLS,
         return_token_ids=True,
+        **MARGIN_PARAMS,
     )
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
-    assert reply["choices"][0]["token_ids"] == expected.token_ids
+    choice = reply["choices"][0]
+    compare_greedy(
+        choice["token_ids"],
+        expected.token_ids,
+        [expected.margins, served_margins(choice)],
+        min_compared=8,
+        what="the answer after the tool results, against transformers",
+    )
 
 
 def test_tool_choice_none_shows_no_tools_and_auto_shows_them(base_url):
@@ -625,11 +644,25 @@ def test_unsupported_fields_are_refused_by_name(base_url, field, value):
     assert error["param"] == field and field in error["message"]
 
 
+RAW_PROMPT_WARNING = "Passing raw prompts to InputProcessor is deprecated"
+
+
 def test_engine_inputs_take_vllms_supported_path(stacks, base_url):
     """vLLM logs a deprecation once when ``generate`` gets a raw prompt: after text and image
-    requests (plain token ids and mixed prompt embeddings), the log has none."""
+    requests (plain token ids and mixed prompt embeddings), the log has none. The absence
+    means something: the installed vLLM still words the warning so, where the API process
+    hands prompts to its engine, and that process's vLLM log lines reach this log."""
+    import inspect
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert RAW_PROMPT_WARNING in inspect.getsource(InputProcessor), (
+        "the installed vLLM words its raw-prompt deprecation differently: update this test"
+    )
     chat(base_url, TEXT_CHAT, max_tokens=2)
     chat(base_url, IMAGE_CHAT, max_tokens=2)
     log = stacks["hf"].llm.log_path.read_text(errors="replace")
     assert "language engine ready" in log
-    assert "Passing raw prompts to InputProcessor is deprecated" not in log
+    # vLLM's own logger, in the API process (where AsyncLLM's InputProcessor runs).
+    assert re.search(r"^\(MainProcess pid=\d+\) (INFO|WARNING) ", log, flags=re.MULTILINE)
+    assert RAW_PROMPT_WARNING not in log
