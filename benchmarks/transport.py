@@ -28,10 +28,10 @@ from typing import Any
 import grpc
 import torch
 
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos import shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
+from protos.messages import EncodeCall, ImageInput
 from vision_server.delivery import SharedMemoryDelivery
 from vision_server.service import add_vision_service, image_messages
 
@@ -128,16 +128,17 @@ async def _client(
         shared_memory_bytes=max(64 << 20, streams * (reserve_bytes + (1 << 20))),
     )
     image = [ImageInput(str(size_bytes).encode())]
-    options = EncodeOptions()
     try:
         for _ in range(2):  # connect, check the model, warm the tensors
-            await encoder.encode(image, options, "warm-up")
+            await encoder.encode(EncodeCall(image, request_id="warm-up"))
         latencies: list[float] = []
 
         async def caller() -> None:
             for _ in range(calls):
                 started = time.perf_counter()
-                (result,) = await encoder.encode(image, options, "transport-bench")
+                (result,) = (
+                    await encoder.encode(EncodeCall(image, request_id="transport-bench"))
+                ).images
                 latencies.append(time.perf_counter() - started)
                 assert result.embeddings.numel() == rows_for(size_bytes) * HIDDEN
 

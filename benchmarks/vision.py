@@ -55,8 +55,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.stand_in import StandInDevice
 from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
 from checkpoints.tiny import PRESETS, write_tiny_checkpoint
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
+from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
 from protos.tiling import plan_tiles
 from vision_server.cuda_graphs import GraphedForward
@@ -382,8 +382,8 @@ def measure_stages(
     ``stand_in_pass_ms``, on a stand-in device (``StandInDevice``)."""
     from prometheus_client import REGISTRY
 
-    from vision_server.pipeline import EncodeCall, ImagePayload
-    from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
+    from protos.tiling import TilingOptions
+    from vision_server.preprocess import ImageLimits, prepare_image
     from vision_server.server import build_pipeline
     from vision_server.settings import VisionSettings
 
@@ -410,11 +410,11 @@ def measure_stages(
                     ) -> tuple[int, int, bool]:  # noqa: E501
                         if stage == "engine":
                             items = engine.encode_request([prepared], "bench-vision", mode)
-                        else:
-                            call = EncodeCall([ImagePayload(image)], vir_mode=mode)
-                            items = pipeline.encode(call)
-                        (encoded,) = [item async for item in items]
-                        return len(encoded.tokens_per_tile), encoded.num_visual_tokens, False
+                            (encoded,) = [item async for item in items]
+                            return len(encoded.tokens_per_tile), encoded.num_visual_tokens, False
+                        call = EncodeCall([ImageInput(image)], (), EncodeOptions(vir=mode))
+                        (item,) = [item async for item in pipeline.encode(call)]
+                        return len(item.tokens_per_tile), item.num_visual_tokens, False
 
                     for concurrency in concurrencies:
                         level = await run_level(
@@ -476,10 +476,10 @@ async def measure_served(
         transport="auto" if shared_memory_bytes else "grpc",
         shared_memory_bytes=shared_memory_bytes or 1,
     )
-    options = EncodeOptions(vir=vir)
+    call = EncodeCall([ImageInput(image)], (), EncodeOptions(vir=vir), "bench-vision")
 
     async def one() -> tuple[int, int, bool]:
-        (encoded,) = await client.encode([ImageInput(image)], options, "bench-vision")
+        (encoded,) = (await client.encode(call)).images
         return len(encoded.tokens_per_tile), encoded.num_visual_tokens, encoded.from_cache
 
     try:

@@ -21,6 +21,10 @@ from llm_server.api.protocol import (
 # keep-alive connections.
 CONNECTION_HEADROOM = 256
 
+# How embeddings come back from the vision service (--embedding-transport): ``auto`` writes
+# them into this host's shared memory once the vision service proves it sees it.
+EmbeddingTransport = Literal["auto", "grpc", "shared-memory"]
+
 
 class LLMSettings(CheckpointSettings):
     """DvD language service: the OpenAI-compatible API on vLLM. Every flag is also a ``DVD_*``
@@ -102,7 +106,7 @@ class LLMSettings(CheckpointSettings):
     max_tiles: int | None = Field(
         None, ge=1, description="default max tiles per image (unset: the checkpoint's)"
     )
-    embedding_transport: Literal["auto", "grpc", "shared-memory"] = Field(
+    embedding_transport: EmbeddingTransport = Field(
         "auto",
         description="how embeddings come back: auto (shared memory when the vision service is "
         "on this host, else streamed), grpc (always streamed), shared-memory (required)",

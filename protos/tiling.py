@@ -45,6 +45,39 @@ class TileGrid:
         ]
 
 
+@dataclass(frozen=True, order=True)
+class TilingOptions:
+    """How an image may be tiled: the one description of it, from the request's validation to
+    the embedding cache's key (ordered, so that keys sort)."""
+
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    tile_size: int = 448
+
+    @property
+    def most_tiles(self) -> int:
+        """The most tiles an image tiled this way can make, thumbnail included."""
+        return most_tiles(self.max_tiles, self.use_thumbnail)
+
+    def plan(self, width: int, height: int) -> TileGrid:
+        """How a ``width`` x ``height`` image is tiled under these options."""
+        return plan_tiles(
+            width,
+            height,
+            min_tiles=self.min_tiles,
+            max_tiles=self.max_tiles,
+            use_thumbnail=self.use_thumbnail,
+            tile_size=self.tile_size,
+        )
+
+
+def most_tiles(max_tiles: int, use_thumbnail: bool) -> int:
+    """The most tiles an image can make with at most ``max_tiles`` grid tiles: a grid of more
+    than one tile is followed by its thumbnail."""
+    return max_tiles + int(use_thumbnail and max_tiles > 1)
+
+
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     """All (columns, rows) with ``min_tiles <= columns*rows <= max_tiles``, fewest tiles first.
 

@@ -27,12 +27,12 @@ from helpers import (
 )
 from PIL import Image
 
+from protos.messages import EncodeCall, EncodeOptions, ImageInput, VideoInput, VisualEmbedding
 from protos.options import VirMode
 from vision_server.batching import TileBatcher
 from vision_server.embedding_cache import EmbeddingCache
-from vision_server.engine import EncodedImage
 from vision_server.errors import InvalidImage
-from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
+from vision_server.pipeline import VisionPipeline
 
 
 def stripes(width: int, height: int, regions: list[tuple[int, int]]) -> bytes:
@@ -50,6 +50,7 @@ ONE_TILE = encode_image(noise_image(448, 448, seed=5))  # compressed only next t
 OTHER = encode_image(noise_image(700, 300, seed=11))
 VIDEO = encode_video(grey_level_frames(8))  # changes how MIXED is routed under vir=auto
 VIDEO_FRAMES = 4
+OFF = EncodeOptions(vir=VirMode.OFF)
 
 
 def build(model: Path, cache_mb: int) -> VisionPipeline:
@@ -88,7 +89,7 @@ class TileCounter:
         return self.run_pass(slices)
 
 
-async def collect(pipeline: VisionPipeline, call: EncodeCall) -> list[EncodedImage]:
+async def collect(pipeline: VisionPipeline, call: EncodeCall) -> list[VisualEmbedding]:
     return [encoded async for encoded in pipeline.encode(call)]
 
 
@@ -118,23 +119,21 @@ def encode(
     max_tiles: int = 0,
     threshold: float | None = None,
     videos: Sequence[bytes] = (),
-) -> list[EncodedImage]:
+) -> list[VisualEmbedding]:
     call = EncodeCall(
-        [ImagePayload(data) for data in images],
-        [VideoPayload(data, num_frames=VIDEO_FRAMES) for data in videos],
-        max_tiles=max_tiles,
-        vir_mode=vir,
-        vir_threshold=threshold,
+        [ImageInput(data) for data in images],
+        [VideoInput(data, num_frames=VIDEO_FRAMES) for data in videos],
+        EncodeOptions(max_tiles=max_tiles or None, vir=vir, vir_threshold=threshold),
     )
     result, _ = run(pipeline, lambda: collect(pipeline, call))
     return result  # type: ignore[return-value]
 
 
-def assert_identical(got: list[EncodedImage], expected: list[EncodedImage]) -> None:
+def assert_identical(got: list[VisualEmbedding], expected: list[VisualEmbedding]) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         assert a.tokens_per_tile == b.tokens_per_tile
-        assert a.grid == b.grid and a.vir_mode == b.vir_mode
+        assert a.grid == b.grid and a.vir == b.vir
         assert a.embeddings.dtype == b.embeddings.dtype
         assert torch.equal(a.embeddings, b.embeddings)
 
@@ -156,7 +155,7 @@ def test_a_hit_is_bit_identical_to_a_miss(cached, uncached, images, vir):
     reference = encode(uncached, images, vir)
     assert not any(e.from_cache for e in miss)
     assert all(e.from_cache for e in hit)
-    assert all(e.stats.encode_ms == 0 for e in hit)
+    assert all(e.encode_ms == 0 for e in hit)
     assert_identical(miss, reference)
     assert_identical(hit, reference)
     if vir is VirMode.AUTO:  # the router really decided something
@@ -225,7 +224,7 @@ def test_concurrent_requests_encode_once(cached, uncached):
     async def scenario():  # type: ignore[no-untyped-def]
         return await asyncio.gather(
             *(
-                collect(cached, EncodeCall([ImagePayload(d) for d in images], vir_mode=VirMode.OFF))
+                collect(cached, EncodeCall([ImageInput(d) for d in images], (), OFF))
                 for images in calls
             )
         )
@@ -241,7 +240,7 @@ def test_concurrent_requests_encode_once(cached, uncached):
 
 def test_a_cancelled_leader_hands_over_to_a_waiting_request(cached):
     data = encode_image(noise_image(900, 600, seed=71))
-    call = EncodeCall([ImagePayload(data)], vir_mode=VirMode.OFF)
+    call = EncodeCall([ImageInput(data)], (), OFF)
     cache = cached.cache
     assert cache is not None
 
@@ -346,7 +345,7 @@ def test_a_request_with_a_video_is_not_served_routed_rows_from_the_cache(cached,
     assert not alone.from_cache
     with_video = encode(cached, [image], VirMode.AUTO, videos=[VIDEO])
     reference = encode(uncached, [image], VirMode.AUTO, videos=[VIDEO])
-    assert [e.video is not None for e in with_video] == [False, True]
+    assert [e.is_video for e in with_video] == [False, True]
     assert not any(e.from_cache for e in with_video)
     assert_identical(with_video, reference)
     # The video changed the image's routing: a stale hit would have been visible.
@@ -369,15 +368,15 @@ def test_images_next_to_a_video_hit_when_not_routed(cached, uncached):
         lambda: collect(
             cached,
             EncodeCall(
-                [ImagePayload(image)],
-                [VideoPayload(VIDEO, num_frames=VIDEO_FRAMES)],
-                vir_mode=VirMode.OFF,
+                [ImageInput(image)],
+                [VideoInput(VIDEO, num_frames=VIDEO_FRAMES)],
+                OFF,
             ),
         ),
     )
-    with_video: list[EncodedImage] = result  # type: ignore[assignment]
+    with_video: list[VisualEmbedding] = result  # type: ignore[assignment]
     assert [e.from_cache for e in with_video] == [True, False]
     assert tiles == VIDEO_FRAMES  # only the frames went through the ViT
-    assert with_video[1].video is not None
+    assert with_video[1].is_video
     assert with_video[1].tokens_per_tile == [256] * VIDEO_FRAMES
     assert_identical(with_video, encode(uncached, [image], VirMode.OFF, videos=[VIDEO]))

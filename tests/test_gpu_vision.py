@@ -43,8 +43,8 @@ def gpu_pipeline(model: Path, **overrides):
 
 def encode_all(pipeline, requests: list[list[bytes]], vir: VirMode = VirMode.AUTO):
     """Run ``requests`` concurrently through the pipeline (a fresh event loop)."""
+    from protos.messages import EncodeCall, EncodeOptions, ImageInput
     from vision_server.batching import TileBatcher
-    from vision_server.pipeline import EncodeCall, ImagePayload
 
     engine = pipeline.engine
     engine.batcher = TileBatcher(
@@ -56,7 +56,7 @@ def encode_all(pipeline, requests: list[list[bytes]], vir: VirMode = VirMode.AUT
     )
 
     async def one(images: list[bytes]):
-        call = EncodeCall([ImagePayload(data) for data in images], vir_mode=vir)
+        call = EncodeCall([ImageInput(data) for data in images], (), EncodeOptions(vir=vir))
         return [encoded async for encoded in pipeline.encode(call)]
 
     async def run():

@@ -15,10 +15,10 @@ from helpers import encode_image, noise_image
 from PIL import ExifTags, Image, ImageFile
 
 from llm_server.vision import grpc_client
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import displayed_size, image_tiles
 from protos.dvd.v1 import vision_pb2
 from protos.image_formats import IMAGE_FORMATS
+from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.tiling import plan_tiles
 
 INFO = vision_pb2.ModelInfo(tokens_per_tile=256, tile_size=448, use_thumbnail=True)
@@ -159,7 +159,9 @@ def test_reservations_read_headers_off_the_event_loop(monkeypatch: pytest.Monkey
             use_thumbnail=True,
         )
         try:
-            reservation = await encoder._reserve(images, EncodeOptions(max_tiles=10**9))
+            reservation = await encoder._reserve(
+                EncodeCall(images, (), EncodeOptions(max_tiles=10**9))
+            )
             assert reservation is not None
             return reservation.size
         finally:

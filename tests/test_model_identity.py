@@ -21,9 +21,9 @@ from helpers import encode_image, free_port, noise_image
 
 from checkpoints.identity import SAMPLE_BYTES, SAMPLES_PER_FILE, checkpoint_digest
 from llm_server.errors import VisionModelMismatch
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.dvd.v1 import vision_pb2
+from protos.messages import EncodeCall, ImageInput
 
 HIDDEN = 128
 
@@ -160,7 +160,7 @@ def client(target: str, expected: str = GOOD) -> GrpcImageEncoder:
 
 
 async def encode(encoder: GrpcImageEncoder) -> Any:
-    return await encoder.encode([ImageInput(b"png")], EncodeOptions(), "identity")
+    return (await encoder.encode(EncodeCall([ImageInput(b"png")], request_id="identity"))).images
 
 
 def test_a_vision_service_with_another_checkpoint_is_a_503(caplog):
@@ -262,14 +262,14 @@ def test_the_real_vision_service_reports_its_checkpoint(
         right = client(target, expected=checkpoint_digest(tiny_flash_models["hf"]))
         wrong = client(target, expected=checkpoint_digest(tiny_models["hf"]))  # same width
         try:
-            first = await right.encode(image, EncodeOptions(), "identity-1")
-            again = await right.encode(image, EncodeOptions(), "identity-2")
+            first = (await right.encode(EncodeCall(image, request_id="identity-1"))).images
+            again = (await right.encode(EncodeCall(image, request_id="identity-2"))).images
             assert [v.from_cache for v in first + again] == [False, True]
             assert right.info is not None
             assert right.info.checkpoint_digest == checkpoint_digest(tiny_flash_models["hf"])
             assert right.info.embedding_cache_bytes > 0
             with pytest.raises(VisionModelMismatch) as caught:
-                await wrong.encode(image, EncodeOptions(), "identity-3")
+                await wrong.encode(EncodeCall(image, request_id="identity-3"))
             assert caught.value.status_code == 503
         finally:
             await right.close()

@@ -48,7 +48,6 @@ from llm_server.errors import (
 from llm_server.images import ImageFetchPolicy, ImageLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from llm_server.vision.inprocess import (
     GpuShare,
@@ -58,6 +57,7 @@ from llm_server.vision.inprocess import (
 )
 from protos import codec
 from protos.dvd.v1 import vision_pb2
+from protos.messages import EncodeCall, ImageInput
 
 MODEL = "dvd-tiny-internvl"
 HIDDEN = 128  # the tiny checkpoint's language-model width
@@ -467,7 +467,7 @@ def header_frame(hidden: int = HIDDEN, tokens: int = 4) -> bytes:
 
 def encode_once(vision: StandInVision, image: bytes = b"png", timeout_s: float = 20) -> Any:
     encoder = GrpcImageEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
-    return encoder, encoder.encode([ImageInput(image)], EncodeOptions(), "req-1")
+    return encoder, encoder.encode(EncodeCall([ImageInput(image)], request_id="req-1"))
 
 
 @pytest.mark.parametrize(
@@ -562,7 +562,8 @@ def test_a_hung_vision_service_costs_one_timeout_even_on_the_first_call():
             encoder = GrpcImageEncoder(vision.target, timeout_s=1.0, expected_hidden_size=HIDDEN)
             started = time.monotonic()
             calls = [
-                encoder.encode([ImageInput(b"png")], EncodeOptions(), f"r{i}") for i in range(3)
+                encoder.encode(EncodeCall([ImageInput(b"png")], request_id=f"r{i}"))
+                for i in range(3)
             ]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             assert time.monotonic() - started < 1.8

@@ -107,12 +107,12 @@ def routed_pipeline(tiny_flash_models: dict[str, Path]):
 
 
 def encode(pipeline, images: list[bytes], vir: VirMode = VirMode.AUTO):
-    from vision_server.pipeline import EncodeCall, ImagePayload
+    from protos.messages import EncodeCall, EncodeOptions, ImageInput
 
     async def run():
         pipeline.engine.start()
         try:
-            call = EncodeCall([ImagePayload(data) for data in images], vir_mode=vir)
+            call = EncodeCall([ImageInput(data) for data in images], (), EncodeOptions(vir=vir))
             return [encoded async for encoded in pipeline.encode(call)]
         finally:
             await pipeline.engine.batcher.stop()

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from llm_server.vision.arena import EmbeddingArena
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
+from protos.messages import EncodeCall, ImageInput
 from vision_server.delivery import SharedMemoryDelivery, probe_nonce
 from vision_server.service import image_messages
 
@@ -491,7 +491,7 @@ async def _encode_twice(vision: StandInVision) -> tuple[GrpcImageEncoder, list[t
     image = [ImageInput(b"not decoded by the stand-in")]
     results = []
     for _ in range(2):
-        (result,) = await encoder.encode(image, EncodeOptions(), "probe-test")
+        (result,) = (await encoder.encode(EncodeCall(image, request_id="probe-test"))).images
         results.append(result.embeddings)
     return encoder, results
 
@@ -544,7 +544,7 @@ def test_grpc_transport_never_probes():
                 vision.target, timeout_s=WAIT_S, expected_hidden_size=HIDDEN, transport="grpc"
             )
             try:
-                await encoder.encode([ImageInput(b"x")], EncodeOptions(), "grpc")
+                await encoder.encode(EncodeCall([ImageInput(b"x")], request_id="grpc"))
                 assert encoder.arena is None and not encoder.shared_memory_proven
                 assert vision.probes == [""]
                 assert not vision.requests[0].HasField("shared_memory")

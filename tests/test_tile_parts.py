@@ -18,11 +18,12 @@ import pytest
 import torch
 from helpers import encode_image, noise_image
 
+from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
 from vision_server.batching import TileBatcher
 from vision_server.engine import EncodedImage, TileParts
 from vision_server.errors import TooManyImages
-from vision_server.pipeline import EncodeCall, ImagePayload, VisionPipeline
+from vision_server.pipeline import VisionPipeline
 from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
 
 SQUARE = encode_image(noise_image(896, 896, seed=11))  # 2x2 grid as it is + thumbnail
@@ -72,7 +73,7 @@ def _count_submits(batcher: TileBatcher[Any], monkeypatch: pytest.MonkeyPatch) -
     return sizes
 
 
-async def _encode(pipeline: VisionPipeline, call: EncodeCall) -> list[EncodedImage]:
+async def _encode(pipeline: VisionPipeline, call: EncodeCall) -> list[Any]:
     async def run() -> list[EncodedImage]:
         return [encoded async for encoded in pipeline.encode(call)]
 
@@ -84,7 +85,8 @@ def test_parts_encode_exactly_as_one_piece(flash_pipeline, monkeypatch, vir):
     """One request of three images, in parts and in one piece: the same rows, the same tokens
     per tile (router decisions) and grids. In parts, each multi-tile image goes to the batcher
     as two jobs (grid, thumbnail) and the one-tile image as one."""
-    call = EncodeCall([ImagePayload(SQUARE), ImagePayload(WIDE), ImagePayload(SMALL)], vir_mode=vir)
+    images = [ImageInput(SQUARE), ImageInput(WIDE), ImageInput(SMALL)]
+    call = EncodeCall(images, (), EncodeOptions(vir=vir))
 
     async def scenario(in_parts: bool) -> tuple[list[EncodedImage], list[int]]:
         batcher = _fresh_batcher(flash_pipeline)
@@ -176,7 +178,7 @@ def test_under_load_an_image_is_prepared_in_one_piece(flash_pipeline, monkeypatc
         await asyncio.sleep(0)
         assert not batcher.idle
         sizes = _count_submits(batcher, monkeypatch)
-        call = asyncio.ensure_future(_encode(flash_pipeline, EncodeCall([ImagePayload(SQUARE)])))
+        call = asyncio.ensure_future(_encode(flash_pipeline, EncodeCall([ImageInput(SQUARE)])))
         try:
             for _ in range(600):  # bounded: decoding one small image takes well under 6 s
                 if batcher.queued_tiles > 3:
@@ -215,7 +217,7 @@ def test_a_refused_call_drops_the_cuts_it_started(flash_pipeline, monkeypatch):
         try:
             with pytest.raises(TooManyImages, match="make 7 tiles"):
                 # Admission allows it (its bound is capped by the limit); decoding says 7.
-                await _encode(flash_pipeline, EncodeCall([ImagePayload(WIDE)]))
+                await _encode(flash_pipeline, EncodeCall([ImageInput(WIDE)]))
             await asyncio.sleep(0)
             assert len(started) == 1
             assert all(part.done() for part in started[0].parts)  # type: ignore[attr-defined]

@@ -34,9 +34,9 @@ from helpers import (
 from llm_server import metrics
 from llm_server.errors import VisionUnavailable
 from llm_server.vision.arena import EmbeddingArena
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos import shm
+from protos.messages import EncodeCall, EncodeOptions, ImageInput
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no POSIX shared memory here")
 
@@ -64,7 +64,8 @@ def _bytes_received(transport: str) -> float:
 async def _encode(target: str, transport: str, options: EncodeOptions) -> list[torch.Tensor]:
     encoder = _encoder(target, transport)
     try:
-        results = await encoder.encode(IMAGES, options, f"transport-{transport}")
+        call = EncodeCall(IMAGES, (), options, f"transport-{transport}")
+        results = (await encoder.encode(call)).images
     finally:
         await encoder.close()
     return [result.embeddings for result in results]
@@ -143,12 +144,12 @@ def test_without_shared_memory_on_the_vision_side_embeddings_are_streamed(lone_v
         required = _encoder(target, "shared-memory")
         try:
             before = _bytes_received("grpc")
-            results = await auto.encode(IMAGES[:1], options, "fallback")
+            results = (await auto.encode(EncodeCall(IMAGES[:1], (), options, "fallback"))).images
             assert _bytes_received("grpc") - before == results[0].embeddings.numel() * 4
             # The probe went unanswered: nothing was ever reserved.
             assert not auto.shared_memory_proven and auto.arena is None
             with pytest.raises(VisionUnavailable, match="instead of writing them to shared"):
-                await required.encode(IMAGES[:1], options, "required")
+                await required.encode(EncodeCall(IMAGES[:1], (), options, "required"))
             # The failed call's range came back at once: nothing can write into it any more.
             assert required.arena is not None
             assert required.arena.free_bytes == required.arena.size
@@ -172,7 +173,8 @@ def test_a_segment_on_another_host_falls_back_to_streaming(flash_vision, monkeyp
         monkeypatch.setattr(encoder.arena.segment, "name", real_name[:-8] + "00000000")
         before = _bytes_received("grpc")
         try:
-            results = await encoder.encode(IMAGES[:1], EncodeOptions(max_tiles=2), "elsewhere")
+            call = EncodeCall(IMAGES[:1], (), EncodeOptions(max_tiles=2), "elsewhere")
+            results = (await encoder.encode(call)).images
         finally:
             monkeypatch.setattr(encoder.arena.segment, "name", real_name)
             await encoder.close()
@@ -199,8 +201,8 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
         encoder = _encoder(target, "shared-memory")
         assert encoder.arena is not None
         try:
-            await encoder.encode(IMAGES[:1], EncodeOptions(), "warm-up")
-            call = asyncio.ensure_future(encoder.encode(many, EncodeOptions(), "interrupted"))
+            await encoder.encode(EncodeCall(IMAGES[:1], request_id="warm-up"))
+            call = asyncio.ensure_future(encoder.encode(EncodeCall(many, request_id="interrupted")))
             await asyncio.sleep(0.3)
             server.proc.send_signal(signal.SIGKILL)
             with pytest.raises(VisionUnavailable):
@@ -211,7 +213,7 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
             deadline = time.monotonic() + 15
             while True:  # the channel reconnects with a backoff of up to 2 s
                 try:
-                    await encoder.encode(IMAGES[:1], EncodeOptions(), "after-restart")
+                    await encoder.encode(EncodeCall(IMAGES[:1], request_id="after-restart"))
                     break
                 except VisionUnavailable:
                     if time.monotonic() > deadline:
@@ -228,8 +230,8 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
 
 _RECEIVER = """
 import asyncio, sys
-from llm_server.vision.base import EncodeOptions, ImageInput
 from llm_server.vision.grpc_client import GrpcImageEncoder
+from protos.messages import EncodeCall, ImageInput
 
 async def main():
     encoder = GrpcImageEncoder(sys.argv[1], timeout_s=60, expected_hidden_size=128,
@@ -237,7 +239,7 @@ async def main():
     image = [ImageInput(open(sys.argv[2], "rb").read(), max_tiles=12)]
     print(encoder.arena.segment.name, flush=True)
     while True:
-        await encoder.encode(image * 4, EncodeOptions(), "killed-receiver")
+        await encoder.encode(EncodeCall(image * 4, request_id="killed-receiver"))
 
 asyncio.run(main())
 """

@@ -152,9 +152,9 @@ def test_shared_memory_reservations_count_every_frame():
     tile per frame of each video, on top of the images' tiles."""
     import asyncio
 
-    from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput
     from llm_server.vision.grpc_client import GrpcImageEncoder
     from protos.dvd.v1 import vision_pb2
+    from protos.messages import EncodeCall, ImageInput, VideoInput
 
     async def reserved(images, videos) -> int:
         encoder = GrpcImageEncoder(
@@ -172,7 +172,7 @@ def test_shared_memory_reservations_count_every_frame():
             use_thumbnail=True,
         )
         try:
-            reservation = await encoder._reserve(images, EncodeOptions(), videos)
+            reservation = await encoder._reserve(EncodeCall(images, videos))
             assert reservation is not None
             return reservation.size
         finally:

@@ -15,9 +15,10 @@ import pytest
 import torch
 from helpers import encode_image, encode_video, grey_level_frames, noise_image
 
+from protos.messages import EncodeCall, ImageInput, VideoInput
 from vision_server.batching import TileBatcher
 from vision_server.errors import Overloaded
-from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
+from vision_server.pipeline import VisionPipeline
 
 TILE_BYTES = 3 * 448 * 448  # one uint8 RGB tile
 
@@ -96,7 +97,7 @@ def test_a_full_queue_refuses_before_decoding(vision_pipeline, decodes):
         other = await _fill(vision_pipeline, 58)
         try:
             with pytest.raises(Overloaded) as refused:
-                await _encode(vision_pipeline, EncodeCall([ImagePayload(IMAGE)] * 2))
+                await _encode(vision_pipeline, EncodeCall([ImageInput(IMAGE)] * 2))
             assert vision_pipeline.engine.batcher.queued_tiles == 58  # nothing of it queued
             return refused.value
         finally:
@@ -117,7 +118,7 @@ def test_the_bound_counts_bytes_too(vision_pipeline, decodes):
         other = await _fill(vision_pipeline, 10)
         try:
             with pytest.raises(Overloaded) as refused:
-                await _encode(vision_pipeline, EncodeCall([ImagePayload(IMAGE)]))
+                await _encode(vision_pipeline, EncodeCall([ImageInput(IMAGE)]))
             return refused.value
         finally:
             await _drain(other)
@@ -135,7 +136,7 @@ def test_the_bound_follows_each_image_max_tiles(vision_pipeline, decodes):
     async def scenario() -> int:
         _fresh_batcher(vision_pipeline, max_queued_tiles=64, max_queued_bytes=1 << 40)
         other = await _fill(vision_pipeline, 58)
-        call = EncodeCall([ImagePayload(IMAGE, max_tiles=2)] * 2)
+        call = EncodeCall([ImageInput(IMAGE, max_tiles=2)] * 2)
         encoding = asyncio.create_task(_encode(vision_pipeline, call))
         try:
             for _ in range(200):  # bounded: decoding two small images takes well under 2 s
@@ -162,7 +163,7 @@ def test_an_idle_queue_admits_a_call_whose_bound_exceeds_it(vision_pipeline, dec
         _fresh_batcher(vision_pipeline, max_queued_tiles=8, max_queued_bytes=1 << 40)
         vision_pipeline.engine.start()
         try:
-            return await _encode(vision_pipeline, EncodeCall([ImagePayload(small)]))
+            return await _encode(vision_pipeline, EncodeCall([ImageInput(small)]))
         finally:
             await vision_pipeline.engine.batcher.stop()
 
@@ -180,7 +181,7 @@ def test_the_exact_check_still_refuses_at_submit_time(vision_pipeline, decodes):
     async def scenario() -> None:
         _fresh_batcher(vision_pipeline, max_queued_tiles=8, max_queued_bytes=1 << 40)
         with pytest.raises(Overloaded, match="limit 8"):
-            await _encode(vision_pipeline, EncodeCall([ImagePayload(large)]))
+            await _encode(vision_pipeline, EncodeCall([ImageInput(large)]))
 
     asyncio.run(scenario())
     assert len(decodes) == 1
@@ -196,7 +197,7 @@ def test_video_frames_count_in_the_bound(vision_pipeline, decodes, monkeypatch):
         raise AssertionError("the video was decoded")
 
     monkeypatch.setattr(vision_pipeline.media, "prepare_video", counting_video)
-    video = VideoPayload(encode_video(grey_level_frames(16)), num_frames=8)
+    video = VideoInput(encode_video(grey_level_frames(16)), num_frames=8)
 
     async def scenario() -> list[Overloaded]:
         _fresh_batcher(vision_pipeline, max_queued_tiles=64, max_queued_bytes=1 << 40)
@@ -205,7 +206,7 @@ def test_video_frames_count_in_the_bound(vision_pipeline, decodes, monkeypatch):
         try:
             for call in (
                 EncodeCall([], videos=[video]),
-                EncodeCall([ImagePayload(IMAGE, max_tiles=1)], videos=[video]),
+                EncodeCall([ImageInput(IMAGE, max_tiles=1)], videos=[video]),
             ):
                 with pytest.raises(Overloaded) as refused:
                     await _encode(vision_pipeline, call)

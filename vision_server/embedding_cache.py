@@ -41,17 +41,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protos.messages import RowSelection
 from protos.options import VirMode
-from protos.tiling import TileGrid
+from protos.tiling import TileGrid, TilingOptions
 from vision_server import metrics
-from vision_server.preprocess import TilingOptions
-
-# (min_tiles, max_tiles, use_thumbnail, tile_size)
-Tiling = tuple[int, int, bool, int]
-
-
-def tiling_of(options: TilingOptions) -> Tiling:
-    return (options.min_tiles, options.max_tiles, options.use_thumbnail, options.tile_size)
 
 
 @dataclass(frozen=True)
@@ -59,18 +52,18 @@ class CacheKey:
     """Everything that determines the rows of one image of one request."""
 
     image_sha256: bytes
-    tiling: Tiling
-    rows: str  # "full" (256 per tile), "compressed" (64 per tile) or "routed"
+    tiling: TilingOptions
+    rows: RowSelection
     checkpoint: str  # checkpoint digest
     dtype: str
     # Routed rows only: (relative, absolute) thresholds, and every image of the request.
     router: tuple[float, float] | None = None
-    context: tuple[tuple[bytes, Tiling], ...] = ()
+    context: tuple[tuple[bytes, TilingOptions], ...] = ()
 
 
 def request_keys(
     digests: list[bytes],
-    tilings: list[Tiling],
+    tilings: list[TilingOptions],
     applied: VirMode | None,
     thresholds: tuple[float, float] | None,
     checkpoint: str,
@@ -78,9 +71,8 @@ def request_keys(
 ) -> list[CacheKey]:
     """The keys of a request's images. ``applied``: the router mode applied (None: the
     checkpoint has no router); ``thresholds``: the router's (relative, absolute) ones."""
-    rows = {None: "full", VirMode.OFF: "full", VirMode.MAX: "compressed", VirMode.AUTO: "routed"}
-    kind = rows[applied]
-    routed = kind == "routed"
+    kind = RowSelection.for_mode(applied)
+    routed = kind is RowSelection.ROUTED
     context = tuple(sorted(zip(digests, tilings, strict=True))) if routed else ()
     return [
         CacheKey(

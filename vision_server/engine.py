@@ -26,12 +26,12 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 
+from protos.messages import RowSelection
 from protos.options import VirMode
 from protos.tiling import TileGrid
 from vision_server import metrics
@@ -46,9 +46,8 @@ from vision_server.cuda_graphs import GraphedForward, capture
 from vision_server.invariance import chunked
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 from vision_server.preprocess import PreparedImage
-from vision_server.routing import route_tiles
+from vision_server.routing import applied_mode, route_tiles, thresholds
 from vision_server.threads import started_pool
-from vision_server.video import SampledFrames
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class EncodedImage:
     stats: BatchStats
     vir_mode: VirMode | None  # None: the checkpoint has no router
     from_cache: bool = False  # served by the embedding cache, not encoded for this request
-    video: SampledFrames | None = None  # set for a video: one tile per sampled frame
 
     @property
     def num_visual_tokens(self) -> int:
@@ -80,22 +78,6 @@ class TileParts:
     @property
     def num_tiles(self) -> int:
         return self.grid.num_tiles
-
-
-class RowSelection(StrEnum):
-    """Which rows of its tiles an image sends, as far as is known when its tiles are encoded."""
-
-    FULL = "full"  # every tile's 256 rows: vir off, or a checkpoint without a router
-    COMPRESSED = "compressed"  # every tile's 64 rows: vir max
-    ROUTED = "routed"  # decided by the router over the whole request: vir auto
-
-
-_SELECTION = {
-    None: RowSelection.FULL,
-    VirMode.OFF: RowSelection.FULL,
-    VirMode.MAX: RowSelection.COMPRESSED,
-    VirMode.AUTO: RowSelection.ROUTED,
-}
 
 
 @dataclass
@@ -447,8 +429,8 @@ class EncoderEngine:
         first image comes once every image is encoded; otherwise each as soon as it is done."""
         if self.failure is not None:
             raise self.failure
-        applied = vir_mode if self.has_router else None
-        selection = _SELECTION[applied]
+        applied = applied_mode(vir_mode, self.has_router)
+        selection = RowSelection.for_mode(applied)
         # All images queue at once so they can share forward passes; results come in order.
         tasks = [
             asyncio.create_task(self._submit(image, selection, request_id)) for image in images
@@ -490,10 +472,8 @@ class EncoderEngine:
             torch.cat([p.compress_prob for p in parts if p.compress_prob is not None])
             for parts, _ in encoded
         ]
-        threshold = flash.absolute_threshold if absolute_threshold is None else absolute_threshold
-        decisions = route_tiles(
-            torch.cat(per_image), VirMode.AUTO, flash.relative_threshold, threshold
-        )
+        relative, absolute = thresholds(flash, absolute_threshold)
+        decisions = route_tiles(torch.cat(per_image), VirMode.AUTO, relative, absolute)
         routes, start = [], 0
         for p0 in per_image:
             routes.append(decisions[start : start + len(p0)])
@@ -509,11 +489,6 @@ class EncoderEngine:
         applied: VirMode | None,
     ) -> EncodedImage:
         full, small = self.spec.tokens_per_tile, self.spec.compressed_tokens_per_tile
-        metrics.observe_routing(
-            kept=compress.count(False),
-            compressed=compress.count(True),
-            full_tokens=full,
-            compressed_tokens=small,
-        )
         tokens = [small if squeeze else full for squeeze in compress]
+        metrics.observe_routing(tokens, full, small)
         return EncodedImage(embeddings, tokens, image.grid, stats, applied)

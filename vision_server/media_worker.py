@@ -190,8 +190,8 @@ class _Worker:
             )
 
     def _image(self, task: wire.ImageTask, data: bytes) -> None:
+        from protos.tiling import TilingOptions
         from vision_server.preprocess import (
-            TilingOptions,
             decode_image,
             plan_image,
             write_grid,

@@ -44,12 +44,12 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from protos.tiling import TileGrid, plan_tiles
+from protos.tiling import TileGrid, TilingOptions
 from vision_server import media_protocol as wire
 from vision_server import metrics
 from vision_server.engine import TileParts
 from vision_server.errors import InvalidImage, InvalidVideo, MediaWorkersUnavailable, VisionError
-from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions
+from vision_server.preprocess import ImageLimits, PreparedImage
 from vision_server.video import (
     PreparedVideo,
     VideoLimits,
@@ -605,9 +605,7 @@ class _Outcome:
             plan.width >= 1 and plan.height >= 1 and pixels <= self.config.image_limits.max_pixels
         ):
             raise _Unexpected(f"an image of {plan.width}x{plan.height}")
-        expected = plan_tiles(plan.width, plan.height, min_tiles=options.min_tiles,
-                              max_tiles=options.max_tiles, use_thumbnail=options.use_thumbnail,
-                              tile_size=options.tile_size)  # fmt: skip
+        expected = options.plan(plan.width, plan.height)
         grid = TileGrid(plan.columns, plan.rows, plan.thumbnail, plan.tile_size)
         if grid != expected:
             raise _Unexpected(f"{grid} for an image of {plan.width}x{plan.height}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -99,7 +101,12 @@ def observe_pass(num_tiles: int, seconds: float) -> None:
     batch_seconds.observe(seconds)
 
 
-def observe_routing(kept: int, compressed: int, full_tokens: int, compressed_tokens: int) -> None:
-    tiles.labels(route="keep").inc(kept)
+def observe_routing(
+    tokens_per_tile: Sequence[int], full_tokens: int, compressed_tokens: int
+) -> None:
+    """The router's decisions on one image's tiles (a tile with fewer than ``full_tokens``
+    was compressed to ``compressed_tokens``), whether just encoded or from the cache."""
+    compressed = sum(1 for tokens in tokens_per_tile if tokens < full_tokens)
+    tiles.labels(route="keep").inc(len(tokens_per_tile) - compressed)
     tiles.labels(route="compress").inc(compressed)
     tokens_saved.inc(compressed * (full_tokens - compressed_tokens))

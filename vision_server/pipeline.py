@@ -18,50 +18,32 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
 from checkpoints.spec import CheckpointSpec
+from protos.messages import (
+    EncodeCall,
+    Field,
+    VideoFrames,
+    VideoInput,
+    VisualEmbedding,
+    over_limit,
+    too_many,
+)
 from protos.options import VirMode
+from protos.tiling import TilingOptions, most_tiles
 from vision_server import metrics
 from vision_server.batching import BatchStats
-from vision_server.embedding_cache import (
-    CachedImage,
-    EmbeddingCache,
-    Lookup,
-    request_keys,
-    tiling_of,
-)
+from vision_server.embedding_cache import CachedImage, EmbeddingCache, Lookup, request_keys
 from vision_server.engine import EncodedImage, EncoderEngine, TileParts
 from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
 from vision_server.media_workers import MediaWorkerConfig, MediaWorkerPool, default_workers
-from vision_server.preprocess import ImageLimits, PreparedImage, TilingOptions
+from vision_server.preprocess import ImageLimits, PreparedImage
+from vision_server.routing import applied_mode, resolve_mode, thresholds
 from vision_server.settings import VisionSettings
-from vision_server.video import PreparedVideo, SampledFrames, VideoLimits
+from vision_server.video import PreparedVideo, VideoLimits
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImagePayload:
-    data: bytes  # the encoded file
-    max_tiles: int = 0  # 0: the request's
-
-
-@dataclass(frozen=True)
-class VideoPayload:
-    data: bytes  # the encoded file
-    num_frames: int = 0  # 0: the service's default
-
-
-@dataclass(frozen=True)
-class EncodeCall:
-    images: Sequence[ImagePayload]
-    videos: Sequence[VideoPayload] = ()
-    max_tiles: int = 0  # 0: the checkpoint's
-    vir_mode: VirMode | None = None  # None: the default (auto)
-    vir_threshold: float | None = None
-    request_id: str = ""
 
 
 class VisionPipeline:
@@ -102,7 +84,7 @@ class VisionPipeline:
                 item_timeout_s=settings.media_item_timeout_s,
                 image_limits=self.limits,
                 video_limits=self.video_limits,
-                max_image_tiles=settings.max_tiles_limit + 1,
+                max_image_tiles=most_tiles(settings.max_tiles_limit, use_thumbnail=True),
                 max_frames=settings.max_num_frames,
                 tile_size=spec.vision.image_size,
             )
@@ -117,26 +99,21 @@ class VisionPipeline:
 
     # ---- validation -------------------------------------------------------------------------
 
-    def _vir_mode(self, requested: VirMode | None) -> VirMode:
-        """The router mode to apply; refuses what the checkpoint cannot do."""
-        if requested is VirMode.MAX and not self.engine.has_router:
-            raise InvalidRequest(
-                "vir='max' needs a Visual Resolution Router, and this checkpoint has none "
-                "(not an InternVL3.5-Flash checkpoint); use 'auto' or 'off'"
-            )
-        return requested or VirMode.AUTO
-
     def _tiling_options(self, call: EncodeCall) -> TilingOptions:
-        max_tiles = call.max_tiles or self.spec.max_tiles
-        if max_tiles > self.settings.max_tiles_limit:
-            raise InvalidRequest(
-                f"max_tiles={max_tiles} exceeds this service's limit of "
-                f"{self.settings.max_tiles_limit}"
-            )
+        max_tiles = call.options.max_tiles or self.spec.max_tiles
+        limit = self.settings.max_tiles_limit
+        if max_tiles > limit:
+            message = over_limit("max_tiles", max_tiles, limit, "tiles per image")
+            raise InvalidRequest(message, field=Field.MAX_TILES)
         if max_tiles < self.spec.min_tiles:
-            raise InvalidRequest(f"max_tiles must be at least {self.spec.min_tiles}")
-        if call.vir_threshold is not None and not 0.0 <= call.vir_threshold <= 1.0:
-            raise InvalidRequest(f"vir_threshold must be in [0, 1], got {call.vir_threshold}")
+            raise InvalidRequest(
+                f"max_tiles must be at least {self.spec.min_tiles}", field=Field.MAX_TILES
+            )
+        threshold = call.options.vir_threshold
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InvalidRequest(
+                f"vir_threshold must be in [0, 1], got {threshold}", field=Field.VIR_THRESHOLD
+            )
         return TilingOptions(
             min_tiles=self.spec.min_tiles,
             max_tiles=max_tiles,
@@ -144,44 +121,42 @@ class VisionPipeline:
             tile_size=self.spec.vision.image_size,
         )
 
-    def _image_options(self, options: TilingOptions, max_tiles: int) -> TilingOptions:
+    def _image_options(self, options: TilingOptions, max_tiles: int | None) -> TilingOptions:
         if not max_tiles or max_tiles == options.max_tiles:
             return options
         if not self.spec.min_tiles <= max_tiles <= self.settings.max_tiles_limit:
-            raise InvalidRequest(
+            raise InvalidImage(
                 f"image max_tiles={max_tiles} is outside [{self.spec.min_tiles}, "
-                f"{self.settings.max_tiles_limit}]"
+                f"{self.settings.max_tiles_limit}]",
+                field=Field.IMAGE_MAX_TILES,
             )
         return dataclasses.replace(options, max_tiles=max_tiles)
 
-    def _num_frames(self, video: VideoPayload) -> int:
+    def _num_frames(self, video: VideoInput) -> int:
         num_frames = video.num_frames or self.default_num_frames
-        if num_frames > self.settings.max_num_frames:
-            raise InvalidRequest(
-                f"num_frames={num_frames} exceeds this service's limit of "
-                f"{self.settings.max_num_frames} frames per video"
-            )
+        limit = self.settings.max_num_frames
+        if num_frames > limit:
+            message = over_limit("num_frames", num_frames, limit, "frames per video")
+            raise InvalidRequest(message, field=Field.NUM_FRAMES)
         return num_frames
 
     def _check_counts(self, call: EncodeCall) -> list[int]:
         """Refuses too many items, before decoding anything; the frames of each video."""
         if not call.images and not call.videos:
             raise InvalidRequest("request has no images or videos")
-        if len(call.images) > self.settings.max_images_per_request:
-            raise TooManyImages(
-                f"{len(call.images)} images in one request; the limit is "
-                f"{self.settings.max_images_per_request}"
-            )
-        if len(call.videos) > self.settings.max_videos_per_request:
-            raise TooManyImages(
-                f"{len(call.videos)} videos in one request; the limit is "
-                f"{self.settings.max_videos_per_request}"
-            )
+        settings = self.settings
+        if len(call.images) > settings.max_images_per_request:
+            message = too_many("images", len(call.images), settings.max_images_per_request)
+            raise TooManyImages(message, field=Field.IMAGES)
+        if len(call.videos) > settings.max_videos_per_request:
+            message = too_many("videos", len(call.videos), settings.max_videos_per_request)
+            raise TooManyImages(message, field=Field.VIDEOS)
         frames = [self._num_frames(video) for video in call.videos]
-        if sum(frames) > self.settings.max_tiles_per_request:  # known before decoding anything
+        if sum(frames) > settings.max_tiles_per_request:  # known before decoding anything
             raise TooManyImages(
                 f"the videos of this request make {sum(frames)} frames; the limit is "
-                f"{self.settings.max_tiles_per_request} tiles (lower num_frames)"
+                f"{settings.max_tiles_per_request} tiles (lower num_frames)",
+                field=Field.VIDEOS,
             )
         return frames
 
@@ -192,7 +167,7 @@ class VisionPipeline:
         per video frame; all known before decoding. The bound is capped by the per-request
         tile limit and by the queue's own size, so an idle service still admits any call and
         the exact check at submit time decides, as it always does."""
-        most = sum(o.max_tiles + int(o.use_thumbnail and o.max_tiles > 1) for o in to_encode)
+        most = sum(options.most_tiles for options in to_encode)
         most = min(most + sum(frames), self.settings.max_tiles_per_request)
         if most == 0:
             return
@@ -218,24 +193,28 @@ class VisionPipeline:
         (their workers are told, or killed)."""
         in_parts = self.overlap_preparation and self.engine.idle
         media = self.media
-        jobs: list[asyncio.Future[PreparedImage | TileParts | PreparedVideo]] = [
+        image_jobs = [
             asyncio.ensure_future(
                 media.prepare_image(call.images[index].data, per_image[index], in_parts)
             )
             for index in indexes
         ]
-        jobs += [
+        video_jobs = [
             asyncio.ensure_future(media.prepare_video(video.data, count))
             for video, count in zip(call.videos, frames, strict=True)
         ]
+        jobs: list[asyncio.Future[Any]] = [*image_jobs, *video_jobs]
+        # What each job is, for its error: "image 3", "video 0".
+        labels = [f"image {index}" for index in indexes]
+        labels += [f"video {index}" for index in range(len(video_jobs))]
         succeeded = False
         try:
             pending = set(jobs)
             while pending:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for position, job in enumerate(jobs):
+                for job, label in zip(jobs, labels, strict=True):
                     if job.done() and (error := job.exception()) is not None:
-                        raise _labelled(error, position, indexes)
+                        raise _labelled(error, label)
             succeeded = True
         finally:
             if not succeeded:  # stop what still runs, drop the parts still being cut
@@ -244,9 +223,8 @@ class VisionPipeline:
                         job.cancel()
                     elif not job.cancelled() and job.exception() is None:  # (retrieved)
                         _discard_parts([job.result()])
-        results = [job.result() for job in jobs]
-        images = cast(list[PreparedImage | TileParts], results[: len(indexes)])
-        videos = cast(list[PreparedVideo], results[len(indexes) :])
+        images = [job.result() for job in image_jobs]
+        videos = [job.result() for job in video_jobs]
         return dict(zip(indexes, images, strict=True)), videos
 
     def _check_tiles(
@@ -265,7 +243,8 @@ class VisionPipeline:
             raise TooManyImages(
                 f"the images and video frames of this request make {tiles} tiles; the limit is "
                 f"{self.settings.max_tiles_per_request} (lower max_tiles or num_frames, or send "
-                "fewer images or videos)"
+                "fewer images or videos)",
+                field=Field.IMAGES,
             )
 
     async def _lookup(
@@ -285,17 +264,12 @@ class VisionPipeline:
             *(asyncio.to_thread(hashlib.sha256, image.data) for image in call.images)
         )
         flash = self.spec.flash
-        thresholds = None
-        if flash is not None:
-            absolute = call.vir_threshold
-            if absolute is None:
-                absolute = flash.absolute_threshold
-            thresholds = (flash.relative_threshold, absolute)
+        router = thresholds(flash, call.options.vir_threshold) if flash is not None else None
         keys = request_keys(
             [digest.digest() for digest in hashes],
-            [tiling_of(options) for options in per_image],
+            per_image,
             applied,
-            thresholds,
+            router,
             self.checkpoint_digest,
             self.engine.dtype,
         )
@@ -303,16 +277,16 @@ class VisionPipeline:
 
     # ---- encoding ---------------------------------------------------------------------------
 
-    async def encode(self, call: EncodeCall) -> AsyncGenerator[EncodedImage, None]:
-        """Encoded items in request order, the images then the videos (``video`` set);
-        raises ``VisionError`` types for bad requests."""
+    async def encode(self, call: EncodeCall) -> AsyncGenerator[VisualEmbedding, None]:
+        """The call's items in order, its images then its videos (``frames`` set); raises
+        ``VisionError`` types for bad requests."""
         if self.engine.failure is not None:  # fail fast, before decoding anything
             raise self.engine.failure
         options = self._tiling_options(call)
-        vir_mode = self._vir_mode(call.vir_mode)
+        vir_mode = resolve_mode(call.options.vir, self.engine.has_router)
         frames = self._check_counts(call)
         per_image = [self._image_options(options, image.max_tiles) for image in call.images]
-        applied = vir_mode if self.engine.has_router else None
+        applied = applied_mode(vir_mode, self.engine.has_router)
         count = len(call.images)
         lookup = await self._lookup(call, per_image, applied)
         prepared: dict[int, PreparedImage | TileParts] = {}
@@ -328,66 +302,70 @@ class VisionPipeline:
             self._admit([per_image[index] for index in todo], frames)
             prepared, videos = await self._prepare(call, per_image, todo, frames)
             self._check_tiles(prepared, hits, videos, count)
-            stream = self._encode_in_order(call, vir_mode, prepared, hits, videos)
-            async for index, encoded in stream:
-                if index < count:
+            # The prepared images and the videos' frames go through the engine in one call,
+            # so the router sees all of them; the other images come from the cache.
+            to_encode = [*(prepared[index] for index in sorted(prepared))]
+            to_encode += [video.frames for video in videos]
+            stream = (
+                self.engine.encode_request(
+                    to_encode, call.request_id, vir_mode, call.options.vir_threshold
+                )
+                if to_encode
+                else _nothing()
+            )
+            async with contextlib.aclosing(stream) as encoded_items:
+                for index in range(count):
+                    if index not in prepared:
+                        metrics.embedding_cache_hits.inc()
+                        yield self._item(self._from_cache(hits[index]))
+                        continue
+                    encoded = await anext(encoded_items)
                     if lookup is not None:
-                        if encoded.from_cache:
-                            metrics.embedding_cache_hits.inc()
-                        else:
-                            metrics.embedding_cache_misses.inc()
-                            lookup.store(index, _cached(encoded))
-                    metrics.images.inc()
-                else:
+                        metrics.embedding_cache_misses.inc()
+                        lookup.store(index, _cached(encoded))
+                    yield self._item(encoded)
+                for video_index, video in enumerate(videos):
+                    encoded = await anext(encoded_items)
                     metrics.videos.inc()
-                    metrics.video_frames.inc(videos[index - count].num_frames)
-                metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
-                metrics.visual_tokens.inc(encoded.num_visual_tokens)
-                yield encoded
+                    metrics.video_frames.inc(video.num_frames)
+                    info = video.info
+                    yield self._item(
+                        encoded,
+                        VideoFrames(
+                            video_index,
+                            video.frame_numbers,
+                            info.total_frames,
+                            info.duration_s,
+                            info.fps,
+                        ),
+                    )
         finally:
             if lookup is not None:
                 lookup.release()
             _discard_parts(prepared.values())
 
-    async def _encode_in_order(
-        self,
-        call: EncodeCall,
-        vir_mode: VirMode,
-        prepared: dict[int, PreparedImage | TileParts],
-        hits: dict[int, CachedImage],
-        videos: list[PreparedVideo],
-    ) -> AsyncGenerator[tuple[int, EncodedImage], None]:
-        """(index, item) in request order: the prepared images and the videos' frames through
-        the engine (one call, so the router sees all of them), the other images from the
-        cache; a video's index counts after the images."""
-        count = len(call.images)
-        if not prepared and not videos:  # every image is a hit
-            for index in range(count):
-                yield index, self._from_cache(hits[index])
-            return
-        todo = sorted(prepared)
-        items = [*(prepared[index] for index in todo), *(video.frames for video in videos)]
-        stream = self.engine.encode_request(items, call.request_id, vir_mode, call.vir_threshold)
-        async with contextlib.aclosing(stream) as encoded_items:
-            engine_items = aiter(encoded_items)
-            for index in range(count):
-                if index in prepared:
-                    yield index, await anext(engine_items)
-                else:
-                    yield index, self._from_cache(hits[index])
-            for video_index, video in enumerate(videos):
-                encoded = await anext(engine_items)
-                sampled = SampledFrames(video_index, video.frame_numbers, video.info)
-                yield count + video_index, dataclasses.replace(encoded, video=sampled)
+    def _item(self, encoded: EncodedImage, frames: VideoFrames | None = None) -> VisualEmbedding:
+        """The contract's form of an encoded image or video (``frames``), with its metrics."""
+        if frames is None:
+            metrics.images.inc()
+        metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
+        metrics.visual_tokens.inc(encoded.num_visual_tokens)
+        return VisualEmbedding(
+            embeddings=encoded.embeddings,
+            tokens_per_tile=encoded.tokens_per_tile,
+            full_tokens_per_tile=self.spec.tokens_per_tile,
+            vir=encoded.vir_mode,
+            from_cache=encoded.from_cache,
+            frames=frames,
+            grid=encoded.grid,
+            queue_ms=encoded.stats.queue_ms,
+            encode_ms=encoded.stats.encode_ms,
+        )
 
     def _from_cache(self, cached: CachedImage) -> EncodedImage:
-        full, small = self.spec.tokens_per_tile, self.spec.compressed_tokens_per_tile
-        compressed = sum(1 for tokens in cached.tokens_per_tile if tokens < full)
+        spec = self.spec
         metrics.observe_routing(
-            kept=len(cached.tokens_per_tile) - compressed,
-            compressed=compressed,
-            full_tokens=full,
-            compressed_tokens=small,
+            cached.tokens_per_tile, spec.tokens_per_tile, spec.compressed_tokens_per_tile
         )
         return EncodedImage(
             embeddings=cached.embeddings,
@@ -399,13 +377,17 @@ class VisionPipeline:
         )
 
 
-def _labelled(error: BaseException, position: int, indexes: list[int]) -> BaseException:
-    """``error`` of the job at ``position`` (the images to encode, then the videos), saying
-    which image or video of the request it is about."""
-    if isinstance(error, InvalidImage):
-        return InvalidImage(f"image {indexes[position]}: {error}")
-    if isinstance(error, InvalidVideo):
-        return InvalidVideo(f"video {position - len(indexes)}: {error}")
+async def _nothing() -> AsyncGenerator[EncodedImage, None]:
+    """The engine's stream when every image is a cache hit and there is no video."""
+    return
+    yield
+
+
+def _labelled(error: BaseException, label: str) -> BaseException:
+    """``error`` of a bad image or video, saying which one of the request it is (``label``:
+    "image 3", "video 0")."""
+    if isinstance(error, InvalidImage | InvalidVideo):
+        return type(error)(f"{label}: {error}", field=error.field)
     return error
 
 

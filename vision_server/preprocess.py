@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protos.image_formats import IMAGE_FORMATS
-from protos.tiling import TileGrid, plan_tiles
+from protos.tiling import TileGrid, TilingOptions
 from vision_server.errors import MEMORY_LIMIT_REASON, InvalidImage
 from vision_server.pixels import rgb_pixels
 
@@ -36,14 +36,6 @@ class ImageLimits:
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     allowed_formats: frozenset[str] = DEFAULT_FORMATS
-
-
-@dataclass(frozen=True)
-class TilingOptions:
-    min_tiles: int = 1
-    max_tiles: int = 12
-    use_thumbnail: bool = True
-    tile_size: int = 448
 
 
 @dataclass(frozen=True)
@@ -115,14 +107,7 @@ class PlannedImage:
 def plan_image(image: Image.Image, options: TilingOptions) -> PlannedImage:
     # convert() copies even an RGB image; most images are RGB already.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    grid = plan_tiles(
-        rgb.width,
-        rgb.height,
-        min_tiles=options.min_tiles,
-        max_tiles=options.max_tiles,
-        use_thumbnail=options.use_thumbnail,
-        tile_size=options.tile_size,
-    )
+    grid = options.plan(rgb.width, rgb.height)
     return PlannedImage(rgb, grid)
 
 

@@ -15,7 +15,34 @@ from __future__ import annotations
 
 import torch
 
+from checkpoints.spec import FlashSpec
+from protos.messages import Field
 from protos.options import VirMode
+from vision_server.errors import InvalidRequest
+
+
+def resolve_mode(requested: VirMode | None, has_router: bool) -> VirMode:
+    """The router mode a call asks for, its default (``auto``) filled in; refuses ``max``
+    where the checkpoint has no router to compress with."""
+    if requested is VirMode.MAX and not has_router:
+        raise InvalidRequest(
+            "vir='max' needs a Visual Resolution Router, and this checkpoint has none "
+            "(not an InternVL3.5-Flash checkpoint); use 'auto' or 'off'",
+            field=Field.VIR_MODE,
+        )
+    return requested or VirMode.AUTO
+
+
+def applied_mode(mode: VirMode, has_router: bool) -> VirMode | None:
+    """The mode that shapes a call's rows: none without a router (every tile keeps its
+    rows, whatever was asked)."""
+    return mode if has_router else None
+
+
+def thresholds(flash: FlashSpec, absolute: float | None = None) -> tuple[float, float]:
+    """The (relative, absolute) thresholds a call is routed with: the checkpoint's, the
+    absolute one overridden by the call's ``vir_threshold`` when it sets one."""
+    return flash.relative_threshold, flash.absolute_threshold if absolute is None else absolute
 
 
 def route_tiles(

@@ -12,34 +12,14 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from protos import codec, shm
+from protos import codec, messages, shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
-from protos.options import vir_from_wire, vir_to_wire
 from vision_server import metrics
 from vision_server.delivery import SharedMemoryDelivery, probe_nonce
-from vision_server.engine import EncodedImage
-from vision_server.errors import InvalidRequest, VisionError, grpc_status
-from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload, VisionPipeline
-from vision_server.video import SampledFrames
+from vision_server.errors import InvalidRequest, VisionError, error_detail, grpc_status
+from vision_server.pipeline import VisionPipeline
 
 logger = logging.getLogger(__name__)
-
-
-def encode_call(request: vision_pb2.EncodeRequest, request_id: str) -> EncodeCall:
-    """The transport-free form of an Encode request."""
-    options = request.options
-    try:
-        vir_mode = vir_from_wire(options.vir_mode)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    return EncodeCall(
-        images=[ImagePayload(image.data, image.max_tiles) for image in request.images],
-        videos=[VideoPayload(video.data, video.num_frames) for video in request.videos],
-        max_tiles=options.max_tiles,
-        vir_mode=vir_mode,
-        vir_threshold=options.vir_threshold if options.HasField("vir_threshold") else None,
-        request_id=request_id,
-    )
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -60,29 +40,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------------
 
-    def _header(self, index: int, encoded: EncodedImage) -> vision_pb2.EncodeResponse:
-        return vision_pb2.EncodeResponse(
-            header=vision_pb2.ImageHeader(
-                image_index=index,
-                num_tiles=len(encoded.tokens_per_tile),
-                tokens_per_tile=encoded.tokens_per_tile,
-                num_visual_tokens=encoded.num_visual_tokens,
-                hidden_size=int(encoded.embeddings.shape[1]),
-                dtype=codec.wire_dtype(encoded.embeddings.dtype),
-                num_bytes=encoded.embeddings.numel() * encoded.embeddings.element_size(),
-                grid_columns=encoded.grid.columns,
-                grid_rows=encoded.grid.rows,
-                has_thumbnail=encoded.grid.thumbnail,
-                queue_ms=encoded.stats.queue_ms,
-                encode_ms=encoded.stats.encode_ms,
-                vir_mode=vir_to_wire(encoded.vir_mode),
-                full_tokens_per_tile=self.spec.tokens_per_tile,
-                from_cache=encoded.from_cache,
-                checkpoint_digest=self.pipeline.checkpoint_digest,
-                video=_video_frames(encoded.video),
-            )
-        )
-
     async def Encode(  # noqa: N802 (gRPC method name)
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
@@ -91,14 +48,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         status = grpc.StatusCode.OK
         try:
             count = 0
-            call = encode_call(request, request_id)
+            call = _call(request, request_id)
             delivery = SharedMemoryDelivery.open(self.shared_memory, request, request_id)
+            digest = self.pipeline.checkpoint_digest
             # aclosing: when the call ends early, the images still queued are cancelled at once.
-            async with contextlib.aclosing(self.pipeline.encode(call)) as encoded_images:
-                async for encoded in encoded_images:
-                    header = self._header(count, encoded)
+            async with contextlib.aclosing(self.pipeline.encode(call)) as items:
+                async for item in items:
+                    header = vision_pb2.EncodeResponse(
+                        header=messages.header_to_wire(item, count, digest)
+                    )
                     async for message in image_messages(
-                        header, encoded.embeddings, delivery, self.settings.chunk_bytes
+                        header, item.embeddings, delivery, self.settings.chunk_bytes
                     ):
                         yield message
                     count += 1
@@ -106,15 +66,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         except VisionError as exc:
             status = grpc_status(exc)
             logger.info("request %s refused: %s", request_id, exc)
-            await context.abort(status, str(exc))
+            await _abort(context, exc, str(exc))
         except asyncio.CancelledError:
             status = grpc.StatusCode.CANCELLED
             logger.info("request %s cancelled by the client", request_id)
             raise
-        except Exception:
+        except Exception as exc:
             status = grpc.StatusCode.INTERNAL
             logger.exception("request %s failed", request_id)
-            await context.abort(status, "internal error in the vision service")
+            await _abort(context, exc, "internal error in the vision service")
         finally:
             metrics.requests.labels(status=status.name).inc()
             metrics.request_seconds.observe(time.perf_counter() - started)
@@ -169,15 +129,19 @@ async def image_messages(
     metrics.embedding_bytes.labels(transport="grpc").inc(num_bytes)
 
 
-def _video_frames(sampled: SampledFrames | None) -> vision_pb2.VideoFrames | None:
-    if sampled is None:
-        return None
-    return vision_pb2.VideoFrames(
-        video_index=sampled.video_index,
-        frame_numbers=sampled.frame_numbers,
-        total_frames=sampled.info.total_frames,
-        duration_s=sampled.info.duration_s,
-        fps=sampled.info.fps,
+def _call(request: vision_pb2.EncodeRequest, request_id: str) -> messages.EncodeCall:
+    try:
+        return messages.call_from_wire(request, request_id)
+    except messages.ContractError as exc:
+        raise InvalidRequest(str(exc), field=exc.field) from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, message: str) -> None:
+    """End the call with ``error``'s status, its code and field in the trailing metadata."""
+    await context.abort(
+        grpc_status(error),
+        message,
+        trailing_metadata=messages.error_metadata(error_detail(error)),
     )
 
 

@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from protos.tiling import TileGrid
+from protos.tiling import TileGrid, TilingOptions
 from vision_server.errors import MEMORY_LIMIT_REASON, InvalidVideo
 from vision_server.preprocess import (
     PreparedImage,
-    TilingOptions,
     empty_tiles,
     plan_image,
     write_grid,
@@ -87,15 +86,6 @@ class PreparedVideo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_frames", len(self.frame_numbers))
-
-
-@dataclass(frozen=True)
-class SampledFrames:
-    """Which video an encoded item is, and which of its frames were sampled (for its header)."""
-
-    video_index: int  # in the call's videos
-    frame_numbers: list[int]
-    info: VideoStreamInfo
 
 
 def segment_middles(total_frames: int, num_frames: int) -> list[int]:

@@ -20,6 +20,7 @@ from llm_server.api.protocol import (
 )
 from llm_server.errors import BadRequest
 from llm_server.settings import LLMSettings
+from protos.messages import over_limit
 
 
 def check_request_limits(
@@ -88,18 +89,14 @@ def _check_visual_options(
     request: ChatCompletionRequest, settings: LLMSettings, max_tiles_limit: int
 ) -> None:
     if request.max_tiles is not None and request.max_tiles > max_tiles_limit:
-        raise BadRequest(
-            f"max_tiles={request.max_tiles} exceeds this server's limit of {max_tiles_limit} "
-            "tiles per image",
-            param="max_tiles",
-        )
+        message = over_limit("max_tiles", request.max_tiles, max_tiles_limit, "tiles per image")
+        raise BadRequest(message, param="max_tiles")
     # Checked with or without a video: a bound is a bound, whatever else the request holds.
     if request.num_frames is not None and request.num_frames > settings.max_num_frames:
-        raise BadRequest(
-            f"num_frames={request.num_frames} exceeds this server's limit of "
-            f"{settings.max_num_frames} frames per video",
-            param="num_frames",
+        message = over_limit(
+            "num_frames", request.num_frames, settings.max_num_frames, "frames per video"
         )
+        raise BadRequest(message, param="num_frames")
 
 
 def _check_tools(request: ChatCompletionRequest, settings: LLMSettings) -> None:

@@ -53,12 +53,15 @@ from llm_server.errors import (
 from llm_server.images import ImageLoader
 from llm_server.prompt import ExpandedPrompt, PromptBuilder, TokenizedPrompt, expand_prompt
 from llm_server.settings import LLMSettings
-from llm_server.vision.base import (
+from llm_server.vision.base import ImageEncoder
+from protos.messages import (
+    EncodeCall,
     EncodeOptions,
-    ImageEncoder,
+    EncodeResult,
     ImageInput,
     VideoInput,
-    VisualEmbedding,
+    over_limit,
+    too_many,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,11 +87,11 @@ class PreparedChat:
     num_video_tokens: int = 0
 
 
-def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
+def _vision_summary(result: EncodeResult) -> VisionSummary | None:
+    visuals = result.items
     if not visuals:
         return None
-    images = [v for v in visuals if not v.is_video]
-    videos = [v for v in visuals if v.is_video]
+    images, videos = result.images, result.videos
     summary = VisionSummary(
         images=len(images),
         cached_images=sum(1 for v in images if v.from_cache),
@@ -105,13 +108,10 @@ def _vision_summary(visuals: list[VisualEmbedding]) -> VisionSummary | None:
     return summary
 
 
-def _placeholder_rows(
-    parts: list[VisualPart], visuals: list[VisualEmbedding]
-) -> list[torch.Tensor]:
+def _placeholder_rows(parts: list[VisualPart], result: EncodeResult) -> list[torch.Tensor]:
     """The rows of each placeholder of the prompt, in prompt order: an image's rows, or one
-    frame's. ``visuals`` holds the images' embeddings, then the videos'."""
-    num_images = sum(isinstance(part, ImagePart) for part in parts)
-    images, videos = iter(visuals[:num_images]), iter(visuals[num_images:])
+    frame's."""
+    images, videos = iter(result.images), iter(result.videos)
     rows: list[torch.Tensor] = []
     for part in parts:
         if isinstance(part, VideoPart):
@@ -193,23 +193,20 @@ class ChatService:
             if isinstance(part, ImagePart | VideoPart)
         ]
         num_images = sum(isinstance(part, ImagePart) for part in parts)
-        if num_images > self.settings.max_images_per_request:
-            limit = self.settings.max_images_per_request
-            raise TooManyImages(
-                f"{num_images} images in one request; the limit is {limit}", param="messages"
-            )
+        settings = self.settings
+        if num_images > settings.max_images_per_request:
+            message = too_many("images", num_images, settings.max_images_per_request)
+            raise TooManyImages(message, param="messages")
         num_videos = len(parts) - num_images
-        if num_videos > self.settings.max_videos_per_request:
-            limit = self.settings.max_videos_per_request
-            raise TooManyImages(
-                f"{num_videos} videos in one request; the limit is {limit}", param="messages"
+        if num_videos > settings.max_videos_per_request:
+            message = too_many("videos", num_videos, settings.max_videos_per_request)
+            raise TooManyImages(message, param="messages")
+        num_frames = self.num_frames(request)
+        if num_videos and num_frames > settings.max_num_frames:
+            message = over_limit(
+                "num_frames", num_frames, settings.max_num_frames, "frames per video"
             )
-        if num_videos and self.num_frames(request) > self.settings.max_num_frames:
-            raise BadRequest(
-                f"num_frames={self.num_frames(request)} exceeds this server's limit of "
-                f"{self.settings.max_num_frames} frames per video",
-                param="num_frames",
-            )
+            raise BadRequest(message, param="num_frames")
         return parts
 
     def num_frames(self, request: ChatCompletionRequest) -> int:
@@ -326,10 +323,15 @@ class ChatService:
         features = await asyncio.to_thread(self.features.resolve, request)
         num_frames = self.num_frames(request)
         images, videos = await self._load_media(parts, num_frames) if parts else ([], [])
-        options = EncodeOptions(
-            max_tiles=request.max_tiles or self.settings.max_tiles,
-            vir=request.vir,
-            vir_threshold=request.vir_threshold,
+        call = EncodeCall(
+            images,
+            videos,
+            EncodeOptions(
+                max_tiles=request.max_tiles or self.settings.max_tiles,
+                vir=request.vir,
+                vir_threshold=request.vir_threshold,
+            ),
+            request_id,
         )
         # Tokenizing the chat overlaps with the vision service encoding the images.
         tokenize = asyncio.ensure_future(
@@ -340,18 +342,18 @@ class ChatService:
                 [num_frames] * len(videos),
             )
         )
-        visuals: list[VisualEmbedding] = []
+        result = EncodeResult()
         try:
             if parts:
                 started = time.perf_counter()
-                visuals = await self.encoder.encode(images, options, request_id, videos)
+                result = await self.encoder.encode(call)
                 metrics.vision_seconds.observe(time.perf_counter() - started)
         except BaseException:
             # Nobody will await the tokenizer now; consume its outcome so it is not reported.
             tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())
             raise
         tokenized: TokenizedPrompt = await tokenize
-        rows = _placeholder_rows(parts, visuals)
+        rows = _placeholder_rows(parts, result)
         expanded: ExpandedPrompt = expand_prompt(tokenized, [int(r.shape[0]) for r in rows])
         num_prompt_tokens = len(expanded.token_ids)
         max_tokens = self._completion_budget(request, num_prompt_tokens)
@@ -368,12 +370,12 @@ class ChatService:
             engine_prompt=engine_prompt,
             sampling_params=sampling_params,
             num_prompt_tokens=num_prompt_tokens,
-            num_image_tokens=sum(v.num_visual_tokens for v in visuals if not v.is_video),
-            num_video_tokens=sum(v.num_visual_tokens for v in visuals if v.is_video),
+            num_image_tokens=sum(image.num_visual_tokens for image in result.images),
+            num_video_tokens=sum(video.num_visual_tokens for video in result.videos),
             n=request.n,
             arrived=arrived,
-            vision=_vision_summary(visuals),
-            vision_tokens_saved=sum(v.tokens_saved for v in visuals),
+            vision=_vision_summary(result),
+            vision_tokens_saved=sum(item.tokens_saved for item in result.items),
             output=features.output,
         )
 

@@ -30,24 +30,22 @@ import secrets
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Literal
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import ExifTags, Image, PngImagePlugin, TiffImagePlugin
 
 from checkpoints.identity import short_digest
 from llm_server import metrics
 from llm_server.errors import VisionBadResponse, VisionModelMismatch, VisionUnavailable
+from llm_server.settings import EmbeddingTransport
 from llm_server.vision.arena import EmbeddingArena, Reservation
-from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput, VisualEmbedding
-from llm_server.vision.errors import vision_error
-from protos import codec, shm
+from llm_server.vision.errors import rpc_error, vision_error
+from protos import codec, messages, shm
 from protos.dvd.v1 import vision_pb2
 from protos.image_formats import IMAGE_FORMATS
-from protos.options import vir_from_wire, vir_to_wire
-from protos.tiling import plan_tiles
+from protos.messages import EncodeCall, EncodeResult, ImageInput, VisualEmbedding
+from protos.tiling import TilingOptions, most_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +81,6 @@ _SERVICE_CONFIG = json.dumps(
 # Shortest time between two DNS look-ups of a dns:/// target (each triggered by a connection
 # that ended). Bounds how soon a new vision replica gets calls, with the server's connection age.
 DNS_RERESOLUTION_INTERVAL_MS = 5_000
-
-EmbeddingTransport = Literal["auto", "grpc", "shared-memory"]
 
 
 class GrpcImageEncoder:
@@ -177,7 +173,7 @@ class GrpcImageEncoder:
         except TimeoutError as exc:
             raise vision_error(grpc.StatusCode.DEADLINE_EXCEEDED, "model check") from exc
         except grpc.aio.AioRpcError as exc:
-            raise vision_error(exc.code(), exc.details() or "") from exc
+            raise rpc_error(exc) from exc
 
     async def _ask_model_info(self, timeout_s: float) -> None:
         """GetModelInfo, with a shared-memory probe until a vision service has read one."""
@@ -293,33 +289,13 @@ class GrpcImageEncoder:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def encode(
-        self,
-        images: Sequence[ImageInput],
-        options: EncodeOptions,
-        request_id: str,
-        videos: Sequence[VideoInput] = (),
-    ) -> list[VisualEmbedding]:
+    async def encode(self, call: EncodeCall) -> EncodeResult:
         # One deadline for the whole call, the model check included: a hung vision service
         # costs a request --vision-timeout-s at most.
         deadline = time.monotonic() + self.timeout_s
         await self._check_model(self.timeout_s)
-        request = vision_pb2.EncodeRequest(
-            request_id=request_id,
-            images=[
-                vision_pb2.Image(data=image.data, max_tiles=image.max_tiles or 0)
-                for image in images
-            ],
-            options=vision_pb2.EncodeOptions(
-                max_tiles=options.max_tiles or 0,
-                vir_mode=vir_to_wire(options.vir),
-                vir_threshold=options.vir_threshold,
-            ),
-            videos=[
-                vision_pb2.Video(data=video.data, num_frames=video.num_frames) for video in videos
-            ],
-        )
-        reservation = await self._reserve(images, options, videos)
+        request = messages.call_to_wire(call)
+        reservation = await self._reserve(call)
         if reservation is not None and self.arena is not None:
             request.shared_memory.CopyFrom(
                 vision_pb2.SharedMemoryTarget(
@@ -332,52 +308,45 @@ class GrpcImageEncoder:
             )
         encode = self._encode[self._next_channel]
         self._next_channel = (self._next_channel + 1) % len(self._encode)
-        call = encode(request, timeout=max(deadline - time.monotonic(), 0.001))
+        rpc = encode(request, timeout=max(deadline - time.monotonic(), 0.001))
         try:
-            results = await self._receive(call, reservation)
+            items = await self._receive(rpc, reservation)
         except grpc.aio.AioRpcError as exc:
-            details = exc.details() or ""
-            raise vision_error(exc.code(), details, request_bytes=request.ByteSize()) from exc
-        except codec.CodecError as exc:
+            raise rpc_error(exc, request_bytes=request.ByteSize()) from exc
+        except (codec.CodecError, messages.ContractError) as exc:
             raise VisionBadResponse(f"vision service sent a malformed stream: {exc}") from exc
         finally:
             # Whatever ended this (a local error, the client going away), the call ends on the
             # vision service now, which drops its queued tiles, rather than whenever the call
             # object is collected. A finished call ignores this.
-            call.cancel()
+            rpc.cancel()
             if reservation is not None and self.arena is not None:
                 # Even if the vision service is still writing: the range's stamp is cleared
                 # first, so no late write can land in it once it is reserved again.
                 self.arena.release(reservation)
-        if len(results) != len(images) + len(videos):
-            raise VisionBadResponse(
-                f"vision service returned {len(results)} of {len(images) + len(videos)} "
-                "images and videos"
-            )
-        _check_kinds(results, len(images), videos)
-        return results
+        try:
+            return messages.result_of(call, items)
+        except messages.ContractError as exc:
+            raise VisionBadResponse(str(exc)) from exc
 
-    async def _reserve(
-        self,
-        images: Sequence[ImageInput],
-        options: EncodeOptions,
-        videos: Sequence[VideoInput] = (),
-    ) -> Reservation | None:
-        """A shared-memory range large enough for the most rows these images and videos can
-        produce (a video: one tile per frame); None when shared memory is not offered."""
+    async def _reserve(self, call: EncodeCall) -> Reservation | None:
+        """A shared-memory range large enough for the most rows the call's images and videos
+        can produce (a video: one tile per frame); None when shared memory is not offered."""
         if self.arena is None or self.info is None:
             return None
         if self.transport == "auto" and not self.shared_memory_proven:
             return None
+        if any(video.num_frames is None for video in call.videos):
+            return None  # frames only the vision service knows: its rows stream
         info = self.info
         try:
             row_bytes = codec.tensor_bytes((info.hidden_size,), info.dtype)
         except codec.CodecError:  # a service that does not describe its rows: they stream
             return None
-        counted = [(image.data, _max_tiles(image, options, info)) for image in images]
+        counted = [(image.data, _max_tiles(image, call, info)) for image in call.images]
         # Reading the headers parses the request's bytes: off the event loop, in one hop.
         tiles = await asyncio.to_thread(count_tiles, counted, info)
-        tiles += sum(video.num_frames for video in videos)
+        tiles += sum(video.num_frames or 0 for video in call.videos)
         reservation = self.arena.reserve(tiles * info.tokens_per_tile * row_bytes)
         if reservation is None:
             metrics.shared_memory_full.inc()
@@ -426,7 +395,7 @@ class GrpcImageEncoder:
                         raise VisionBadResponse("the shared-memory range changed hands")
                     metrics.embedding_bytes.labels(transport="shared_memory").inc(header.num_bytes)
                     metrics.vision_transfer.observe(time.perf_counter() - header_at)
-                    results.append(_visual_embedding(header, embeddings))
+                    results.append(messages.item_from_wire(header, embeddings))
                     continue
                 if self.transport == "shared-memory":
                     raise VisionUnavailable(
@@ -445,7 +414,7 @@ class GrpcImageEncoder:
             metrics.embedding_bytes.labels(transport="grpc").inc(len(data))
             if assembler.complete:
                 metrics.vision_transfer.observe(time.perf_counter() - header_at)
-                results.append(_visual_embedding(header, assembler.tensor()))
+                results.append(messages.item_from_wire(header, assembler.tensor()))
                 assembler = None
         return results
 
@@ -476,35 +445,6 @@ class GrpcImageEncoder:
             self.arena.close()
 
 
-def _visual_embedding(header: vision_pb2.ImageHeader, embeddings: torch.Tensor) -> VisualEmbedding:
-    return VisualEmbedding(
-        embeddings,
-        list(header.tokens_per_tile),
-        header.full_tokens_per_tile or max(header.tokens_per_tile),
-        vir_from_wire(header.vir_mode),
-        header.from_cache,
-        list(header.video.frame_numbers) if header.HasField("video") else None,
-    )
-
-
-def _check_kinds(
-    results: Sequence[VisualEmbedding], num_images: int, videos: Sequence[VideoInput]
-) -> None:
-    """The images come first, then the videos asked for, one tile per frame: the prompt
-    already holds that many frame placeholders."""
-    if any(result.is_video for result in results[:num_images]):
-        raise VisionBadResponse("vision service answered an image as a video")
-    for index, video in enumerate(videos):
-        result = results[num_images + index]
-        frames = result.frame_numbers
-        tiles = len(result.tokens_per_tile)
-        if frames is None or len(frames) != video.num_frames or tiles != video.num_frames:
-            raise VisionBadResponse(
-                f"vision service answered video {index} with {tiles} tiles, expected "
-                f"{video.num_frames} frames"
-            )
-
-
 def _open_channel(target: str, index: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         target,
@@ -530,10 +470,10 @@ def _open_channel(target: str, index: int) -> grpc.aio.Channel:
     )
 
 
-def _max_tiles(image: ImageInput, options: EncodeOptions, info: vision_pb2.ModelInfo) -> int:
+def _max_tiles(image: ImageInput, call: EncodeCall, info: vision_pb2.ModelInfo) -> int:
     """The image's ``max_tiles`` as the vision service will take it; above the service's
     limit (which refuses the call) counted at the limit, which bounds the tiling arithmetic."""
-    max_tiles = image.max_tiles or options.max_tiles or info.default_max_tiles
+    max_tiles = image.max_tiles or call.options.max_tiles or info.default_max_tiles
     return min(max_tiles, info.max_tiles_limit) if info.max_tiles_limit else max_tiles
 
 
@@ -548,17 +488,14 @@ def image_tiles(data: bytes, max_tiles: int, info: vision_pb2.ModelInfo) -> int:
     An image whose size cannot be read without decoding its pixels gets the most tiles it
     can make; one that makes more than counted here (a service with a larger ``min_tiles``,
     a PNG whose EXIF orientation comes after its pixels) streams."""
-    most = max_tiles + (1 if max_tiles > 1 and info.use_thumbnail else 0)
+    most = most_tiles(max_tiles, info.use_thumbnail)
     size = displayed_size(data)
     if size is None:
         return most
-    grid = plan_tiles(
-        *size,
-        max_tiles=max_tiles,
-        use_thumbnail=info.use_thumbnail,
-        tile_size=info.tile_size or 448,
+    options = TilingOptions(
+        max_tiles=max_tiles, use_thumbnail=info.use_thumbnail, tile_size=info.tile_size or 448
     )
-    return min(grid.num_tiles, most)
+    return min(options.plan(*size).num_tiles, most)
 
 
 def displayed_size(data: bytes) -> tuple[int, int] | None:

@@ -20,15 +20,15 @@ import contextlib
 import json
 import logging
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from checkpoints.weights import safetensors_files
 from llm_server import metrics
-from llm_server.vision.base import EncodeOptions, ImageInput, VideoInput, VisualEmbedding
-from llm_server.vision.errors import vision_error
+from llm_server.errors import VisionBadResponse
+from llm_server.vision.errors import api_error
+from protos.messages import ContractError, EncodeCall, EncodeResult, VisualEmbedding, result_of
 
 if TYPE_CHECKING:
     from vision_server.pipeline import VisionPipeline
@@ -181,44 +181,23 @@ class InProcessImageEncoder:
         )
         return share
 
-    async def encode(
-        self,
-        images: Sequence[ImageInput],
-        options: EncodeOptions,
-        request_id: str,
-        videos: Sequence[VideoInput] = (),
-    ) -> list[VisualEmbedding]:
+    async def encode(self, call: EncodeCall) -> EncodeResult:
         from vision_server.errors import VisionError
-        from vision_server.pipeline import EncodeCall, ImagePayload, VideoPayload
 
-        call = EncodeCall(
-            images=[ImagePayload(image.data, image.max_tiles or 0) for image in images],
-            videos=[VideoPayload(video.data, video.num_frames) for video in videos],
-            max_tiles=options.max_tiles or 0,
-            vir_mode=options.vir,
-            vir_threshold=options.vir_threshold,
-            request_id=request_id,
-        )
-        results = []
+        items: list[VisualEmbedding] = []
         try:
             # aclosing: a cancelled request lets go of its embedding-cache claims at once.
-            async with contextlib.aclosing(self.pipeline.encode(call)) as encoded_images:
-                async for encoded in encoded_images:
-                    metrics.vision_queue_wait.observe(encoded.stats.queue_ms / 1000)
-                    metrics.vision_encode.observe(encoded.stats.encode_ms / 1000)
-                    results.append(
-                        VisualEmbedding(
-                            encoded.embeddings,
-                            encoded.tokens_per_tile,
-                            self.pipeline.spec.tokens_per_tile,
-                            encoded.vir_mode,
-                            encoded.from_cache,
-                            encoded.video.frame_numbers if encoded.video is not None else None,
-                        )
-                    )
-        except VisionError as exc:
-            raise vision_error(exc.status, str(exc)) from exc
-        return results
+            async with contextlib.aclosing(self.pipeline.encode(call)) as encoded_items:
+                async for item in encoded_items:
+                    metrics.vision_queue_wait.observe(item.queue_ms / 1000)
+                    metrics.vision_encode.observe(item.encode_ms / 1000)
+                    items.append(item)
+        except VisionError as exc:  # typed all the way: its code and field, no message read
+            raise api_error(exc.detail, str(exc)) from exc
+        try:
+            return result_of(call, items)
+        except ContractError as exc:
+            raise VisionBadResponse(str(exc)) from exc
 
     async def ready(self) -> bool:
         return self.pipeline.engine.failure is None

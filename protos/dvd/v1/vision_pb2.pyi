@@ -20,6 +20,19 @@ class VirMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VIR_MODE_AUTO: _ClassVar[VirMode]
     VIR_MODE_OFF: _ClassVar[VirMode]
     VIR_MODE_MAX: _ClassVar[VirMode]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_REQUEST: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_IMAGE: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_VIDEO: _ClassVar[ErrorCode]
+    ERROR_CODE_TOO_MANY_IMAGES: _ClassVar[ErrorCode]
+    ERROR_CODE_OVERLOADED: _ClassVar[ErrorCode]
+    ERROR_CODE_OUT_OF_MEMORY: _ClassVar[ErrorCode]
+    ERROR_CODE_ENCODE_FAILED: _ClassVar[ErrorCode]
+    ERROR_CODE_UNAVAILABLE: _ClassVar[ErrorCode]
+    ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
@@ -28,6 +41,24 @@ VIR_MODE_UNSPECIFIED: VirMode
 VIR_MODE_AUTO: VirMode
 VIR_MODE_OFF: VirMode
 VIR_MODE_MAX: VirMode
+ERROR_CODE_UNSPECIFIED: ErrorCode
+ERROR_CODE_INVALID_REQUEST: ErrorCode
+ERROR_CODE_INVALID_IMAGE: ErrorCode
+ERROR_CODE_INVALID_VIDEO: ErrorCode
+ERROR_CODE_TOO_MANY_IMAGES: ErrorCode
+ERROR_CODE_OVERLOADED: ErrorCode
+ERROR_CODE_OUT_OF_MEMORY: ErrorCode
+ERROR_CODE_ENCODE_FAILED: ErrorCode
+ERROR_CODE_UNAVAILABLE: ErrorCode
+ERROR_CODE_INTERNAL: ErrorCode
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("code", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    field: str
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., field: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "max_tiles")
