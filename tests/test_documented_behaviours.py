@@ -5,21 +5,18 @@ transformers' InternVL where an independent answer exists:
 - ``image_url.detail="low"`` (one 448x448 tile) and ``max_tiles`` change the tiles, the tokens
   and the answer, which is transformers' answer for the same tiling;
 - ``vir_threshold`` changes the router's decisions and the answer (Flash checkpoint);
-- sampling: ``top_k``, seeds (different seeds differ, equal seeds agree, concurrently too),
-  ``temperature`` and ``top_p`` each having an effect, presence and frequency penalties each
-  alone (against transformers' greedy decoding with OpenAI's penalty rule);
+- sampling: ``top_k``, and ``temperature`` and ``top_p`` each having an effect (seeds and
+  each penalty alone are checked in ``test_e2e_chat.test_sampling_parameters``);
 - videos in HEVC, AV1 and Motion JPEG and in the MOV container, generated here with PyAV and
   compared with transformers fed the frames the model card's ``load_video`` samples.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-import torch
 from helpers import (
     SERVED_MODEL_NAME,
     data_url,
@@ -190,19 +187,6 @@ def test_top_k_keeps_sampling_among_the_k_most_likely(stacks):
     assert sample_ids(base_url, temperature=2.0, top_k=1, seed=4) == greedy_ids
 
 
-def test_seeds_choose_the_sample(stacks):
-    """Sent together (so they may share the engine's steps): equal seeds give equal samples,
-    different seeds different ones."""
-    base_url = stacks["hf"].base_url
-    seeds = [11, 11, 12, 13]
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        samples = list(pool.map(lambda s: sample_ids(base_url, temperature=1.0, seed=s), seeds))
-    assert samples[0] == samples[1]
-    assert len({tuple(s) for s in samples[1:]}) == 3, samples
-    # And later, alone, the same seed gives the same sample again.
-    assert sample_ids(base_url, temperature=1.0, seed=11) == samples[0]
-
-
 def test_temperature_and_top_p_have_an_effect(stacks):
     """With one seed: temperature 0 is greedy, temperature 1.5 is not; a top_p so small that
     only the most likely token is left brings 1.5 back to greedy, and top_p=0.9 does not."""
@@ -213,80 +197,6 @@ def test_temperature_and_top_p_have_an_effect(stacks):
     assert sample_ids(base_url, temperature=1.5, top_p=1e-6, seed=5) == greedy_ids
     nucleus = sample_ids(base_url, temperature=1.5, top_p=0.9, seed=5)
     assert nucleus != greedy_ids
-
-
-class OpenAIPenalties:
-    """OpenAI's presence and frequency penalties, as a transformers logits processor: each
-    token's logit minus ``frequency`` x its count in the answer so far minus ``presence`` if
-    it occurs there at all (the prompt does not count)."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        answer = input_ids[0, self.prompt_len :]
-        counts = torch.bincount(answer, minlength=scores.shape[-1])[: scores.shape[-1]]
-        penalty = self.frequency * counts.to(scores.dtype) + self.presence * (counts > 0)
-        return scores - penalty.to(scores.dtype)
-
-
-def penalised_oracle(
-    oracle: TransformersOracle, max_new_tokens: int, presence: float, frequency: float
-) -> tuple[list[int], list[float]]:
-    """transformers' greedy answer to TEXT_CHAT with the penalties applied; the margins are
-    those of the penalised logits, which decide each step."""
-    from transformers import LogitsProcessorList
-
-    text = oracle.processor.apply_chat_template(
-        TEXT_CHAT, add_generation_prompt=True, tokenize=False
-    )
-    inputs = oracle.processor(text=[text], return_tensors="pt")
-    prompt_len = inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        out = oracle.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(
-                [OpenAIPenalties(prompt_len, presence, frequency)]
-            ),
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    margins = []
-    for scores in out.scores:
-        top2 = scores[0].topk(2).values
-        margins.append(float(top2[0] - top2[1]))
-    return out.sequences[0, prompt_len:].tolist(), margins
-
-
-@pytest.mark.parametrize(
-    ("presence", "frequency"), [(1.5, 0.0), (0.0, 0.7)], ids=["presence", "frequency"]
-)
-def test_each_penalty_alone_is_openais_rule(stacks, transformers_oracle, presence, frequency):
-    """Each penalty alone changes the greedy answer, to transformers' greedy answer with that
-    penalty applied by OpenAI's rule. (On the tiny model's answers no token comes back a third
-    time before the answers part, where the two rules would differ, so this cannot tell one
-    penalty from the other at the same size; it does tell either from none.)"""
-    base_url = stacks["hf"].base_url
-    tokens = 64
-    plain = sample_ids(base_url, temperature=0, max_tokens=tokens)
-    served = sample_ids(
-        base_url,
-        temperature=0,
-        max_tokens=tokens,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-    )
-    assert served != plain, "the penalty changed nothing: the check would be blind"
-    expected, margins = penalised_oracle(transformers_oracle, tokens, presence, frequency)
-    compare_greedy(
-        served,
-        expected,
-        [margins],
-        min_compared=24,
-        what=f"presence {presence}, frequency {frequency} against transformers",
-    )
 
 
 # ---- videos: codecs and containers --------------------------------------------------------------
