@@ -57,9 +57,8 @@ def image_input(image=IMAGE, text: str = QUESTION, **image_fields: Any) -> list[
 
 
 def chat_answer(client: OpenAI, messages: list[dict[str, Any]], **params: Any):
-    return client.chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=MAX_TOKENS, **params
-    )
+    params = {"temperature": 0, "max_tokens": MAX_TOKENS, **params}
+    return client.chat.completions.create(model=MODEL, messages=messages, **params)
 
 
 def chat_image_message(image=IMAGE, text: str = QUESTION) -> dict[str, Any]:
@@ -199,7 +198,8 @@ def test_forced_function_call_and_its_result(client):
         input=image_input(text="What is the weather in the city of this picture?"),
         tools=[WEATHER],
         tool_choice="required",
-        max_output_tokens=64,
+        parallel_tool_calls=False,  # one call, then the answer ends
+        max_output_tokens=200,
         temperature=0,
     )
     calls = [item for item in response.output if item.type == "function_call"]
@@ -223,7 +223,7 @@ def test_streamed_function_call(client):
         input="What is the weather in Rome?",
         tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"},
-        max_output_tokens=64,
+        max_output_tokens=200,
         temperature=0,
     ) as stream:
         events = list(stream)
@@ -248,8 +248,10 @@ def test_json_schema_text_format(client):
         model=MODEL,
         input=image_input(text="Describe the picture as JSON."),
         text={"format": {"type": "json_schema", "name": "picture", "schema": schema}},
-        max_output_tokens=64,
+        max_output_tokens=400,
+        temperature=0,
     )
+    assert response.status == "completed"
     jsonschema.validate(json.loads(response.output_text), schema)
     assert response.text.format.type == "json_schema"
 
