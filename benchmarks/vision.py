@@ -34,7 +34,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.stand_in import StandInDevice
 from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
 from checkpoints.tiny import PRESETS, write_tiny_checkpoint
+from llm_server.port_file import read_port_file
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
@@ -207,12 +207,6 @@ def synthetic_image(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serving(target: str) -> bool:
     try:
         with grpc.insecure_channel(target) as channel:
@@ -232,9 +226,10 @@ def vision_server(
     start_timeout: float,
     stand_in_pass_ms: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """A ``dvd-vision-server`` process on free ports (on a stand-in device with
+    """A ``dvd-vision-server`` process on ports it binds itself (on a stand-in device with
     ``stand_in_pass_ms``); yields its target and metrics URL."""
-    port, metrics_port = free_port(), free_port()
+    port_file = log_path.with_name(f"{log_path.name}.ports.json")
+    port_file.unlink(missing_ok=True)
     program = ["vision_server.server"]
     if stand_in_pass_ms is not None:
         program = ["benchmarks.stand_in", *(f"{ms:g}" for ms in stand_in_pass_ms)]
@@ -245,17 +240,20 @@ def vision_server(
         "--model",
         str(model),
         "--port",
-        str(port),
+        "0",
         "--metrics-port",
-        str(metrics_port),
+        "0",
+        "--port-file",
+        str(port_file),
         *server_args,
     ]
-    target = f"127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + start_timeout
-            while not _serving(target):
+            ports = None  # what it bound, in its port file once it serves
+            while ports is None or not _serving(f"127.0.0.1:{ports['port']}"):
+                ports = ports or read_port_file(port_file, process.pid)
                 if process.poll() is not None:
                     raise RuntimeError(
                         f"vision server exited ({process.returncode}); see {log_path}"
@@ -263,7 +261,8 @@ def vision_server(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"vision server not serving after {start_timeout:.0f} s")
                 time.sleep(0.5)
-            yield target, f"http://127.0.0.1:{metrics_port}/metrics"
+            target = f"127.0.0.1:{ports['port']}"
+            yield target, f"http://127.0.0.1:{ports['metrics_port']}/metrics"
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from llm_server.port_file import read_port_file
 from protos.codec import EmbeddingAssembler
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 
@@ -26,20 +29,40 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 at this moment: another process may bind it before the server
+    it is meant for does. Only for the Kubernetes simulation, where every pod of a Deployment
+    listens on the port its manifest fixes, and the pods start at once (the vision pods wait
+    for the checkpoint that the language pod writes, so none can report its port first).
+    Everything else starts servers on port 0 and reads their port file (``report_ports``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class ServerProcess:
-    """A server started as a real process; its output goes to a log file."""
+    """A server started as a real process; its output goes to a log file.
+
+    With ``report_ports``, the server (ours, or anything that takes ``--port-file``) is given
+    ``--port-file`` and ``reported_ports()`` reads the ports it bound itself (``--port 0``):
+    no test chooses a free port and races other processes for it."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        report_ports: bool = False,
     ):
         self.name = name
         self.metrics_url: str | None = None
         self.log_path = log_dir / f"{name}.log"
+        self.port_file: Path | None = None
+        self._ports: dict[str, Any] | None = None
+        if report_ports:
+            self.port_file = log_dir / f"{name}.ports.json"
+            self.port_file.unlink(missing_ok=True)
+            argv = [*argv, "--port-file", str(self.port_file)]
         merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
@@ -76,6 +99,21 @@ class ServerProcess:
             time.sleep(0.25)
         raise TimeoutError(f"{self.name} not {what} after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def reported_ports(self, timeout: float) -> dict[str, Any]:
+        """What the server wrote to its port file once serving (``host``, ``port``, ...),
+        waiting up to ``timeout`` for it."""
+        if self._ports is None:
+            port_file = self.port_file
+            assert port_file is not None, f"{self.name} was not started with report_ports"
+            self.wait_until(
+                lambda: read_port_file(port_file, self.proc.pid) is not None,
+                timeout,
+                "serving (no port file)",
+            )
+            self._ports = read_port_file(port_file, self.proc.pid)
+            assert self._ports is not None
+        return self._ports
+
     def signal(self, sig: int) -> None:
         if self.alive:
             os.killpg(self.proc.pid, sig)
@@ -100,9 +138,8 @@ def grpc_serving(target: str) -> bool:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def vision_server_argv(
-    model: Path, port: int, extra_args: Sequence[str] = (), metrics_port: int | None = None
-) -> list[str]:
+def vision_server_argv(model: Path, extra_args: Sequence[str] = (), port: int = 0) -> list[str]:
+    """A vision server on ``port`` (0: one it binds itself), metrics on a port of its own."""
     return [
         sys.executable,
         "-m",
@@ -112,9 +149,21 @@ def vision_server_argv(
         "--port",
         str(port),
         "--metrics-port",
-        str(metrics_port or free_port()),
+        "0",
         *extra_args,
     ]
+
+
+def serving_vision(server: ServerProcess, timeout: float = 120) -> str:
+    """Wait until a vision server started with ``report_ports`` serves; its gRPC target (and
+    its ``metrics_url``, set)."""
+    ports = server.reported_ports(timeout)
+    host = ports["host"]
+    if ports.get("metrics_port"):
+        server.metrics_url = f"http://{host}:{ports['metrics_port']}/metrics"
+    target = f"{host}:{ports['port']}"
+    server.wait_until(lambda: grpc_serving(target), timeout=timeout, what="serving")
+    return target
 
 
 def start_vision_server(
@@ -124,13 +173,47 @@ def start_vision_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> tuple[ServerProcess, str]:
-    port, metrics_port = free_port(), free_port()
-    argv = vision_server_argv(model, port, extra_args, metrics_port)
-    server = ServerProcess(name, argv, log_dir, env=env)
-    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    target = f"127.0.0.1:{port}"
-    server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
-    return server, target
+    argv = vision_server_argv(model, extra_args)
+    server = ServerProcess(name, argv, log_dir, env=env, report_ports=True)
+    return server, serving_vision(server)
+
+
+def wait_port_released(host: str, port: int, timeout: float = 30) -> None:
+    """Wait until nothing listens on ``host:port`` any more (a server stopped there), so that
+    a server restarted on the same address can bind it. The probe binds as our servers do
+    (SO_REUSEADDR: connections of the old process in TIME_WAIT do not block it), but without
+    SO_REUSEPORT, with which gRPC would join a listener that is still there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
+
+
+def restart_vision_server(
+    old: ServerProcess,
+    name: str,
+    model: Path,
+    target: str,
+    log_dir: Path,
+    extra_args: Sequence[str] = (),
+) -> ServerProcess:
+    """Stop ``old`` (if it still runs) and start a vision server on its address ``target``
+    again, once the old one has released the port (the language service names the address:
+    it cannot move)."""
+    old.stop()
+    host, port = target.rsplit(":", 1)
+    wait_port_released(host, int(port))
+    argv = vision_server_argv(model, extra_args, port=int(port))
+    server = ServerProcess(name, argv, log_dir, report_ports=True)
+    serving_vision(server)
+    return server
 
 
 # ---- images ---------------------------------------------------------------------------------
@@ -294,9 +377,8 @@ class Stack:
 SERVED_MODEL_NAME = "dvd-tiny-internvl"
 
 
-def llm_server_argv(
-    model: Path, port: int, vision_target: str, extra_args: Sequence[str] = ()
-) -> list[str]:
+def llm_server_argv(model: Path, vision_target: str, extra_args: Sequence[str] = ()) -> list[str]:
+    """A language server on a port it binds itself (the vision target unset: "")."""
     return [
         sys.executable,
         "-m",
@@ -304,9 +386,8 @@ def llm_server_argv(
         "--model",
         str(model),
         "--port",
-        str(port),
-        "--vision-target",
-        vision_target,
+        "0",
+        *(["--vision-target", vision_target] if vision_target else []),
         "--enforce-eager",
         "--served-model-name",
         SERVED_MODEL_NAME,
@@ -328,45 +409,44 @@ def start_stacks(
     llm_env: dict[str, str] | None = None,
 ) -> dict[str, Stack]:
     """Start one vision + one language server per model (just a language server with
-    ``--vision inprocess`` for names in ``coupled``), all at once, and wait for them."""
+    ``--vision inprocess`` for names in ``coupled``), and wait for them. Every server binds
+    its own ports; a language server starts as soon as its vision server has reported its
+    port (which its --vision-target names); all vision servers start at once."""
     llm_args_by_name = llm_args_by_name or {}
-    pending = []
-    for name, model in models.items():
-        vision_port, http_port = free_port(), free_port()
-        vision_target = f"127.0.0.1:{vision_port}"
-        vision = None
-        extra = [*llm_args, *llm_args_by_name.get(name, ())]
-        if name in coupled:
-            extra += ["--vision", "inprocess"]
-        if name not in coupled:
-            metrics_port = free_port()
-            vision = ServerProcess(
-                f"{name}-vision",
-                vision_server_argv(model, vision_port, vision_args, metrics_port),
-                log_dir,
-            )
-            vision.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        llm = ServerProcess(
-            f"{name}-llm",
-            llm_server_argv(model, http_port, vision_target, extra),
-            log_dir,
-            env={**LLM_TEST_ENV, **(llm_env or {})},
+    visions = {
+        name: ServerProcess(
+            f"{name}-vision", vision_server_argv(model, vision_args), log_dir, report_ports=True
         )
-        pending.append((name, Stack(vision, llm, vision_target, f"http://127.0.0.1:{http_port}")))
-    stacks: dict[str, Stack] = {}
+        for name, model in models.items()
+        if name not in coupled
+    }
+    started: list[ServerProcess] = list(visions.values())
     try:
-        for name, stack in pending:
-            if stack.vision is not None:
-                stack.vision.wait_until(
-                    lambda s=stack: grpc_serving(s.vision_target), 120, "serving gRPC"
-                )
-            stack.llm.wait_until(
-                lambda s=stack: http_ok(f"{s.base_url}/health"), 300, "serving HTTP"
+        llms: dict[str, tuple[ServerProcess, str]] = {}
+        for name, model in models.items():
+            extra = [*llm_args, *llm_args_by_name.get(name, ())]
+            vision_target = ""  # the coupled baseline encodes in its own process
+            if name in coupled:
+                extra += ["--vision", "inprocess"]
+            else:
+                vision_target = serving_vision(visions[name])
+            llm = ServerProcess(
+                f"{name}-llm",
+                llm_server_argv(model, vision_target, extra),
+                log_dir,
+                env={**LLM_TEST_ENV, **(llm_env or {})},
+                report_ports=True,
             )
-            stacks[name] = stack
+            started.append(llm)
+            llms[name] = (llm, vision_target)
+        stacks: dict[str, Stack] = {}
+        for name, (llm, vision_target) in llms.items():
+            base_url = f"http://127.0.0.1:{llm.reported_ports(300)['port']}"
+            llm.wait_until(lambda u=base_url: http_ok(f"{u}/health"), 300, "serving HTTP")
+            stacks[name] = Stack(visions.get(name), llm, vision_target, base_url)
     except BaseException:
-        for _, stack in pending:
-            stack.stop()
+        for server in reversed(started):
+            server.stop()
         raise
     return stacks
 

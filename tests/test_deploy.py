@@ -25,7 +25,6 @@ from helpers import (
     REPO_ROOT,
     ServerProcess,
     data_url,
-    free_port,
     grpc_serving,
     noise_image,
 )
@@ -253,10 +252,12 @@ def _seconds(value: str) -> float:
 def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
     compose = load_compose("docker-compose.yml", "docker-compose.cpu.yml", env={})
     vision, llm = compose["services"]["vision"], compose["services"]["llm"]
+    # Container ports -> 0 (each service binds a free one and reports it); once a service
+    # has, its ports map to the ones it bound, for the health checks and the services after it.
     deployment = LocalDeployment(
         tmp_path,
         hosts={"vision": "127.0.0.1", "llm": "127.0.0.1"},
-        ports={50051: free_port(), 8000: free_port(), 9400: free_port()},
+        ports={50051: 0, 8000: 0, 9400: 0},
     )
     started: list[ServerProcess] = []
     try:
@@ -265,8 +266,11 @@ def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
             deployment.argv(vision["command"]),
             log_dir,
             env=deployment.environment(vision),
+            report_ports=True,
         )
         started.append(vision_process)
+        bound = vision_process.reported_ports(_seconds(vision["healthcheck"]["start_period"]))
+        deployment.ports |= {50051: bound["port"], 9400: bound["metrics_port"]}
         vision_process.wait_until(
             lambda: deployment.healthy(vision),
             _seconds(vision["healthcheck"]["start_period"]),
@@ -275,9 +279,15 @@ def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
         # depends_on: condition service_healthy -> the language service starts only now.
         assert llm["depends_on"]["vision"]["condition"] == "service_healthy"
         llm_process = ServerProcess(
-            "compose-llm", deployment.argv(llm["command"]), log_dir, env=deployment.environment(llm)
+            "compose-llm",
+            deployment.argv(llm["command"]),
+            log_dir,
+            env=deployment.environment(llm),
+            report_ports=True,
         )
         started.append(llm_process)
+        bound = llm_process.reported_ports(_seconds(llm["healthcheck"]["start_period"]))
+        deployment.ports[8000] = bound["port"]
         llm_process.wait_until(
             lambda: deployment.healthy(llm), _seconds(llm["healthcheck"]["start_period"]), "healthy"
         )
@@ -319,14 +329,11 @@ def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
 @pytest.mark.slow
 def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
     """Requests spread over both replicas; when one dies, the other serves without errors."""
-    port = free_port()
     replicas = []
     metrics_ports = []
     llm = None
     try:
         for address in ("127.0.0.1", "127.0.0.2"):
-            metrics_port = free_port()
-            metrics_ports.append(metrics_port)
             replicas.append(
                 ServerProcess(
                     f"replica-{address}",
@@ -335,32 +342,38 @@ def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
                         "--model",
                         str(tiny_models["hf"]),
                         f"--host={address}",
-                        f"--port={port}",
-                        f"--metrics-port={metrics_port}",
+                        "--port=0",
+                        "--metrics-port=0",
                     ],  # fmt: skip
                     log_dir,
+                    report_ports=True,
                 )
             )
-        for replica, address in zip(replicas, ("127.0.0.1", "127.0.0.2"), strict=True):
-            replica.wait_until(lambda a=address: grpc_serving(f"{a}:{port}"), 120, "serving")
-        http_port = free_port()
-        # What dns:///vision:50051 resolves to in Compose or Kubernetes: every replica's address.
-        target = f"ipv4:127.0.0.1:{port},127.0.0.2:{port}"
+        targets = []
+        for replica in replicas:
+            bound = replica.reported_ports(120)
+            targets.append(f"{bound['host']}:{bound['port']}")
+            metrics_ports.append(bound["metrics_port"])
+            replica.wait_until(lambda t=targets[-1]: grpc_serving(t), 120, "serving")
+        # What dns:///vision:50051 resolves to in Compose or Kubernetes: every replica's address
+        # (here each replica on a port of its own).
+        target = "ipv4:" + ",".join(targets)
         llm = ServerProcess(
             "replicas-llm",
             [
                 str(BIN / "dvd-llm-server"),
                 "--model",
                 str(tiny_models["hf"]),
-                f"--port={http_port}",
+                "--port=0",
                 f"--vision-target={target}",
                 "--enforce-eager",
                 "--served-model-name=m",
             ],  # fmt: skip
             log_dir,
             env=LLM_TEST_ENV,
+            report_ports=True,
         )
-        base_url = f"http://127.0.0.1:{http_port}"
+        base_url = f"http://127.0.0.1:{llm.reported_ports(300)['port']}"
         llm.wait_until(
             lambda: httpx.get(f"{base_url}/health", timeout=2).status_code == 200, 300, "serving"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import http.server
 import io
 import signal
@@ -25,16 +26,13 @@ import httpx
 import pytest
 from helpers import (
     REPO_ROOT,
-    ServerProcess,
     Stack,
     data_url,
     encode_image,
-    free_port,
     gradient_image,
-    grpc_serving,
     noise_image,
+    restart_vision_server,
     start_stacks,
-    vision_server_argv,
 )
 from PIL import Image
 
@@ -82,17 +80,31 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _same_port_on_both(addresses: tuple[str, str]) -> list[socketserver.ThreadingTCPServer]:
+    """Image servers on both addresses, on one port: the first binds a free one, the second
+    binds the same there, or both start over on another (it may be taken on that address)."""
+    for _ in range(50):
+        first = socketserver.ThreadingTCPServer((addresses[0], 0), _ImageHandler)
+        try:
+            port = first.server_address[1]
+            second = socketserver.ThreadingTCPServer((addresses[1], port), _ImageHandler)
+        except OSError as error:
+            first.server_close()
+            if error.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return [first, second]
+    raise RuntimeError(f"no port free on both {addresses} in 50 tries")
+
+
 @pytest.fixture(scope="module")
 def image_servers() -> Iterator[int]:
     """The same tiny image server on 127.0.0.1 and 127.0.0.2 (one port); yields the port."""
-    port = free_port()
-    servers = []
-    for address in ("127.0.0.1", "127.0.0.2"):
-        server = socketserver.ThreadingTCPServer((address, port), _ImageHandler)
+    servers = _same_port_on_both(("127.0.0.1", "127.0.0.2"))
+    for server in servers:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-    yield port
+    yield servers[0].server_address[1]
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -368,16 +380,19 @@ def test_remote_images(hardened, image_servers):
 
 def test_vision_killed_mid_request_fails_fast_then_recovers(hardened, tiny_models, log_dir):
     assert hardened.vision is not None
-    port = int(hardened.vision_target.rsplit(":", 1)[1])
     vision_args = VISION_ARGS
 
     def restart(name: str, extra: list[str]) -> None:
+        # On the same address (the language service names it), once the old one released it.
         assert hardened.vision is not None
-        hardened.vision.stop()
-        hardened.vision = ServerProcess(
-            name, vision_server_argv(tiny_models["hf"], port, [*vision_args, *extra]), log_dir
+        hardened.vision = restart_vision_server(
+            hardened.vision,
+            name,
+            tiny_models["hf"],
+            hardened.vision_target,
+            log_dir,
+            [*vision_args, *extra],
         )
-        hardened.vision.wait_until(lambda: grpc_serving(hardened.vision_target), 120, "serving")
 
     result: dict[str, object] = {}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import encode_image, free_port, noise_image
+from helpers import encode_image, noise_image, wait_port_released
 
 from checkpoints.identity import SAMPLE_BYTES, SAMPLES_PER_FILE, checkpoint_digest
 from llm_server.errors import VisionModelMismatch
@@ -213,16 +213,18 @@ def test_replicas_that_disagree_are_refused_and_logged_loudly(caplog):
 def test_the_model_is_checked_again_after_a_reconnect():
     """The same address comes back serving another checkpoint (whose headers carry no digest,
     as from an older service): the check that follows the reconnect refuses it."""
-    port = free_port()
 
     async def scenario() -> None:
-        encoder = client(f"127.0.0.1:{port}")
-        encoder.start()
+        encoder = None
         try:
-            async with StandIn(GOOD, GOOD, port) as first:
+            async with StandIn(GOOD, GOOD) as first:  # on a port it binds
+                encoder = client(first.target)
+                encoder.start()
                 await encode(encoder)
                 assert first.model_info_calls >= 1
-            async with StandIn(OTHER, "", port) as second:
+            # The same address again, once the first stand-in has released it.
+            await asyncio.to_thread(wait_port_released, "127.0.0.1", first.port)
+            async with StandIn(OTHER, "", first.port) as second:
                 for _ in range(200):  # the connection comes back and is checked again
                     if second.model_info_calls:
                         break
@@ -231,7 +233,8 @@ def test_the_model_is_checked_again_after_a_reconnect():
                 with pytest.raises(VisionModelMismatch):
                     await encode(encoder)
         finally:
-            await encoder.close()
+            if encoder is not None:
+                await encoder.close()
 
     asyncio.run(scenario())
 

@@ -28,14 +28,12 @@ import httpx
 import psutil
 import pytest
 from helpers import (
-    ServerProcess,
     Stack,
     data_url,
-    grpc_serving,
     noise_image,
+    restart_vision_server,
     scrape_metric,
     start_stacks,
-    vision_server_argv,
 )
 from PIL import Image
 
@@ -267,17 +265,15 @@ def settle(stack: Stack) -> None:
 
 
 def restart_vision(stack: Stack, tiny_model: Any, log_dir: Any) -> tuple[float, float]:
-    """SIGKILL the vision service, start it again on its port; (killed at, serving at)."""
+    """SIGKILL the vision service, start it again on its address once the port is released;
+    (killed at, serving at)."""
     assert stack.vision is not None
-    port = int(stack.vision_target.rsplit(":", 1)[1])
     stack.vision.signal(signal.SIGKILL)
     killed = time.monotonic()
     stack.vision.proc.wait(10)
-    stack.vision.stop()
-    stack.vision = ServerProcess(
-        "soak-vision-restarted", vision_server_argv(tiny_model, port, VISION_ARGS), log_dir
+    stack.vision = restart_vision_server(
+        stack.vision, "soak-vision-restarted", tiny_model, stack.vision_target, log_dir, VISION_ARGS
     )
-    stack.vision.wait_until(lambda: grpc_serving(stack.vision_target), 120, "serving again")
     return killed, time.monotonic()
 
 

@@ -24,11 +24,10 @@ from helpers import (
     REPO_ROOT,
     ServerProcess,
     encode_image,
-    free_port,
-    grpc_serving,
     noise_image,
+    restart_vision_server,
     same_pixels_other_file,
-    vision_server_argv,
+    start_vision_server,
 )
 
 from llm_server import metrics
@@ -114,20 +113,22 @@ def _scrape_bytes(base_url: str) -> dict[str, float]:
 
 @pytest.fixture
 def lone_vision(tiny_models, log_dir):
-    """A vision server of its own (these tests restart it), on a fixed port."""
-    port = free_port()
+    """A vision server of its own (these tests restart it): the first binds a free port, each
+    restart the same one, once the server before it has released it."""
     servers: list[ServerProcess] = []
+    targets: list[str] = []
 
     def start(*extra: str) -> str:
-        server = ServerProcess(
-            f"lone-vision-{len(servers)}",
-            vision_server_argv(tiny_models["hf"], port, ["--max-batch-tiles", "4", *extra]),
-            log_dir,
-        )
+        name, args = f"lone-vision-{len(servers)}", ["--max-batch-tiles", "4", *extra]
+        if servers:
+            server = restart_vision_server(
+                servers[-1], name, tiny_models["hf"], targets[0], log_dir, args
+            )
+        else:
+            server, target = start_vision_server(name, tiny_models["hf"], log_dir, args)
+            targets.append(target)
         servers.append(server)
-        target = f"127.0.0.1:{port}"
-        server.wait_until(lambda: grpc_serving(target), 120, "serving")
-        return target
+        return targets[0]
 
     start.servers = servers  # type: ignore[attr-defined]
     yield start
@@ -343,7 +344,7 @@ def test_transport_benchmark_measures_both_paths(tmp_path):
     every configuration it was asked for, with the sizes it was asked for."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.transport", "--sizes-mb", "0.01", "0.5"]
-        + ["--streams", "1", "2", "--calls", "2", "--port", str(free_port()), "--json"],
+        + ["--streams", "1", "2", "--calls", "2", "--json"],
         capture_output=True,
         text=True,
         timeout=180,

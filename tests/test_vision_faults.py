@@ -26,10 +26,10 @@ from helpers import (
     ServerProcess,
     encode_image,
     encode_over_grpc,
-    free_port,
     grpc_serving,
     noise_image,
     same_pixels_other_file,
+    serving_vision,
 )
 from PIL import Image
 
@@ -43,23 +43,21 @@ def flat(level: int) -> bytes:
 
 def start_faulty(name: str, model: Path, log_dir: Path, *args: str) -> tuple[ServerProcess, str]:
     """The faulty server; its poisoned passes hold while ``hold_file(server)`` says so."""
-    port = free_port()
     argv = [
         sys.executable,
         str(REPO_ROOT / "tests" / "faulty_vision_server.py"),
         "--model",
         str(model),
         "--port",
-        str(port),
-        "--metrics-port",
         "0",
+        "--no-metrics",
         *args,
     ]
     hold = log_dir / f"{name}.hold"
-    server = ServerProcess(name, argv, log_dir, env={"DVD_TEST_FAULT_HOLD": str(hold)})
-    target = f"127.0.0.1:{port}"
-    server.wait_until(lambda: grpc_serving(target), timeout=120, what="serving")
-    return server, target
+    server = ServerProcess(
+        name, argv, log_dir, env={"DVD_TEST_FAULT_HOLD": str(hold)}, report_ports=True
+    )
+    return server, serving_vision(server)
 
 
 @pytest.fixture(scope="module")
