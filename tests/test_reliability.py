@@ -159,9 +159,13 @@ def in_flight_gauge() -> float:
 
 
 @pytest.fixture(autouse=True)
-def _no_slot_held_before():
-    # The gauge is this test process's; every test here starts and must end at zero.
-    assert in_flight_gauge() == 0
+def _no_slot_left_held():
+    """Every test gives back the slots it took. The gauge is this test process's: checked
+    against its value when the test began, so a leak fails the test that leaked it, and only
+    that one."""
+    before = in_flight_gauge()
+    yield
+    assert in_flight_gauge() == before, "this test left a request slot held"
 
 
 class Exchange:
@@ -557,20 +561,32 @@ def test_a_hung_vision_service_costs_one_timeout_even_on_the_first_call():
         await asyncio.sleep(30)
         yield b""
 
+    timeout_s = 2.0
+
+    async def failed_calls(vision: StandInVision, count: int) -> float:
+        """``count`` concurrent first calls on a fresh client; how long until all failed."""
+        encoder = GrpcImageEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
+        started = time.monotonic()
+        calls = [
+            encoder.encode(EncodeCall([ImageInput(b"png")], request_id=f"r{i}"))
+            for i in range(count)
+        ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        for outcome in outcomes:
+            assert isinstance(outcome, VisionUnavailable) and outcome.status_code == 503
+            assert "did not answer in time" in outcome.message
+        await encoder.close()
+        return elapsed
+
     async def scenario() -> None:
         async with StandInVision(never, model_info_delay_s=30) as vision:
-            encoder = GrpcImageEncoder(vision.target, timeout_s=1.0, expected_hidden_size=HIDDEN)
-            started = time.monotonic()
-            calls = [
-                encoder.encode(EncodeCall([ImageInput(b"png")], request_id=f"r{i}"))
-                for i in range(3)
-            ]
-            outcomes = await asyncio.gather(*calls, return_exceptions=True)
-            assert time.monotonic() - started < 1.8
-            for outcome in outcomes:
-                assert isinstance(outcome, VisionUnavailable) and outcome.status_code == 503
-                assert "did not answer in time" in outcome.message
-            await encoder.close()
+            # The baseline, measured here: one call alone costs one timeout (and this
+            # machine's overhead). Three at once must cost the same, not one timeout per call
+            # waiting for another's model check (that would be twice the baseline or more).
+            alone = await failed_calls(vision, 1)
+            together = await failed_calls(vision, 3)
+            assert together < alone + timeout_s / 2, (alone, together)
 
     asyncio.run(scenario())
 
@@ -872,18 +888,20 @@ def test_hung_vision_service_fails_fast_and_recovers(deployment):
             async with httpx.AsyncClient(timeout=60) as client:
                 url = f"{deployment.base_url}/v1/chat/completions"
 
-                async def one(seed: int) -> tuple[int, float]:
-                    started = time.monotonic()
+                async def one(seed: int) -> tuple[int, str]:
                     body = image_body(data_url(noise_image(120, 90, seed=seed)))
                     reply = await client.post(url, json=body)
-                    if reply.status_code == 503:
-                        assert reply.json()["error"]["code"] == "vision_unavailable"
-                    return reply.status_code, time.monotonic() - started
+                    if reply.status_code != 503:
+                        return reply.status_code, reply.text
+                    assert reply.json()["error"]["code"] == "vision_unavailable"
+                    return reply.status_code, reply.json()["error"]["message"]
 
                 return list(await asyncio.gather(*(one(seed) for seed in range(3))))
 
-        for status, seconds in asyncio.run(under_load()):
-            assert status == 503 and seconds < VISION_TIMEOUT_S + 2, (status, seconds)
+        # Ended by the vision deadline (--vision-timeout-s), the only one shorter than this
+        # client's 60 s: the reason says so.
+        for status, message in asyncio.run(under_load()):
+            assert status == 503 and "did not answer in time" in message, (status, message)
         health = httpx.get(f"{deployment.base_url}/health", timeout=10)
         assert health.status_code == 200 and health.json()["vision"] == "unavailable"
         assert post(deployment, chat_body(max_tokens=4)).status_code == 200
