@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -40,8 +41,11 @@ logger = logging.getLogger("llm_server")
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
-async def build_chat_service(settings: LLMSettings) -> ChatService:
-    """Load the checkpoint description, start vLLM and connect to the vision service."""
+async def build_chat_service(
+    settings: LLMSettings, engine_args: Mapping[str, Any] | None = None
+) -> ChatService:
+    """Load the checkpoint description, start vLLM (with ``engine_args``: the vLLM engine
+    arguments of the command line) and connect to the vision service."""
     from transformers import AutoTokenizer
 
     if settings.vision == "grpc":
@@ -60,7 +64,11 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
     encoder: ImageEncoder | None = None
     encoder_max_tiles: Callable[[], int | None] | None = None
     utilization = settings.gpu_memory_utilization
-    llm_gpus = settings.tensor_parallel_size * settings.pipeline_parallel_size
+    llm_gpus = (
+        settings.tensor_parallel_size
+        * settings.pipeline_parallel_size
+        * int((engine_args or {}).get("data_parallel_size", 1))
+    )
     if settings.vision == "inprocess" and shares_llm_gpu(settings.vision_device, llm_gpus):
         # The ViT first, at its peak, so that vLLM sizes its KV cache around it.
         coupled = await InProcessImageEncoder.start(
@@ -69,7 +77,12 @@ async def build_chat_service(settings: LLMSettings) -> ChatService:
         utilization = coupled.gpu_share(path, utilization).llm_utilization()
         encoder, encoder_max_tiles = coupled, lambda: coupled.max_tiles_limit
     engine = LanguageEngine.start(
-        spec, settings, model_name, cache_dir, gpu_memory_utilization=utilization
+        spec,
+        settings,
+        model_name,
+        cache_dir,
+        gpu_memory_utilization=utilization,
+        engine_args=engine_args,
     )
     if encoder is None and settings.vision == "inprocess":
         # After vLLM on CPU: its engine process is forked before this process runs OpenMP.
@@ -142,14 +155,19 @@ async def watch_engine(engine: LanguageEngine, on_fatal: Callable[[str], None] |
         on_fatal(reason)
 
 
-def create_app(settings: LLMSettings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    settings: LLMSettings,
+    on_fatal: Callable[[str], None] | None = None,
+    engine_args: Mapping[str, Any] | None = None,
+) -> FastAPI:
     """The language service's ASGI app. ``on_fatal(reason)`` is called if the service cannot
-    go on (its engine died); the caller should stop serving and exit non-zero."""
+    go on (its engine died); the caller should stop serving and exit non-zero.
+    ``engine_args``: vLLM engine arguments given on the command line."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await install_default_executor(default_executor_workers())
-        chat = await build_chat_service(settings)
+        chat = await build_chat_service(settings, engine_args)
         app.state.chat = chat
         app.state.completions = CompletionService(chat)
         store_bytes = settings.response_store_mb * 1024 * 1024

@@ -2,7 +2,9 @@
 
 Both run as their own processes, exactly as in a two-node deployment, connected over gRPC on
 this host. Ctrl-C (or SIGTERM) stops both; if either dies, the other is stopped too.
-Settings not listed here reach both services through their ``DVD_*`` environment variables.
+Settings not listed here reach both services through their ``DVD_*`` environment variables;
+vLLM's engine arguments (``--kv-cache-dtype``, ``-tp``, ... as ``dvd-llm-server`` takes them)
+are checked here and passed on to the language service's command line.
 Each service reports the ports it bound through its own port file (see ``port_file``), so
 either port may be 0; with ``--vision-port 0`` the language service starts once the vision
 service has bound its port, since its ``--vision-target`` names it.
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 from pydantic import Field
 
 from checkpoints.settings import CheckpointSettings
+from llm_server.engine.engine_args import split_serve_command_line
 from llm_server.port_file import read_port_file, write_port_file
 
 
@@ -63,7 +67,9 @@ def _vision_command(settings: ServeSettings, port_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _llm_command(settings: ServeSettings, vision_port: int, port_file: Path) -> list[str]:
+def _llm_command(
+    settings: ServeSettings, vision_port: int, port_file: Path, engine_args: Sequence[str] = ()
+) -> list[str]:
     eager = settings.enforce_eager
     if eager is None:
         import torch
@@ -73,7 +79,7 @@ def _llm_command(settings: ServeSettings, vision_port: int, port_file: Path) -> 
         sys.executable, "-m", "llm_server.server",
         "--host", settings.host, "--port", str(settings.port),
         "--vision-target", f"{settings.host}:{vision_port}", "--port-file", str(port_file),
-        *_model_args(settings), *(["--enforce-eager"] if eager else []),
+        *_model_args(settings), *(["--enforce-eager"] if eager else []), *engine_args,
     ]  # fmt: skip
 
 
@@ -106,9 +112,11 @@ def _announce(settings: ServeSettings, port: int, vision_port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    own_args, engine_args = split_serve_command_line(
+        sys.argv[1:] if argv is None else argv, ServeSettings
+    )
     settings = ServeSettings(  # type: ignore[call-arg]
-        _cli_parse_args=sys.argv[1:] if argv is None else argv,
-        _cli_prog_name="dvd-serve",
+        _cli_parse_args=own_args, _cli_prog_name="dvd-serve"
     )
     reports = Path(tempfile.mkdtemp(prefix="dvd-serve-"))  # the services' port files
     vision_file, llm_file = reports / "vision.json", reports / "llm.json"
@@ -143,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
                 # The language service names the vision service's port: with --vision-port 0,
                 # it starts once the vision service has bound one.
                 vision_port = vision_ports["port"] if vision_ports else settings.vision_port
-                processes.append(subprocess.Popen(_llm_command(settings, vision_port, llm_file)))
+                processes.append(
+                    subprocess.Popen(_llm_command(settings, vision_port, llm_file, engine_args))
+                )
             if len(processes) == 2 and llm_ports is None:
                 llm_ports = read_port_file(llm_file, processes[1].pid)
             if not announced and vision_ports is not None and llm_ports is not None:

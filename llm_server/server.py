@@ -14,6 +14,7 @@ from types import FrameType
 import uvicorn
 
 from llm_server.app import create_app
+from llm_server.engine.engine_args import parse_llm_command_line
 from llm_server.http_server import uvicorn_config
 from llm_server.port_file import write_port_file
 from llm_server.settings import LLMSettings
@@ -82,10 +83,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = LLMSettings(  # type: ignore[call-arg]
-        _cli_parse_args=sys.argv[1:] if argv is None else argv,
-        _cli_prog_name="dvd-llm-server",
-    )
+    # DvD's flags, and vLLM's engine arguments (vLLM's own parser; see engine_args).
+    settings, engine_args = parse_llm_command_line(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -106,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         failures.append(reason)
         server.should_exit = True  # the same graceful stop as SIGTERM
 
-    config = uvicorn_config(create_app(settings, on_fatal=stop_on_failure), settings)
+    app = create_app(settings, on_fatal=stop_on_failure, engine_args=engine_args)
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, settings, port)
     try:
         asyncio.run(server.serve(sockets=[sock]))

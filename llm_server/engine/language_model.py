@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 
 from checkpoints.spec import CheckpointSpec
 from llm_server.engine.backbone import Backbone, backbone_of
+from llm_server.engine.engine_args import iter_given
 from llm_server.engine.model_files import language_model_config_dir
 from llm_server.errors import BadRequest
 from llm_server.prompt import ExpandedPrompt
@@ -62,10 +63,12 @@ class LanguageEngine:
         model_name: str,
         cache_dir: Path,
         gpu_memory_utilization: float | None = None,
+        engine_args: Mapping[str, Any] | None = None,
     ) -> LanguageEngine:
         """Start vLLM (spawns its engine process; takes tens of seconds). Blocking.
         ``gpu_memory_utilization`` overrides the setting (coupled mode leaves room for the
-        vision encoder)."""
+        vision encoder). ``engine_args``: vLLM engine arguments given on the command line
+        (``AsyncEngineArgs`` fields that DvD neither sets nor refuses, see ``engine_args``)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -74,7 +77,12 @@ class LanguageEngine:
         # vLLM's CPU backend sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
         config_dir = language_model_config_dir(spec, cache_dir)
+        given = dict(engine_args or {})
+        if given:
+            logger.info("vLLM engine arguments: %s", ", ".join(iter_given(given)))
         args = AsyncEngineArgs(
+            **given,  # the rest keep vLLM's defaults (generation_config: auto, the checkpoint's)
+            # What DvD sets (refused on the command line), then DvD's own settings.
             model=str(spec.path),
             hf_config_path=str(config_dir),
             tokenizer=str(spec.path),
@@ -88,7 +96,6 @@ class LanguageEngine:
             max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
-            generation_config="auto",
             enable_prefix_caching=settings.prefix_caching,
         )
         llm = AsyncLLM.from_engine_args(args)
