@@ -143,8 +143,11 @@ def test_bench_vision_stand_in_device_measures_the_host_side(tiny_flash_models, 
     assert set(served) == {"off", "auto"}
     for level in (*stages.values(), *served.values()):
         assert level["latency_ms"]["p50"] >= 23.0  # never faster than the stand-in device
-        # The stand-in counts its passes as device time: most of a lone image's wait.
-        assert 0.3 < level["device_busy"] <= 1.05
+        # The stand-in counts its passes as device time: at least its 23 ms per image (any
+        # other split of 11 tiles has more passes, each 5 ms), within the level's own time.
+        device_s = level["device_busy"] * level["seconds"]
+        assert device_s >= 0.023 * level["requests"] * 0.999, (device_s, level["requests"])
+        assert level["device_busy"] <= 1.05
     # The stand-in's rows have the real shapes; its p0 of zero compresses nothing.
     assert stages[("pipeline", "auto")]["visual_tokens_per_image"] == 11 * 256
     assert served["auto"]["visual_tokens_per_image"] == 11 * 256
