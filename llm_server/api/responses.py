@@ -281,31 +281,33 @@ class ResponsesService:
                 param="tools",
             )
 
-    def _conversation(self, request: ResponsesRequest) -> list[ChatMessage]:
-        """The stored history of ``previous_response_id`` and this request's input."""
-        history: list[ChatMessage] = []
-        if request.previous_response_id is not None:
-            stored = self.store.get(request.previous_response_id)
-            if stored is None:
-                raise ResponseNotFound(
-                    f"Previous response with id {request.previous_response_id!r} not found "
-                    "(never stored, expired or evicted).",
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                )
-            history = stored.conversation
-        if isinstance(request.input, str):
-            return [*history, _message(role="user", content=request.input)]
-        return [*history, *input_messages(request.input)]
+    def history(self, request: ResponsesRequest) -> list[ChatMessage]:
+        """The stored conversation ``previous_response_id`` continues (none without one); a
+        404 when it is unknown, expired or evicted. On the event loop: the store is not
+        shared with threads."""
+        if request.previous_response_id is None:
+            return []
+        stored = self.store.get(request.previous_response_id)
+        if stored is None:
+            raise ResponseNotFound(
+                f"Previous response with id {request.previous_response_id!r} not found "
+                "(never stored, expired or evicted).",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return stored.conversation
 
-    def to_chat(self, request: ResponsesRequest) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
-        """The chat request ``request`` means, and its conversation (to store)."""
-        feature = request.unsupported_feature()
-        if feature:
-            raise BadRequest(f"{feature} is not supported by this server", param=feature)
-        self._check_sizes(request)
+    def to_chat(
+        self, request: ResponsesRequest, history: list[ChatMessage]
+    ) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
+        """The chat request ``request`` means after ``history``, and its conversation (to
+        store). Costs what the input's items and parts make it cost: off the event loop."""
         try:
-            conversation = self._conversation(request)
+            if isinstance(request.input, str):
+                new_messages = [_message(role="user", content=request.input)]
+            else:
+                new_messages = input_messages(request.input)
+            conversation = [*history, *new_messages]
             instructions = (
                 [_message(role="system", content=request.instructions)]
                 if request.instructions is not None
@@ -347,7 +349,12 @@ class ResponsesService:
         """Everything the chat path prepares (images encoded, prompt built), for a response.
         Run inside an ``admission.slot()`` that also covers ``create``/``stream``."""
         try:
-            chat_request, conversation = self.to_chat(request)
+            feature = request.unsupported_feature()
+            if feature:
+                raise BadRequest(f"{feature} is not supported by this server", param=feature)
+            self._check_sizes(request)  # the counts, before converting
+            history = self.history(request)
+            chat_request, conversation = await asyncio.to_thread(self.to_chat, request, history)
             chat = await self.chat.prepare(chat_request, response_id)
         except APIError as exc:
             raise _as_responses_error(exc) from None
