@@ -42,6 +42,18 @@ def frame_label(index: int) -> str:
 
 
 @dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat is rendered, as vLLM's chat and ``/tokenize`` requests can ask:
+    ``add_generation_prompt`` (the assistant's turn opened), ``continue_final_message`` (the
+    last message left open, to be continued), ``add_special_tokens`` (the tokenizer's BOS and
+    such on top of what the template writes)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+
+
+@dataclass(frozen=True)
 class TokenizedPrompt:
     """Prompt token ids with one context-image token per image and per video frame, at
     ``image_positions``."""
@@ -81,10 +93,17 @@ class PromptBuilder:
         self.content_format, self.marker = self._detect_template()
 
     def _render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        options: TemplateOptions = TemplateOptions(),
     ) -> str:
         text = self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=True
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
         )
         return str(text)
 
@@ -169,10 +188,12 @@ class PromptBuilder:
         messages: list[ChatMessage],
         tools: list[dict[str, Any]] | None = None,
         video_frames: Sequence[int] = (),
+        options: TemplateOptions = TemplateOptions(),
     ) -> TokenizedPrompt:
         """Token ids of the rendered chat (with ``tools``, OpenAI function definitions, when
         given), one context-image token per image part and per frame of each video part
-        (``video_frames``: the frames of each video part, in order)."""
+        (``video_frames``: the frames of each video part, in order), rendered as ``options``
+        ask."""
         parts = [
             part
             for message in messages
@@ -184,7 +205,7 @@ class PromptBuilder:
             raise ValueError(f"{num_videos} video parts but frame counts for {len(video_frames)}")
         num_images = sum(isinstance(part, ImagePart) for part in parts) + sum(video_frames)
         try:
-            text = self._render(self.template_messages(messages, video_frames), tools)
+            text = self._render(self.template_messages(messages, video_frames), tools, options)
         except Exception as exc:  # a template may raise on conversations it does not accept
             raise BadRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
@@ -196,7 +217,9 @@ class PromptBuilder:
             )
         framed = self.image_tokens.start + self.image_tokens.context + self.image_tokens.end
         token_ids = list(
-            self.tokenizer.encode(text.replace(self.marker, framed), add_special_tokens=False)
+            self.tokenizer.encode(
+                text.replace(self.marker, framed), add_special_tokens=options.add_special_tokens
+            )
         )
         positions = [i for i, token in enumerate(token_ids) if token == self.context_id]
         if len(positions) != num_images:

@@ -265,8 +265,8 @@ class LLMSettings(CheckpointSettings):
     # ---- security and lifecycle ----
     api_key: SecretStr | None = Field(
         None,
-        description="if set, /v1/* requires 'Authorization: Bearer <key>' "
-        "(/health and /metrics stay open)",
+        description="if set, /v1/*, /tokenize and /detokenize require 'Authorization: Bearer "
+        "<key>' (/health and /metrics stay open)",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="after SIGTERM, how long in-flight requests may run to completion"

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +25,12 @@ from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion
 from llm_server.api.response_protocol import ResponsesRequest, response_id
 from llm_server.api.responses import ResponsesService
 from llm_server.api.serving import ChatService
+from llm_server.api.tokenization import TokenizationService
+from llm_server.api.tokenize_protocol import (
+    DetokenizeRequest,
+    TokenizeCompletionRequest,
+    TokenizeRequest,
+)
 from llm_server.errors import APIError, EngineUnavailable, Unauthorized
 
 logger = logging.getLogger(__name__)
@@ -238,6 +245,36 @@ async def delete_response(response_id: str, responses: ResponsesDependency) -> J
 @router.get("/v1/models")
 async def list_models(chat: ChatDependency) -> ModelList:
     return chat.models()
+
+
+# /tokenize and /detokenize: vLLM's paths and shapes, behind the API key like /v1 (a chat's
+# images are encoded to be counted).
+async def get_tokenization(chat: ChatDependency) -> TokenizationService:
+    return TokenizationService(chat)
+
+
+TokenizationDependency = Annotated[TokenizationService, Depends(get_tokenization)]
+
+
+@router.post("/tokenize")
+async def tokenize(
+    body: TokenizeRequest, request: Request, tokenization: TokenizationDependency
+) -> JSONResponse:
+    if isinstance(body, TokenizeCompletionRequest):
+        response = await tokenization.tokenize_text(body)
+        return JSONResponse(response.model_dump())
+    async with contextlib.AsyncExitStack() as request_scope:
+        if body.has_media:  # encoded like a chat's: a slot first, as a chat takes
+            await request_scope.enter_async_context(tokenization.chat.admission.slot())
+        work = tokenization.tokenize_chat(body, f"tokenize-{uuid.uuid4().hex}")
+        response = await until_disconnected(request, work)
+    return JSONResponse(response.model_dump())
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, tokenization: TokenizationDependency) -> JSONResponse:
+    response = await tokenization.detokenize(body)
+    return JSONResponse(response.model_dump())
 
 
 @ops_router.get("/health")

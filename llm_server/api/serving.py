@@ -24,7 +24,7 @@ from checkpoints.spec import DEFAULT_VIDEO_FRAMES
 from llm_server import metrics
 from llm_server.api.admission import Admission
 from llm_server.api.choices import ChoiceOutput
-from llm_server.api.features import OpenAIFeatures, OutputOptions
+from llm_server.api.features import OpenAIFeatures, OutputOptions, RequestFeatures
 from llm_server.api.limits import check_request_limits
 from llm_server.api.protocol import (
     ChatCompletionChunk,
@@ -51,7 +51,13 @@ from llm_server.errors import (
     TooManyImages,
 )
 from llm_server.images import ImageLoader
-from llm_server.prompt import ExpandedPrompt, PromptBuilder, TokenizedPrompt, expand_prompt
+from llm_server.prompt import (
+    ExpandedPrompt,
+    PromptBuilder,
+    TemplateOptions,
+    TokenizedPrompt,
+    expand_prompt,
+)
 from llm_server.settings import LLMSettings
 from llm_server.vision.base import ImageEncoder
 from protos.messages import (
@@ -85,6 +91,16 @@ class PreparedChat:
     # Set while generating: prompt tokens vLLM found in its prefix cache.
     cached_tokens: int = 0
     num_video_tokens: int = 0
+
+
+@dataclass
+class RenderedChat:
+    """A chat's prompt, its images' and videos' visual tokens in place (``ChatService.render``)."""
+
+    features: RequestFeatures
+    result: EncodeResult
+    rows: list[torch.Tensor]  # each placeholder's rows, in prompt order: [tokens, hidden]
+    expanded: ExpandedPrompt
 
 
 def _vision_summary(result: EncodeResult) -> VisionSummary | None:
@@ -314,9 +330,15 @@ class ChatService:
             metrics.vir_tokens_saved.inc(chat.vision_tokens_saved)
         return chat
 
-    async def _prepare(
-        self, request: ChatCompletionRequest, request_id: str, arrived: float
-    ) -> PreparedChat:
+    async def render(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        template: TemplateOptions | None = None,
+    ) -> RenderedChat:
+        """Validate the request, fetch and encode its images and videos, and render its
+        prompt (as ``template`` asks; by default as for a chat completion) with each
+        placeholder widened to the visual tokens the encoder produced."""
         parts = self._validate(request)
         # Off the event loop: checking schemas (jsonschema, in Python) and building tool
         # parsers' structural tags cost what the request's schemas make them cost.
@@ -340,6 +362,7 @@ class ChatService:
                 request.messages,
                 features.template_tools,
                 [num_frames] * len(videos),
+                template or TemplateOptions(),
             )
         )
         result = EncodeResult()
@@ -355,6 +378,18 @@ class ChatService:
         tokenized: TokenizedPrompt = await tokenize
         rows = _placeholder_rows(parts, result)
         expanded: ExpandedPrompt = expand_prompt(tokenized, [int(r.shape[0]) for r in rows])
+        return RenderedChat(features, result, rows, expanded)
+
+    async def _prepare(
+        self, request: ChatCompletionRequest, request_id: str, arrived: float
+    ) -> PreparedChat:
+        rendered = await self.render(request, request_id)
+        features, result, rows, expanded = (
+            rendered.features,
+            rendered.result,
+            rendered.rows,
+            rendered.expanded,
+        )
         num_prompt_tokens = len(expanded.token_ids)
         max_tokens = self._completion_budget(request, num_prompt_tokens)
         engine_prompt = await asyncio.to_thread(self.engine.build_prompt, expanded, rows)
