@@ -8,10 +8,34 @@ from pathlib import Path
 
 import pytest
 from helpers import ServerProcess, Stack, start_stacks, start_vision_server
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 # Keep vLLM and torch modest on 2-core CI machines, and never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property-based runs (hypothesis, and schemathesis on top of it) draw the same examples on
+# every run and machine by default: a failure is reproducible, a pass is not luck, and no
+# example database carries one run's finds into the next. No deadline or too-slow check: a
+# loaded machine is slow, not wrong. `pytest --hypothesis-profile=explore` draws fresh
+# examples instead (a failure prints the seed and blob that replay it).
+hypothesis_settings.register_profile(
+    "seeded",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile(
+    "explore",
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.load_profile("seeded")  # `--hypothesis-profile` overrides it
 
 
 @pytest.fixture(scope="session")

@@ -490,7 +490,12 @@ def test_two_hundred_concurrent_image_requests(stacks):
 
 
 def test_schemathesis_finds_no_server_errors(hardened, tmp_path):
-    """Schemathesis generates requests from /openapi.json; no response may be a 5xx."""
+    """Schemathesis generates requests from /openapi.json; no response may be a 5xx. The
+    separate pytest run draws as this session's hypothesis profile says (tests/conftest.py):
+    the same examples every time, unless ``--hypothesis-profile=explore``."""
+    from hypothesis import settings as hypothesis_settings
+
+    derandomize = hypothesis_settings().derandomize
     script = tmp_path / "fuzz_api.py"
     script.write_text(
         "import schemathesis\n"
@@ -498,7 +503,8 @@ def test_schemathesis_finds_no_server_errors(hardened, tmp_path):
         "from schemathesis.checks import not_a_server_error\n"
         f"schema = schemathesis.openapi.from_url('{hardened.base_url}/openapi.json')\n"
         "@schema.parametrize()\n"
-        "@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))\n"
+        "@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),\n"
+        f"          derandomize={derandomize}, database=None, print_blob=True)\n"
         "def test_api(case):\n"
         f"    case.call_and_validate(headers={AUTH!r}, checks=[not_a_server_error], timeout=60)\n"
     )
