@@ -19,9 +19,10 @@ import httpx
 import pytest
 import torch
 from helpers import Stack, gradient_image, noise_image, start_stacks
+from margins import MARGIN_BOUND
 from reference import OracleAnswer, TransformersOracle, to_oracle_messages
 from safetensors import safe_open
-from test_e2e_chat import CONVERSATIONS, MAX_TOKENS, chat, greedy, image_part
+from test_e2e_chat import CONVERSATIONS, MAX_TOKENS, chat, compare_with_oracle, greedy, image_part
 from test_openai_parity import stream_chunks
 
 from checkpoints import tokenizer as tiny_tokenizer
@@ -392,8 +393,10 @@ def test_greedy_answer_equals_transformers(
 
     reply = greedy(backbone_stacks[(llm, layout)].base_url, CONVERSATIONS[conversation])
     choice = reply["choices"][0]
-    assert choice["token_ids"] == expected.token_ids
-    assert choice["message"]["content"] == served_content(llm, oracles[llm], expected)
+    # The same tokens up to the first near tie where the runs part (margins.py).
+    comparison = compare_with_oracle(choice, expected, f"{llm}/{layout}/{conversation}")
+    if comparison.complete:  # past a near tie the contents continue different prefixes
+        assert choice["message"]["content"] == served_content(llm, oracles[llm], expected)
     if llm == "gpt_oss":  # the channel's name was in the answer, and is not in the content
         assert expected.text.startswith("final")
         assert not choice["message"]["content"].startswith("final")
@@ -410,11 +413,12 @@ def test_a_different_image_gives_a_different_answer(backbone_stacks, oracles, ll
         for image in (noise_image(700, 300, seed=5), gradient_image(600, 500, seed=6))
     ]
     base_url = backbone_stacks[(llm, "hf")].base_url
-    answers = [greedy(base_url, m)["choices"][0]["token_ids"] for m in messages]
-    assert answers[0] != answers[1]
-    for answer, conversation in zip(answers, messages, strict=True):
+    choices = [greedy(base_url, m)["choices"][0] for m in messages]
+    assert choices[0]["token_ids"] != choices[1]["token_ids"]
+    for image, (choice, conversation) in enumerate(zip(choices, messages, strict=True)):
         converted, images = to_oracle_messages(conversation)
-        assert answer == oracles[llm].generate(converted, images, MAX_TOKENS).token_ids
+        expected = oracles[llm].generate(converted, images, MAX_TOKENS)
+        compare_with_oracle(choice, expected, f"{llm}, image {image}")
 
 
 @pytest.mark.slow
@@ -430,7 +434,10 @@ def test_stop_tokens_end_the_answer_as_in_transformers(backbone_stacks, oracles,
     for i in range(160):
         messages = [{"role": "user", "content": f"Question {i}: what is the answer?"}]
         expected = oracle.generate(messages, [], 64)
-        if expected.token_ids[-1] in stop_ids and len(expected.token_ids) < 64:
+        # Only answers without a near tie (margins.py): then the served answer cannot part
+        # from this one before the stop token.
+        sharp = min(expected.margins) >= MARGIN_BOUND
+        if expected.token_ids[-1] in stop_ids and len(expected.token_ids) < 64 and sharp:
             first_stop.setdefault(expected.token_ids[-1], (messages, expected))
             if len(first_stop) == 2:
                 break
@@ -439,7 +446,11 @@ def test_stop_tokens_end_the_answer_as_in_transformers(backbone_stacks, oracles,
     for messages, expected in first_stop.values():
         reply = greedy(base_url, messages, max_tokens=64)
         choice = reply["choices"][0]
-        assert choice["token_ids"] == expected.token_ids
+        # Every step up to the stop token is compared: the answer ends where it ends.
+        comparison = compare_with_oracle(
+            choice, expected, f"{llm}, stop token {expected.token_ids[-1]}", min_compared=0
+        )
+        assert comparison.complete, comparison
         assert choice["finish_reason"] == "stop"
         assert choice["message"]["content"] == served_content(llm, oracle, expected)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 from helpers import REPO_ROOT, noise_image
+from margins import MARGIN_BOUND, MARGIN_PARAMS, served_margins
 from PIL import Image
 
 from clients import benchmark, datasets
@@ -318,11 +321,37 @@ def test_multi_turn_benchmark_against_the_served_model(stacks, tmp_path):
 
 @pytest.mark.slow
 def test_chat_client_streams_an_answer(stacks, tmp_path):
+    """The client prints the server's greedy answer to its question about its image: the
+    answer the same request gets from the API (up to the first near tie, margins.py: the
+    second of the two requests takes its prompt from the prefix cache)."""
     image = tmp_path / "photo.png"
     noise_image(300, 200, seed=5).save(image)
+    question = "What is in this picture?"
     result = run_client(
         "clients/chat.py", "--base-url", f"{stacks['hf'].base_url}/v1", "--image", str(image),
-        "--max-tokens", "8", "What is in this picture?",
+        "--max-tokens", "8", question,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    url = f"data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    body = {
+        "model": "dvd-tiny-internvl",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "return_token_ids": True,
+        **MARGIN_PARAMS,
+    }
+    reply = httpx.post(f"{stacks['hf'].base_url}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["message"]["content"]
+    printed = result.stdout.removesuffix("\n")
+    margins = served_margins(choice)
+    sharp = next((i for i, m in enumerate(margins) if m < MARGIN_BOUND), len(margins))
+    if sharp == len(margins):
+        assert printed == choice["message"]["content"]
+    else:  # the text of the tokens before the near tie
+        entries = choice["logprobs"]["content"][:sharp]
+        prefix = b"".join(bytes(entry["bytes"]) for entry in entries)
+        assert printed.startswith(prefix.decode("utf-8", errors="ignore")), (sharp, margins)

@@ -314,22 +314,42 @@ def _feed(tokenizer, output: ChoiceOutput, text: str) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "content", "cities"),
     [
-        "I will look. <tool_call>\n"
-        '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
-        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',
-        "No call here, only a dangling <tool",
-        "Plain text.",
+        (
+            "I will look. <tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
+            "I will look. ",
+            ["Rome"],
+        ),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',
+            "",
+            ["Paris", "Rome"],
+        ),
+        (
+            "No call here, only a dangling <tool",
+            "No call here, only a dangling <tool",
+            [],
+        ),
+        ("Plain text.", "Plain text.", []),
     ],
     ids=["text-then-call", "two-calls", "held-back-tag", "plain"],
 )
-def test_streamed_tool_calls_concatenate_to_the_whole_answer(features, tokenizer, answer):
+def test_streamed_tool_calls_concatenate_to_the_whole_answer(
+    features, tokenizer, answer, content, cities
+):
     options = features.resolve(request(tools=[WEATHER])).output
     whole = ChoiceOutput(0, options, streaming=False)
     _feed(tokenizer, whole, answer)
     expected = whole.choice()
+    # The whole answer is what the model wrote: its text, and each call it made, in order.
+    assert (expected.message.content or "") == content
+    assert [
+        (call.function.name, json.loads(call.function.arguments))
+        for call in expected.message.tool_calls or []
+    ] == [("get_weather", {"city": city}) for city in cities]
     chunks = _feed(tokenizer, ChoiceOutput(0, options, streaming=True), answer)
 
     content = "".join(chunk.delta.content or "" for chunk in chunks)
