@@ -203,10 +203,18 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
         assert encoder.arena is not None
         try:
             await encoder.encode(EncodeCall(IMAGES[:1], request_id="warm-up"))
+            written = _bytes_received("shared_memory")
             call = asyncio.ensure_future(encoder.encode(EncodeCall(many, request_id="interrupted")))
-            await asyncio.sleep(0.3)
+            # Killed once the vision service has written the first of the 8 images into our
+            # range and told us: in the middle of the call, the range held, 7 images to come.
+            deadline = time.monotonic() + 60
+            while _bytes_received("shared_memory") == written:
+                assert not call.done(), "the call ended before any image was written"
+                assert time.monotonic() < deadline, "no image of the call was written"
+                await asyncio.sleep(0.005)
+            assert not call.done()
             server.proc.send_signal(signal.SIGKILL)
-            with pytest.raises(VisionUnavailable):
+            with pytest.raises(VisionUnavailable):  # so it was killed before the call's end
                 await asyncio.wait_for(call, 60)
             assert encoder.arena.free_bytes == encoder.arena.size
             await asyncio.to_thread(lone_vision)
@@ -230,17 +238,30 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
 
 
 _RECEIVER = """
-import asyncio, sys
+import asyncio, io, sys, uuid
+from PIL import Image, PngImagePlugin
 from llm_server.vision.grpc_client import GrpcImageEncoder
 from protos.messages import EncodeCall, ImageInput
+
+def fresh(data, tag):  # another file of the same picture: never an embedding-cache hit
+    info = PngImagePlugin.PngInfo()
+    info.add_text("dvd-test", tag)
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(out, "PNG", pnginfo=info)
+    return out.getvalue()
 
 async def main():
     encoder = GrpcImageEncoder(sys.argv[1], timeout_s=60, expected_hidden_size=128,
                                transport="shared-memory", shared_memory_bytes=64 << 20)
-    image = [ImageInput(open(sys.argv[2], "rb").read(), max_tiles=12)]
+    data, run = open(sys.argv[2], "rb").read(), uuid.uuid4().hex
     print(encoder.arena.segment.name, flush=True)
+    number = 0
     while True:
-        await encoder.encode(EncodeCall(image * 4, request_id="killed-receiver"))
+        number += 1
+        images = [ImageInput(fresh(data, f"{run}-{number}-{k}"), max_tiles=12) for k in range(4)]
+        print(f"started {number}", flush=True)
+        await encoder.encode(EncodeCall(images, request_id=f"killed-receiver-{number}"))
+        print(f"done {number}", flush=True)
 
 asyncio.run(main())
 """
@@ -261,9 +282,14 @@ def test_a_receiver_killed_mid_call_leaks_nothing(flash_vision, tmp_path):
         name = receiver.stdout.readline().decode().strip()
         segment = Path("/dev/shm") / name
         assert segment.exists()
-        time.sleep(2.0)  # in the middle of its calls
+        # One call went through (rows written into the segment); the kill lands as soon as
+        # the second has started, which has 4 images of 13 tiles to encode.
+        progress = [receiver.stdout.readline() for _ in range(3)]
+        assert progress == [b"started 1\n", b"done 1\n", b"started 2\n"], progress
         receiver.send_signal(signal.SIGKILL)
         receiver.wait(10)
+        # Killed in the middle of its second call: it never finished it.
+        assert b"done 2" not in receiver.stdout.read()
     finally:
         if receiver.poll() is None:
             receiver.kill()
