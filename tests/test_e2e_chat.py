@@ -316,6 +316,9 @@ def test_sampling_parameters(stacks):
     # logits of tokens already generated, so a penalised greedy run follows the plain one
     # exactly until the plain one repeats a token, and the first token where they part is such
     # a repeat (128 tokens make repeats certain); every step follows OpenAI's definition.
+    # "Exactly", not up to a near tie (margins.py): each run is alone, and the requests above
+    # already left in the prefix cache whatever of this prompt it keeps, so every run computes
+    # the same shapes and its raw logits are the same bits for as long as its tokens are.
     plain_ids = greedy(base_url, messages, max_tokens=128)["choices"][0]["token_ids"]
     first_repeat = next(i for i, t in enumerate(plain_ids) if t in plain_ids[:i])
     penalised: dict[tuple[float, float], list[int]] = {}
