@@ -295,3 +295,19 @@ def test_max_tiles_follows_the_encoders_limit_once_known(prompts):
     reported[0] = 64  # a looser encoder does not lift the local limit
     with pytest.raises(BadRequest, match="limit of 30"):
         prepare(chat, max_tiles=31)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"n": 3, "temperature": 0.0}, "greedy"),  # vLLM's VLLMValidationError
+        ({"top_p": 0.0}, "top_p"),  # vLLM's ValueError
+    ],
+)
+def test_what_vllm_refuses_in_sampling_is_a_400(fields, fragment):
+    """Combinations only vLLM's own checks refuse are client errors, whatever exception type
+    vLLM raises for them (n > 1 when greedy was a 500)."""
+    from llm_server.api.serving import checked_sampling_params
+
+    with pytest.raises(BadRequest, match=fragment):
+        checked_sampling_params(**fields)

@@ -137,6 +137,19 @@ def _placeholder_rows(parts: list[VisualPart], result: EncodeResult) -> list[tor
     return rows
 
 
+def checked_sampling_params(**fields: Any) -> Any:
+    """vLLM's ``SamplingParams``; what vLLM's own checks refuse in the combination (``n`` > 1
+    when greedy, a bad ``top_p``, ...) is a 400 naming the parameter, not a 500."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        return SamplingParams(**fields)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        param = getattr(exc, "parameter", None)
+        raise BadRequest(f"invalid sampling parameters: {exc}", param=param) from exc
+
+
 class ChatService:
     """The logic behind ``/v1/chat/completions`` and ``/v1/models`` (no HTTP objects here)."""
 
@@ -264,7 +277,6 @@ class ChatService:
     def _sampling_params(
         self, request: ChatCompletionRequest, max_tokens: int, features: dict[str, Any]
     ) -> Any:
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         defaults = self.engine.default_sampling
@@ -272,24 +284,21 @@ class ChatService:
         def pick(name: str, value: Any, fallback: Any) -> Any:
             return value if value is not None else defaults.get(name, fallback)
 
-        try:
-            return SamplingParams(
-                n=request.n,
-                temperature=pick("temperature", request.temperature, 1.0),
-                top_p=pick("top_p", request.top_p, 1.0),
-                top_k=pick("top_k", request.top_k, 0),
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                repetition_penalty=defaults.get("repetition_penalty", 1.0),
-                max_tokens=max_tokens,
-                min_tokens=min(request.min_tokens, max_tokens),
-                stop=request.stop_sequences or None,
-                seed=request.seed,
-                output_kind=RequestOutputKind.DELTA,
-                **{"skip_special_tokens": True, **features},
-            )
-        except (ValueError, TypeError) as exc:  # vLLM's own checks of parameter combinations
-            raise BadRequest(f"invalid sampling parameters: {exc}") from exc
+        return checked_sampling_params(
+            n=request.n,
+            temperature=pick("temperature", request.temperature, 1.0),
+            top_p=pick("top_p", request.top_p, 1.0),
+            top_k=pick("top_k", request.top_k, 0),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=defaults.get("repetition_penalty", 1.0),
+            max_tokens=max_tokens,
+            min_tokens=min(request.min_tokens, max_tokens),
+            stop=request.stop_sequences or None,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+            **{"skip_special_tokens": True, **features},
+        )
 
     def _completion_budget(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
         limit = self.engine.max_model_len
