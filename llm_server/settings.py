@@ -160,11 +160,11 @@ class LLMSettings(CheckpointSettings):
         64 * 1024 * 1024, ge=1024, description="largest HTTP request body (images included)"
     )
     max_json_items: int = Field(
-        200_000,
+        65_536,
         ge=1,
         description="commas, objects, arrays and escapes in one request body, counted as it "
-        "arrives, before it is parsed (parsing holds the event loop and costs most for many "
-        "tiny values and for escapes)",
+        "arrives, before it is parsed (parsing and validation hold the event loop and cost "
+        "most for many tiny values and for escapes)",
     )
     max_concurrent_requests: int = Field(
         256, ge=1, description="chat requests served at once; beyond it requests get a 429"

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from llm_server.api.protocol import LOGIT_BIAS_CAP, STOP_SEQUENCES_CAP, StreamOptions, Usage
 
@@ -19,12 +19,29 @@ PROMPT_TOKENS_CAP = 1 << 20  # token ids in one token-id prompt
 TokenIds = Annotated[
     list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=PROMPT_TOKENS_CAP)
 ]
-Prompt = (
-    str
-    | Annotated[list[str], Field(min_length=1, max_length=PROMPTS_CAP)]
-    | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1, max_length=PROMPTS_CAP)]
-)
+
+
+def _prompt_kind(value: Any) -> str:
+    """Which form of prompt ``value`` is, from its first element: the one form it is then
+    validated as. Tried in turn, a list of 100,000 strings made 200,000 errors (each string
+    not a token id, twice) that took 0.9 s to build and report."""
+    if isinstance(value, str):
+        return "text"
+    first = value[0] if isinstance(value, list) and value else None
+    if isinstance(first, str):
+        return "texts"
+    if isinstance(first, list):
+        return "token_lists"
+    return "tokens"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Field(min_length=1, max_length=PROMPTS_CAP), Tag("texts")]
+    | Annotated[TokenIds, Tag("tokens")]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=PROMPTS_CAP), Tag("token_lists")],
+    Discriminator(_prompt_kind),
+]
 
 
 class CompletionRequest(BaseModel):
