@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import encode_image, encode_video, grey_level_frames, noise_image
+from pydantic import ValidationError
 
 from protos.messages import EncodeCall, ImageInput, VideoInput
 from vision_server.batching import TileBatcher
 from vision_server.errors import Overloaded
 from vision_server.pipeline import VisionPipeline
+from vision_server.settings import VisionSettings
 
 TILE_BYTES = 3 * 448 * 448  # one uint8 RGB tile
 
@@ -218,3 +220,11 @@ def test_video_frames_count_in_the_bound(vision_pipeline, decodes, monkeypatch):
     refusals = asyncio.run(scenario())
     assert opened == [] and decodes == []
     assert all(r.status.name == "RESOURCE_EXHAUSTED" for r in refusals)
+
+
+def test_a_queue_too_small_for_the_largest_image_is_refused_at_start():
+    """An image of max_tiles_limit tiles plus its thumbnail must fit in an empty queue, or an
+    idle service would answer it 'retry later' forever."""
+    with pytest.raises(ValidationError, match="must hold the largest image"):
+        VisionSettings(model="m", max_queued_tiles=40, max_tiles_limit=40)  # type: ignore[call-arg]
+    VisionSettings(model="m", max_queued_tiles=41, max_tiles_limit=40)  # type: ignore[call-arg]

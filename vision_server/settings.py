@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from checkpoints.settings import CheckpointSettings
 from vision_server.invariance import BatchInvariance
@@ -58,7 +58,10 @@ class VisionSettings(CheckpointSettings):
         "staged behind it, so the device does not wait while the host launches the next",
     )
     max_queued_tiles: int = Field(
-        2048, ge=1, description="tiles waiting to be encoded before new requests are refused"
+        2048,
+        ge=1,
+        description="tiles waiting to be encoded before new requests are refused (at least "
+        "--max-tiles-limit + 1: the largest image must fit in an empty queue)",
     )
     max_queued_bytes: int = Field(
         1024 * 1024 * 1024,
@@ -194,3 +197,14 @@ class VisionSettings(CheckpointSettings):
         None, description="where the tiny checkpoint is generated (default: ~/.cache/dvd)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _queue_holds_the_largest_image(self) -> VisionSettings:
+        """An image of ``max_tiles_limit`` tiles and its thumbnail must fit in an empty queue:
+        otherwise it is refused as "retry later" by an idle service, forever."""
+        if self.max_queued_tiles < self.max_tiles_limit + 1:
+            raise ValueError(
+                f"max_queued_tiles ({self.max_queued_tiles}) must hold the largest image: "
+                f"max_tiles_limit + 1 = {self.max_tiles_limit + 1} tiles"
+            )
+        return self
