@@ -42,6 +42,12 @@ def test_too_few_compared_steps_fail():
         compare_greedy([1, 9, 3], [1, 2, 3], [margins], min_compared=3)
 
 
+def test_whole_answers_that_agree_need_no_minimum():
+    """A short answer compared to its end (both runs stop there) is a complete comparison."""
+    comparison = compare_greedy([7], [7], [CLEAR], min_compared=16)
+    assert comparison.compared == 1 and comparison.parted_at is None
+
+
 def test_runs_of_different_lengths_fail_without_a_parting():
     with pytest.raises(AssertionError, match="one run is longer"):
         compare_greedy([1, 2, 3], [1, 2, 3, 4], [CLEAR], min_compared=0)
