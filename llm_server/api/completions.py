@@ -27,7 +27,7 @@ from llm_server.api.completion_protocol import (
     CompletionResponse,
 )
 from llm_server.api.protocol import PromptTokensDetails, Usage
-from llm_server.api.serving import ChatService, PreparedChat, checked_sampling_params
+from llm_server.api.serving import ChatService, PreparedChat
 from llm_server.errors import (
     APIError,
     BadRequest,
@@ -344,14 +344,7 @@ class CompletionService:
         return requested
 
     def _sampling_params(self, request: CompletionRequest, max_tokens: int) -> Any:
-        from vllm.sampling_params import RequestOutputKind
-
-        defaults = self.chat.engine.default_sampling
-
-        def pick(name: str, value: Any, fallback: Any) -> Any:
-            return value if value is not None else defaults.get(name, fallback)
-
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"ignore_eos": request.ignore_eos}
         if request.logprobs is not None:
             extra["logprobs"] = request.logprobs
             if request.echo:
@@ -360,24 +353,7 @@ class CompletionService:
             extra["logit_bias"] = self.chat.features.token_biases(request.logit_bias)
         # echo with max_tokens=0: vLLM still computes one token (the prompt's logprobs come
         # with it); the answer is the prompt alone.
-        engine_max_tokens = max_tokens or 1
-        return checked_sampling_params(
-            n=request.n,
-            temperature=pick("temperature", request.temperature, 1.0),
-            top_p=pick("top_p", request.top_p, 1.0),
-            top_k=pick("top_k", request.top_k, 0),
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=defaults.get("repetition_penalty", 1.0),
-            max_tokens=engine_max_tokens,
-            min_tokens=min(request.min_tokens, engine_max_tokens),
-            stop=request.stop_sequences or None,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
-            **extra,
-        )
+        return self.chat.sampling_params(request, max_tokens or 1, **extra)
 
     async def prepare(self, request: CompletionRequest, request_id: str) -> PreparedCompletion:
         """Validate, tokenize and build the engine requests. Run inside an

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -135,6 +135,29 @@ def _placeholder_rows(parts: list[VisualPart], result: EncodeResult) -> list[tor
         else:
             rows.append(next(images).embeddings)
     return rows
+
+
+class SamplingRequest(Protocol):
+    """The sampling fields chat and completion requests share."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def min_tokens(self) -> int: ...
+    @property
+    def stop_sequences(self) -> list[str]: ...
+    @property
+    def seed(self) -> int | None: ...
 
 
 def checked_sampling_params(**fields: Any) -> Any:
@@ -274,9 +297,10 @@ class ChatService:
             cast(list[VideoInput], loaded[len(images) :]),
         )
 
-    def _sampling_params(
-        self, request: ChatCompletionRequest, max_tokens: int, features: dict[str, Any]
-    ) -> Any:
+    def sampling_params(self, request: SamplingRequest, max_tokens: int, **extra: Any) -> Any:
+        """vLLM's ``SamplingParams`` for a chat or completion request: its sampling fields
+        over the checkpoint's generation defaults, then ``extra`` (logprobs, logit_bias,
+        structured outputs, ...)."""
         from vllm.sampling_params import RequestOutputKind
 
         defaults = self.engine.default_sampling
@@ -297,7 +321,7 @@ class ChatService:
             stop=request.stop_sequences or None,
             seed=request.seed,
             output_kind=RequestOutputKind.DELTA,
-            **{"skip_special_tokens": True, **features},
+            **{"skip_special_tokens": True, **extra},
         )
 
     def _completion_budget(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
@@ -404,7 +428,7 @@ class ChatService:
         engine_prompt = await asyncio.to_thread(self.engine.build_prompt, expanded, rows)
         # vLLM checks the parameters (a grammar compiles here) off the event loop, so that a
         # bad schema or token id is a 400 even for a stream.
-        sampling_params = self._sampling_params(request, max_tokens, features.sampling)
+        sampling_params = self.sampling_params(request, max_tokens, **features.sampling)
         await asyncio.to_thread(
             self.engine.check_sampling_params, sampling_params, features.constraint_source
         )
