@@ -49,12 +49,19 @@ MODEL = "dvd-tiny-internvl"
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     png = encode_image(noise_image(120, 90, seed=1))
     hits: dict[str, int] = {}
+    # /held.png: the request is seen (``held_seen``), the image is sent once ``held_release``.
+    held_seen = threading.Event()
+    held_release = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802
         host = self.server.server_address[0]
         self.hits[host] = self.hits.get(host, 0) + 1
         port = self.server.server_address[1]
         if self.path == "/image.png":
+            self._send(200, self.png, "image/png")
+        elif self.path == "/held.png":
+            self.held_seen.set()
+            self.held_release.wait(60)
             self._send(200, self.png, "image/png")
         elif self.path == "/huge.png":
             self._send(200, b"\x89PNG" + b"0" * 3_000_000, "image/png")
@@ -590,13 +597,21 @@ def test_nothing_is_unpickled():
 # ---- shutdown (last: it stops the module's deployment) -----------------------------------
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(hardened):
+def test_sigterm_drains_in_flight_requests_then_exits(hardened, image_servers):
+    """A request in flight at SIGTERM (its image held by the test's image server) is served
+    to its end, while new connections are already refused."""
+    held_url = f"http://localhost:{image_servers}/held.png"
+    content = [
+        {"type": "text", "text": "stream please"},
+        {"type": "image_url", "image_url": {"url": held_url}},
+    ]
     body = {
-        **chat_body([{"role": "user", "content": "stream please"}], max_tokens=64, min_tokens=64),
+        **chat_body([{"role": "user", "content": content}], max_tokens=64, min_tokens=64),
         "stream": True,
     }
     events: list[str] = []
-    streaming = threading.Event()
+    _ImageHandler.held_seen.clear()
+    _ImageHandler.held_release.clear()
 
     def stream() -> None:
         with httpx.stream(
@@ -605,22 +620,23 @@ def test_sigterm_drains_in_flight_requests_then_exits(hardened):
             for line in reply.iter_lines():
                 if line.startswith("data: "):
                     events.append(line)
-                    streaming.set()
 
     reader = threading.Thread(target=stream)
     reader.start()
-    assert streaming.wait(60), "the stream never started"
-    hardened.llm.proc.send_signal(signal.SIGTERM)  # as `docker stop` does: the main process only
-    # No new connections while draining: refused while the stream is still being served.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{hardened.base_url}/health", timeout=2)
-        except httpx.HTTPError:
-            break
-        assert time.monotonic() < deadline, "new connections still accepted after SIGTERM"
-        time.sleep(0.02)
-    assert "data: [DONE]" not in events, "the stream ended before new connections were refused"
+    try:
+        assert _ImageHandler.held_seen.wait(60), "the request never fetched its image"
+        hardened.llm.proc.send_signal(signal.SIGTERM)  # as `docker stop` does: the main process
+        # No new connections while draining: refused while the request still waits for its image.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{hardened.base_url}/health", timeout=2)
+            except httpx.HTTPError:
+                break
+            assert time.monotonic() < deadline, "new connections still accepted after SIGTERM"
+            time.sleep(0.02)
+    finally:
+        _ImageHandler.held_release.set()
     reader.join(60)
     assert events and events[-1] == "data: [DONE]"  # the in-flight request finished...
     assert any('"finish_reason":"length"' in event for event in events)  # ...all 64 tokens

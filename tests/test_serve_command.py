@@ -54,8 +54,16 @@ def test_make_serve_runs_dvd_serve():
     """What ``make serve`` runs (``make -n``: printed, nothing executed)."""
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
+    # Run as a top-level make even under `make test` (CI): an inherited MAKELEVEL/MAKEFLAGS
+    # makes make print "Entering directory" lines around the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     printed = subprocess.run(
-        ["make", "-n", "serve"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "serve"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout
     assert printed.strip().splitlines()[-1].endswith("/dvd-serve"), printed
 
