@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from checkpoints.spec import CheckpointSpec
+from protos.messages import RowSelection
 from vision_server import metrics, server
 from vision_server.batching import PassSlice
-from vision_server.engine import RowSelection, SliceOutput
+from vision_server.data_path import SliceOutput
 from vision_server.pipeline import VisionPipeline
 from vision_server.settings import VisionSettings
 

@@ -60,7 +60,7 @@ from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
 from protos.tiling import plan_tiles
 from vision_server.cuda_graphs import GraphedForward
-from vision_server.engine import compute_dtype_for_device, resolve_device
+from vision_server.data_path import compute_dtype_for_device, resolve_device
 from vision_server.invariance import chunk_tiles, chunked, use_deterministic_cuda_kernels
 from vision_server.model.encoder import TileEmbeddings, TileNormaliser, VisionEncoder
 

@@ -20,8 +20,9 @@ from prometheus_client import start_http_server
 from checkpoints.default import resolve_model
 from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
+from vision_server.data_path import compute_dtype_for_device, resolve_device
 from vision_server.embedding_cache import EmbeddingCache
-from vision_server.engine import EncoderEngine, compute_dtype_for_device, resolve_device
+from vision_server.engine import EncoderEngine
 from vision_server.invariance import chunk_tiles, use_deterministic_cuda_kernels
 from vision_server.model.encoder import VisionEncoder
 from vision_server.pipeline import VisionPipeline
