@@ -36,6 +36,7 @@ class ImageInput:
 
     data: bytes
     max_tiles: int | None = None  # None: the call's
+    max_visual_tokens: int | None = None  # None: no cap of its own
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class EncodeOptions:
     max_tiles: int | None = None  # None: the checkpoint's default
     vir: VirMode | None = None  # None: the vision service's default (auto)
     vir_threshold: float | None = None  # None: the checkpoint's absolute router threshold
+    # Most visual tokens the call's items may take together (None: no budget); see
+    # vision_server.routing.compress_to_fit.
+    max_visual_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,11 @@ def call_to_wire(call: EncodeCall) -> vision_pb2.EncodeRequest:
     return vision_pb2.EncodeRequest(
         request_id=call.request_id,
         images=[
-            vision_pb2.Image(data=image.data, max_tiles=image.max_tiles or 0)
+            vision_pb2.Image(
+                data=image.data,
+                max_tiles=image.max_tiles or 0,
+                max_visual_tokens=image.max_visual_tokens,
+            )
             for image in call.images
         ],
         videos=[
@@ -83,6 +91,7 @@ def call_to_wire(call: EncodeCall) -> vision_pb2.EncodeRequest:
             max_tiles=options.max_tiles or 0,
             vir_mode=vir_to_wire(options.vir),
             vir_threshold=options.vir_threshold,
+            max_visual_tokens=options.max_visual_tokens,
         ),
     )
 
@@ -96,12 +105,22 @@ def call_from_wire(request: vision_pb2.EncodeRequest, request_id: str) -> Encode
     except ValueError as exc:
         raise ContractError(str(exc), field=Field.VIR_MODE) from None
     return EncodeCall(
-        images=[ImageInput(image.data, image.max_tiles or None) for image in request.images],
+        images=[
+            ImageInput(
+                image.data,
+                image.max_tiles or None,
+                image.max_visual_tokens if image.HasField("max_visual_tokens") else None,
+            )
+            for image in request.images
+        ],
         videos=[VideoInput(video.data, video.num_frames or None) for video in request.videos],
         options=EncodeOptions(
             max_tiles=options.max_tiles or None,
             vir=vir,
             vir_threshold=options.vir_threshold if options.HasField("vir_threshold") else None,
+            max_visual_tokens=(
+                options.max_visual_tokens if options.HasField("max_visual_tokens") else None
+            ),
         ),
         request_id=request_id,
     )
@@ -112,15 +131,17 @@ class RowSelection(StrEnum):
 
     FULL = "full"  # every tile's 256 rows: vir off, or a checkpoint without a router
     COMPRESSED = "compressed"  # every tile's 64 rows: vir max
-    ROUTED = "routed"  # chosen by the router over all tiles of the call: vir auto
+    # Chosen over all tiles of the call: vir auto, or vir off under a visual-token budget.
+    ROUTED = "routed"
 
     @classmethod
-    def for_mode(cls, applied: VirMode | None) -> RowSelection:
+    def for_mode(cls, applied: VirMode | None, budgeted: bool = False) -> RowSelection:
         """The selection under the router mode ``applied`` (None: the checkpoint has no
-        router, so every tile keeps its rows)."""
+        router, so every tile keeps its rows), ``budgeted`` when the call caps its visual
+        tokens (``max_visual_tokens``: under ``off`` the budget alone routes the tiles)."""
         if applied is VirMode.MAX:
             return cls.COMPRESSED
-        if applied is VirMode.AUTO:
+        if applied is VirMode.AUTO or (applied is VirMode.OFF and budgeted):
             return cls.ROUTED
         return cls.FULL
 
@@ -228,7 +249,29 @@ def result_of(call: EncodeCall, items: Iterable[VisualEmbedding]) -> EncodeResul
                 f"the vision service answered video {index} with {tiles} tiles, expected "
                 f"{expected if expected is not None else len(frames.frame_numbers)} frames"
             )
+    _check_budget(call, images, videos)
     return EncodeResult(images, videos)
+
+
+def _check_budget(
+    call: EncodeCall, images: Sequence[VisualEmbedding], videos: Sequence[VisualEmbedding]
+) -> None:
+    """A reply over the call's ``max_visual_tokens`` (under a mode that honours it: not
+    ``max``) comes from a vision service that does not know the budget: refused, never
+    passed on as if the budget held."""
+    if any(item.vir is VirMode.MAX for item in (*images, *videos)):
+        return
+    caps = [
+        (image.max_visual_tokens, [item]) for image, item in zip(call.images, images, strict=True)
+    ]
+    caps.append((call.options.max_visual_tokens, [*images, *videos]))
+    for cap, items in caps:
+        tokens = sum(item.num_visual_tokens for item in items)
+        if cap is not None and tokens > cap:
+            raise ContractError(
+                f"the vision service answered {tokens} visual tokens over a budget of "
+                f"max_visual_tokens={cap} (a vision service that does not apply the budget)"
+            )
 
 
 def header_to_wire(
@@ -333,6 +376,8 @@ class Field(StrEnum):
     MAX_TILES = "options.max_tiles"
     VIR_MODE = "options.vir_mode"
     VIR_THRESHOLD = "options.vir_threshold"
+    MAX_VISUAL_TOKENS = "options.max_visual_tokens"
+    IMAGE_MAX_VISUAL_TOKENS = "images.max_visual_tokens"
 
 
 # The trailing-metadata key of ``ErrorDetail`` (binary: the "-bin" suffix).

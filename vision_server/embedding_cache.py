@@ -18,6 +18,11 @@ every turn hits; the same image next to a different one does not, and never gets
 were routed against other company. A hit is bit-identical to a miss by construction: it *is*
 the miss's rows.
 
+A visual-token budget (``max_visual_tokens``, the request's and each image's) also chooses
+rows, under ``vir`` auto and off alike: a budgeted image's key carries the budget, and its
+context in request order (ties in p0 are broken by position). A budgeted and an unbudgeted
+request for the same image never share routed rows, nor do two different budgets.
+
 Bound: least recently used entries are evicted once the rows held pass ``capacity_bytes``; an
 image whose rows alone are larger is not kept.
 
@@ -45,6 +50,7 @@ from protos.messages import RowSelection
 from protos.options import VirMode
 from protos.tiling import TileGrid, TilingOptions
 from vision_server import metrics
+from vision_server.routing import TokenBudget
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,13 @@ class CacheKey:
     rows: RowSelection
     checkpoint: str  # checkpoint digest
     dtype: str
-    # Routed rows only: (relative, absolute) thresholds, and every image of the request.
+    # Routed rows only: (relative, absolute) thresholds (``vir`` auto), and every image of
+    # the request.
     router: tuple[float, float] | None = None
     context: tuple[tuple[bytes, TilingOptions], ...] = ()
+    # Budgeted rows only: the request's visual-token budget (then ``context`` is in request
+    # order); None: no budget chose these rows.
+    budget: TokenBudget | None = None
 
 
 def request_keys(
@@ -68,12 +78,16 @@ def request_keys(
     thresholds: tuple[float, float] | None,
     checkpoint: str,
     dtype: torch.dtype,
+    budget: TokenBudget | None = None,
 ) -> list[CacheKey]:
     """The keys of a request's images. ``applied``: the router mode applied (None: the
-    checkpoint has no router); ``thresholds``: the router's (relative, absolute) ones."""
-    kind = RowSelection.for_mode(applied)
+    checkpoint has no router); ``thresholds``: the router's (relative, absolute) ones;
+    ``budget``: the visual-token budget that shapes the rows (``routing.shaping_budget``)."""
+    kind = RowSelection.for_mode(applied, budget is not None)
     routed = kind is RowSelection.ROUTED
-    context = tuple(sorted(zip(digests, tilings, strict=True))) if routed else ()
+    context = tuple(zip(digests, tilings, strict=True)) if routed else ()
+    if budget is None:
+        context = tuple(sorted(context))  # the rule's quantile does not depend on the order
     return [
         CacheKey(
             image_sha256=digest,
@@ -81,8 +95,10 @@ def request_keys(
             rows=kind,
             checkpoint=checkpoint,
             dtype=str(dtype).removeprefix("torch."),
-            router=thresholds if routed else None,
+            # Under ``off`` a budget alone routes: no thresholds, a key of its own.
+            router=thresholds if routed and applied is VirMode.AUTO else None,
             context=context,
+            budget=budget,
         )
         for digest, tiling in zip(digests, tilings, strict=True)
     ]

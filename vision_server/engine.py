@@ -31,7 +31,13 @@ from vision_server.batching import (
 from vision_server.data_path import DataPath, LaunchedPass, SliceOutput
 from vision_server.model.encoder import VisionEncoder
 from vision_server.preprocess import PreparedImage
-from vision_server.routing import applied_mode, route_tiles, thresholds
+from vision_server.routing import (
+    TokenBudget,
+    applied_mode,
+    route_request,
+    shaping_budget,
+    thresholds,
+)
 from vision_server.threads import started_pool
 
 logger = logging.getLogger(__name__)
@@ -210,14 +216,17 @@ class EncoderEngine:
         request_id: str = "",
         vir_mode: VirMode = VirMode.AUTO,
         absolute_threshold: float | None = None,
+        budget: TokenBudget | None = None,
     ) -> AsyncGenerator[EncodedImage, None]:
         """Embeddings of one request's images, in order: each tile's 256 rows, or 64 where
         routed. Under ``vir`` auto the router decides over all tiles of the request, so the
-        first image comes once every image is encoded; otherwise each as soon as it is done."""
+        first image comes once every image is encoded; otherwise each as soon as it is done.
+        ``budget`` (checked: ``routing.check_budget``) caps the request's visual tokens."""
         if self.failure is not None:
             raise self.failure
         applied = applied_mode(vir_mode, self.has_router)
-        selection = RowSelection.for_mode(applied)
+        budget = shaping_budget(budget or TokenBudget(), applied)
+        selection = RowSelection.for_mode(applied, budget is not None)
         # All images queue at once so they can share forward passes; results come in order.
         tasks = [
             asyncio.create_task(self._submit(image, selection, request_id)) for image in images
@@ -226,7 +235,8 @@ class EncoderEngine:
         try:
             if selection is RowSelection.ROUTED:
                 encoded = [await task for task in tasks]
-                routes = self._route(encoded, absolute_threshold)
+                assert applied is not None  # ROUTED needs a router
+                routes = self._route(encoded, applied, absolute_threshold, budget)
                 copies = [
                     asyncio.create_task(self._assemble_off_loop(parts, route))
                     for (parts, _), route in zip(encoded, routes, strict=True)
@@ -250,9 +260,14 @@ class EncoderEngine:
                 copy.cancel()
 
     def _route(
-        self, encoded: list[tuple[list[SliceOutput], BatchStats]], absolute_threshold: float | None
+        self,
+        encoded: list[tuple[list[SliceOutput], BatchStats]],
+        applied: VirMode,
+        absolute_threshold: float | None,
+        budget: TokenBudget | None,
     ) -> list[list[bool]]:
-        """The router's decision for every tile of the request, split per image."""
+        """The decision for every tile of the request (the budget's and, under ``auto``, the
+        router's rule), split per image."""
         flash = self.spec.flash
         assert flash is not None  # ROUTED is only chosen when the checkpoint has a router
         per_image = [
@@ -260,12 +275,16 @@ class EncoderEngine:
             for parts, _ in encoded
         ]
         relative, absolute = thresholds(flash, absolute_threshold)
-        decisions = route_tiles(torch.cat(per_image), VirMode.AUTO, relative, absolute)
-        routes, start = [], 0
-        for p0 in per_image:
-            routes.append(decisions[start : start + len(p0)])
-            start += len(p0)
-        return routes
+        spec = self.spec
+        return route_request(
+            per_image,
+            applied,
+            relative,
+            absolute,
+            budget,
+            spec.tokens_per_tile,
+            spec.compressed_tokens_per_tile,
+        )
 
     def _encoded(
         self,

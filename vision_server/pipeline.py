@@ -24,6 +24,7 @@ from checkpoints.spec import CheckpointSpec
 from protos.messages import (
     EncodeCall,
     Field,
+    RowSelection,
     VideoFrames,
     VideoInput,
     VisualEmbedding,
@@ -39,7 +40,14 @@ from vision_server.engine import EncodedImage, EncoderEngine, TileParts
 from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
 from vision_server.media_workers import MediaWorkerConfig, MediaWorkerPool, default_workers
 from vision_server.preprocess import ImageLimits, PreparedImage
-from vision_server.routing import applied_mode, resolve_mode, thresholds
+from vision_server.routing import (
+    TokenBudget,
+    applied_mode,
+    check_budget,
+    resolve_mode,
+    shaping_budget,
+    thresholds,
+)
 from vision_server.settings import VisionSettings
 from vision_server.video import PreparedVideo, VideoLimits
 
@@ -248,13 +256,18 @@ class VisionPipeline:
             )
 
     async def _lookup(
-        self, call: EncodeCall, per_image: list[TilingOptions], applied: VirMode | None
+        self,
+        call: EncodeCall,
+        per_image: list[TilingOptions],
+        applied: VirMode | None,
+        budget: TokenBudget | None,
     ) -> Lookup | None:
         """The request's hits and claims in the embedding cache (None when it is off, or
-        does not apply to this request)."""
+        does not apply to this request). ``budget``: the one that shapes its rows."""
         if self.cache is None or not call.images:
             return None
-        if call.videos and applied is VirMode.AUTO:
+        routed = RowSelection.for_mode(applied, budget is not None) is RowSelection.ROUTED
+        if call.videos and routed:
             # Routed rows depend on every tile of the request, frames included, and videos
             # are not cached: such a request could never hit, and its rows must not be served
             # to a request without the same videos.
@@ -272,8 +285,31 @@ class VisionPipeline:
             router,
             self.checkpoint_digest,
             self.engine.dtype,
+            budget,
         )
         return await self.cache.lookup(keys)
+
+    def _check_budget(
+        self,
+        budget: TokenBudget,
+        applied: VirMode | None,
+        prepared: dict[int, PreparedImage | TileParts],
+        hits: dict[int, CachedImage],
+        videos: list[PreparedVideo],
+    ) -> None:
+        """Refuse a visual-token budget no routing can meet, once every item's tiles are
+        known and before any is encoded (``max`` ignores the budget)."""
+        if not budget.is_set or applied is VirMode.MAX:
+            return
+        images = range(len(budget.per_item) - len(videos))
+        tiles = [
+            prepared[index].num_tiles if index in prepared else len(hits[index].tokens_per_tile)
+            for index in images
+        ]
+        tiles += [video.num_frames for video in videos]
+        labels = [f"image {index}" for index in images]  # only images have caps of their own
+        compressed = self.spec.compressed_tokens_per_tile if applied is not None else None
+        check_budget(budget, tiles, self.spec.tokens_per_tile, compressed, labels)
 
     # ---- encoding ---------------------------------------------------------------------------
 
@@ -288,13 +324,20 @@ class VisionPipeline:
         per_image = [self._image_options(options, image.max_tiles) for image in call.images]
         applied = applied_mode(vir_mode, self.engine.has_router)
         count = len(call.images)
-        lookup = await self._lookup(call, per_image, applied)
+        # Each item's own cap (images only), then the request's over all of them.
+        budget = TokenBudget(
+            call.options.max_visual_tokens,
+            (*(image.max_visual_tokens for image in call.images), *(None for _ in frames)),
+        )
+        shaping = shaping_budget(budget, applied)
+        routed = RowSelection.for_mode(applied, shaping is not None) is RowSelection.ROUTED
+        lookup = await self._lookup(call, per_image, applied, shaping)
         prepared: dict[int, PreparedImage | TileParts] = {}
         try:
             hits = lookup.hits if lookup is not None else {}
             if len(hits) == count:
                 todo: list[int] = []
-            elif applied is VirMode.AUTO:
+            elif routed:
                 # Routing is per request: one image to encode means encoding all of them.
                 todo = list(range(count))
             else:
@@ -302,13 +345,14 @@ class VisionPipeline:
             self._admit([per_image[index] for index in todo], frames)
             prepared, videos = await self._prepare(call, per_image, todo, frames)
             self._check_tiles(prepared, hits, videos, count)
+            self._check_budget(budget, applied, prepared, hits, videos)
             # The prepared images and the videos' frames go through the engine in one call,
             # so the router sees all of them; the other images come from the cache.
             to_encode = [*(prepared[index] for index in sorted(prepared))]
             to_encode += [video.frames for video in videos]
             stream = (
                 self.engine.encode_request(
-                    to_encode, call.request_id, vir_mode, call.options.vir_threshold
+                    to_encode, call.request_id, vir_mode, call.options.vir_threshold, shaping
                 )
                 if to_encode
                 else _nothing()

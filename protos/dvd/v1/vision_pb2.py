@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/vision.proto\x12\x06\x64vd.v1\"=\n\x0b\x45rrorDetail\x12\x1f\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x11.dvd.v1.ErrorCode\x12\r\n\x05\x66ield\x18\x02 \x01(\t\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmax_tiles\x18\x02 \x01(\r\")\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nnum_frames\x18\x02 \x01(\r\"s\n\rEncodeOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12!\n\x08vir_mode\x18\x02 \x01(\x0e\x32\x0f.dvd.v1.VirMode\x12\x1a\n\rvir_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x10\n\x0e_vir_threshold\"j\n\x12SharedMemoryTarget\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\xbc\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.dvd.v1.Image\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.dvd.v1.EncodeOptions\x12\x31\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1a.dvd.v1.SharedMemoryTarget\x12\x1d\n\x06videos\x18\x05 \x03(\x0b\x32\r.dvd.v1.Video\"p\n\x0bVideoFrames\x12\x13\n\x0bvideo_index\x18\x01 \x01(\r\x12\x15\n\rframe_numbers\x18\x02 \x03(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12\x12\n\nduration_s\x18\x04 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\"\xe4\x03\n\x0bImageHeader\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x03 \x03(\r\x12\x19\n\x11num_visual_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x1c\n\x05\x64type\x18\x06 \x01(\x0e\x32\r.dvd.v1.DType\x12\x11\n\tnum_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cgrid_columns\x18\x08 \x01(\r\x12\x11\n\tgrid_rows\x18\t \x01(\r\x12\x15\n\rhas_thumbnail\x18\n \x01(\x08\x12\x10\n\x08queue_ms\x18\x0b \x01(\x02\x12\x11\n\tencode_ms\x18\x0c \x01(\x02\x12!\n\x08vir_mode\x18\r \x01(\x0e\x32\x0f.dvd.v1.VirMode\x12\x1c\n\x14\x66ull_tokens_per_tile\x18\x0e \x01(\r\x12!\n\x14shared_memory_offset\x18\x0f \x01(\x04H\x00\x88\x01\x01\x12\"\n\x05video\x18\x10 \x01(\x0b\x32\x13.dvd.v1.VideoFrames\x12\x12\n\nfrom_cache\x18\x11 \x01(\x08\x12\x19\n\x11\x63heckpoint_digest\x18\x12 \x01(\tB\x17\n\x15_shared_memory_offset\"C\n\x0e\x45mbeddingChunk\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0e\x45ncodeResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.dvd.v1.ImageHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dvd.v1.EmbeddingChunkH\x00\x42\t\n\x07payload\"2\n\x13GetModelInfoRequest\x12\x1b\n\x13shared_memory_probe\x18\x01 \x01(\t\"\xd5\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_layout\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x1c\n\x05\x64type\x18\x04 \x01(\x0e\x32\r.dvd.v1.DType\x12\x11\n\ttile_size\x18\x05 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x06 \x01(\r\x12\"\n\x1a\x63ompressed_tokens_per_tile\x18\x07 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_max_tiles\x18\x08 \x01(\r\x12\x17\n\x0fmax_tiles_limit\x18\t \x01(\r\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x15\n\rvir_available\x18\x0b \x01(\x08\x12\x19\n\x11image_start_token\x18\x0c \x01(\t\x12\x1b\n\x13image_context_token\x18\r \x01(\t\x12\x17\n\x0fimage_end_token\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x19\n\x11\x63heckpoint_digest\x18\x10 \x01(\t\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x11 \x01(\x04\x12\x1b\n\x13shared_memory_nonce\x18\x12 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*Z\n\x07VirMode\x12\x18\n\x14VIR_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rVIR_MODE_AUTO\x10\x01\x12\x10\n\x0cVIR_MODE_OFF\x10\x02\x12\x10\n\x0cVIR_MODE_MAX\x10\x03*\xaf\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x01\x12\x1c\n\x18\x45RROR_CODE_INVALID_IMAGE\x10\x02\x12\x1c\n\x18\x45RROR_CODE_INVALID_VIDEO\x10\x03\x12\x1e\n\x1a\x45RROR_CODE_TOO_MANY_IMAGES\x10\x04\x12\x19\n\x15\x45RROR_CODE_OVERLOADED\x10\x05\x12\x1c\n\x18\x45RROR_CODE_OUT_OF_MEMORY\x10\x06\x12\x1c\n\x18\x45RROR_CODE_ENCODE_FAILED\x10\x07\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x08\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\t2\x8a\x01\n\rVisionService\x12\x39\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse0\x01\x12>\n\x0cGetModelInfo\x12\x1b.dvd.v1.GetModelInfoRequest\x1a\x11.dvd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/vision.proto\x12\x06\x64vd.v1\"=\n\x0b\x45rrorDetail\x12\x1f\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x11.dvd.v1.ErrorCode\x12\r\n\x05\x66ield\x18\x02 \x01(\t\"^\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmax_tiles\x18\x02 \x01(\r\x12\x1e\n\x11max_visual_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_max_visual_tokens\")\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nnum_frames\x18\x02 \x01(\r\"\xa9\x01\n\rEncodeOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12!\n\x08vir_mode\x18\x02 \x01(\x0e\x32\x0f.dvd.v1.VirMode\x12\x1a\n\rvir_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11max_visual_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x10\n\x0e_vir_thresholdB\x14\n\x12_max_visual_tokens\"j\n\x12SharedMemoryTarget\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\xbc\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.dvd.v1.Image\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.dvd.v1.EncodeOptions\x12\x31\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1a.dvd.v1.SharedMemoryTarget\x12\x1d\n\x06videos\x18\x05 \x03(\x0b\x32\r.dvd.v1.Video\"p\n\x0bVideoFrames\x12\x13\n\x0bvideo_index\x18\x01 \x01(\r\x12\x15\n\rframe_numbers\x18\x02 \x03(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12\x12\n\nduration_s\x18\x04 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\"\xe4\x03\n\x0bImageHeader\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x03 \x03(\r\x12\x19\n\x11num_visual_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x1c\n\x05\x64type\x18\x06 \x01(\x0e\x32\r.dvd.v1.DType\x12\x11\n\tnum_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cgrid_columns\x18\x08 \x01(\r\x12\x11\n\tgrid_rows\x18\t \x01(\r\x12\x15\n\rhas_thumbnail\x18\n \x01(\x08\x12\x10\n\x08queue_ms\x18\x0b \x01(\x02\x12\x11\n\tencode_ms\x18\x0c \x01(\x02\x12!\n\x08vir_mode\x18\r \x01(\x0e\x32\x0f.dvd.v1.VirMode\x12\x1c\n\x14\x66ull_tokens_per_tile\x18\x0e \x01(\r\x12!\n\x14shared_memory_offset\x18\x0f \x01(\x04H\x00\x88\x01\x01\x12\"\n\x05video\x18\x10 \x01(\x0b\x32\x13.dvd.v1.VideoFrames\x12\x12\n\nfrom_cache\x18\x11 \x01(\x08\x12\x19\n\x11\x63heckpoint_digest\x18\x12 \x01(\tB\x17\n\x15_shared_memory_offset\"C\n\x0e\x45mbeddingChunk\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0e\x45ncodeResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.dvd.v1.ImageHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dvd.v1.EmbeddingChunkH\x00\x42\t\n\x07payload\"2\n\x13GetModelInfoRequest\x12\x1b\n\x13shared_memory_probe\x18\x01 \x01(\t\"\xd5\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_layout\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x1c\n\x05\x64type\x18\x04 \x01(\x0e\x32\r.dvd.v1.DType\x12\x11\n\ttile_size\x18\x05 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x06 \x01(\r\x12\"\n\x1a\x63ompressed_tokens_per_tile\x18\x07 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_max_tiles\x18\x08 \x01(\r\x12\x17\n\x0fmax_tiles_limit\x18\t \x01(\r\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x15\n\rvir_available\x18\x0b \x01(\x08\x12\x19\n\x11image_start_token\x18\x0c \x01(\t\x12\x1b\n\x13image_context_token\x18\r \x01(\t\x12\x17\n\x0fimage_end_token\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x19\n\x11\x63heckpoint_digest\x18\x10 \x01(\t\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x11 \x01(\x04\x12\x1b\n\x13shared_memory_nonce\x18\x12 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*Z\n\x07VirMode\x12\x18\n\x14VIR_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rVIR_MODE_AUTO\x10\x01\x12\x10\n\x0cVIR_MODE_OFF\x10\x02\x12\x10\n\x0cVIR_MODE_MAX\x10\x03*\xaf\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x01\x12\x1c\n\x18\x45RROR_CODE_INVALID_IMAGE\x10\x02\x12\x1c\n\x18\x45RROR_CODE_INVALID_VIDEO\x10\x03\x12\x1e\n\x1a\x45RROR_CODE_TOO_MANY_IMAGES\x10\x04\x12\x19\n\x15\x45RROR_CODE_OVERLOADED\x10\x05\x12\x1c\n\x18\x45RROR_CODE_OUT_OF_MEMORY\x10\x06\x12\x1c\n\x18\x45RROR_CODE_ENCODE_FAILED\x10\x07\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x08\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\t2\x8a\x01\n\rVisionService\x12\x39\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse0\x01\x12>\n\x0cGetModelInfo\x12\x1b.dvd.v1.GetModelInfoRequest\x1a\x11.dvd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dvd.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1898
-  _globals['_DTYPE']._serialized_end=1986
-  _globals['_VIRMODE']._serialized_start=1988
-  _globals['_VIRMODE']._serialized_end=2078
-  _globals['_ERRORCODE']._serialized_start=2081
-  _globals['_ERRORCODE']._serialized_end=2384
+  _globals['_DTYPE']._serialized_start=2007
+  _globals['_DTYPE']._serialized_end=2095
+  _globals['_VIRMODE']._serialized_start=2097
+  _globals['_VIRMODE']._serialized_end=2187
+  _globals['_ERRORCODE']._serialized_start=2190
+  _globals['_ERRORCODE']._serialized_end=2493
   _globals['_ERRORDETAIL']._serialized_start=31
   _globals['_ERRORDETAIL']._serialized_end=92
   _globals['_IMAGE']._serialized_start=94
-  _globals['_IMAGE']._serialized_end=134
-  _globals['_VIDEO']._serialized_start=136
-  _globals['_VIDEO']._serialized_end=177
-  _globals['_ENCODEOPTIONS']._serialized_start=179
-  _globals['_ENCODEOPTIONS']._serialized_end=294
-  _globals['_SHAREDMEMORYTARGET']._serialized_start=296
-  _globals['_SHAREDMEMORYTARGET']._serialized_end=402
-  _globals['_ENCODEREQUEST']._serialized_start=405
-  _globals['_ENCODEREQUEST']._serialized_end=593
-  _globals['_VIDEOFRAMES']._serialized_start=595
-  _globals['_VIDEOFRAMES']._serialized_end=707
-  _globals['_IMAGEHEADER']._serialized_start=710
-  _globals['_IMAGEHEADER']._serialized_end=1194
-  _globals['_EMBEDDINGCHUNK']._serialized_start=1196
-  _globals['_EMBEDDINGCHUNK']._serialized_end=1263
-  _globals['_ENCODERESPONSE']._serialized_start=1265
-  _globals['_ENCODERESPONSE']._serialized_end=1372
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1374
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1424
-  _globals['_MODELINFO']._serialized_start=1427
-  _globals['_MODELINFO']._serialized_end=1896
-  _globals['_VISIONSERVICE']._serialized_start=2387
-  _globals['_VISIONSERVICE']._serialized_end=2525
+  _globals['_IMAGE']._serialized_end=188
+  _globals['_VIDEO']._serialized_start=190
+  _globals['_VIDEO']._serialized_end=231
+  _globals['_ENCODEOPTIONS']._serialized_start=234
+  _globals['_ENCODEOPTIONS']._serialized_end=403
+  _globals['_SHAREDMEMORYTARGET']._serialized_start=405
+  _globals['_SHAREDMEMORYTARGET']._serialized_end=511
+  _globals['_ENCODEREQUEST']._serialized_start=514
+  _globals['_ENCODEREQUEST']._serialized_end=702
+  _globals['_VIDEOFRAMES']._serialized_start=704
+  _globals['_VIDEOFRAMES']._serialized_end=816
+  _globals['_IMAGEHEADER']._serialized_start=819
+  _globals['_IMAGEHEADER']._serialized_end=1303
+  _globals['_EMBEDDINGCHUNK']._serialized_start=1305
+  _globals['_EMBEDDINGCHUNK']._serialized_end=1372
+  _globals['_ENCODERESPONSE']._serialized_start=1374
+  _globals['_ENCODERESPONSE']._serialized_end=1481
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1483
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1533
+  _globals['_MODELINFO']._serialized_start=1536
+  _globals['_MODELINFO']._serialized_end=2005
+  _globals['_VISIONSERVICE']._serialized_start=2496
+  _globals['_VISIONSERVICE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

@@ -61,12 +61,14 @@ class ErrorDetail(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., field: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "max_tiles")
+    __slots__ = ("data", "max_tiles", "max_visual_tokens")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MAX_TILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     max_tiles: int
-    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ...) -> None: ...
+    max_visual_tokens: int
+    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class Video(_message.Message):
     __slots__ = ("data", "num_frames")
@@ -77,14 +79,16 @@ class Video(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., num_frames: _Optional[int] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("max_tiles", "vir_mode", "vir_threshold")
+    __slots__ = ("max_tiles", "vir_mode", "vir_threshold", "max_visual_tokens")
     MAX_TILES_FIELD_NUMBER: _ClassVar[int]
     VIR_MODE_FIELD_NUMBER: _ClassVar[int]
     VIR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_tiles: int
     vir_mode: VirMode
     vir_threshold: float
-    def __init__(self, max_tiles: _Optional[int] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., vir_threshold: _Optional[float] = ...) -> None: ...
+    max_visual_tokens: int
+    def __init__(self, max_tiles: _Optional[int] = ..., vir_mode: _Optional[_Union[VirMode, str]] = ..., vir_threshold: _Optional[float] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryTarget(_message.Message):
     __slots__ = ("segment", "token", "offset", "capacity", "generation")
