@@ -28,12 +28,20 @@ ITEMS_PER_MESSAGE_CAP = 4_096  # content parts, tool calls
 TOOLS_CAP = 4_096
 STOP_SEQUENCES_CAP = 1_024
 LOGIT_BIAS_CAP = 262_144  # above the largest vocabularies
+VISUAL_TOKENS_CAP = 2**32 - 1  # max_visual_tokens travels as a uint32
 
 
 class ImageURL(BaseModel):
     url: str = Field(description="data:image/...;base64,... or an http(s) URL")
     detail: Literal["auto", "low", "high"] = Field(
         "auto", description="low: one 448x448 tile; auto/high: dynamic tiling"
+    )
+    max_visual_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=VISUAL_TOKENS_CAP,
+        description="DvD extension: most visual tokens this image may take (its tiles are "
+        "compressed in decreasing router score until it fits)",
     )
 
 
@@ -183,9 +191,9 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's fields, plus DvD's extensions (``vir``, ``vir_threshold``, ``max_tiles``,
-    ``num_frames``, ``top_k``, ``min_tokens``, ``return_token_ids``). Unknown fields are
-    ignored; known OpenAI features this server does not implement are refused rather than
-    silently dropped."""
+    ``num_frames``, ``max_visual_tokens``, ``top_k``, ``min_tokens``, ``return_token_ids``).
+    Unknown fields are ignored; known OpenAI features this server does not implement are
+    refused rather than silently dropped."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -232,6 +240,13 @@ class ChatCompletionRequest(BaseModel):
     max_tiles: int | None = Field(None, ge=1, description="max tiles per image")
     num_frames: int | None = Field(
         None, ge=1, description="frames sampled per video (default: the server's)"
+    )
+    max_visual_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=VISUAL_TOKENS_CAP,
+        description="most visual tokens all images and video frames of the request may take "
+        "together (Flash checkpoints compress tiles in decreasing router score until they fit)",
     )
     top_k: int | None = Field(None, ge=-1)
     min_tokens: int = Field(0, ge=0, description="tokens generated before EOS may end the answer")
@@ -307,6 +322,9 @@ class VisionSummary(BaseModel):
     # Router mode applied: auto / off / max, or "unavailable" when the checkpoint has no
     # Visual Resolution Router (not InternVL3.5-Flash): then every tile keeps 256 tokens.
     vir: VirMode | Literal["unavailable"]
+    # The request's visual-token budget, when it set one: image_tokens + video_tokens fit it
+    # (unless vir is max, which ignores it).
+    max_visual_tokens: int | None = None
 
 
 class TopLogprob(BaseModel):

@@ -13,6 +13,7 @@ from llm_server.api.protocol import (
     ITEMS_PER_MESSAGE_CAP,
     MESSAGES_CAP,
     TOOLS_CAP,
+    VISUAL_TOKENS_CAP,
     VisionSummary,
 )
 from protos.options import VirMode
@@ -33,6 +34,8 @@ class InputImage(BaseModel):
     image_url: str | None = Field(None, description="data:image/...;base64,... or an http(s) URL")
     file_id: str | None = Field(None, max_length=ID_CHARS_CAP)
     detail: Literal["auto", "low", "high", "original"] = "auto"
+    # DvD extension, as in chat's image_url: most visual tokens this image may take.
+    max_visual_tokens: int | None = Field(None, ge=1, le=VISUAL_TOKENS_CAP)
 
 
 class OutputTextPart(BaseModel):
@@ -167,8 +170,8 @@ class TextConfig(BaseModel):
 
 class ResponsesRequest(BaseModel):
     """OpenAI's fields, plus DvD's extensions as in chat (``vir``, ``vir_threshold``,
-    ``max_tiles``, ``top_k``, ``min_tokens``, ``seed``). Unknown fields are ignored; known
-    OpenAI features this server does not implement are refused."""
+    ``max_tiles``, ``max_visual_tokens``, ``top_k``, ``min_tokens``, ``seed``). Unknown fields
+    are ignored; known OpenAI features this server does not implement are refused."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -202,6 +205,7 @@ class ResponsesRequest(BaseModel):
     vir: VirMode | None = None
     vir_threshold: float | None = Field(None, ge=0, le=1)
     max_tiles: int | None = Field(None, ge=1)
+    max_visual_tokens: int | None = Field(None, ge=1, le=VISUAL_TOKENS_CAP)
     top_k: int | None = Field(None, ge=-1)
     min_tokens: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)

@@ -128,7 +128,14 @@ def _parts(content: list[Any], role: str) -> list[ContentPart] | str:
                 )
             detail = "high" if part.detail == "original" else part.detail
             parts.append(
-                ImagePart(type="image_url", image_url=ImageURL(url=part.image_url, detail=detail))
+                ImagePart(
+                    type="image_url",
+                    image_url=ImageURL(
+                        url=part.image_url,
+                        detail=detail,
+                        max_visual_tokens=part.max_visual_tokens,
+                    ),
+                )
             )
         elif isinstance(part, RefusalPart):
             parts.append(TextPart(type="text", text=part.refusal))
@@ -331,6 +338,7 @@ class ResponsesService:
                     "vir": request.vir,
                     "vir_threshold": request.vir_threshold,
                     "max_tiles": request.max_tiles,
+                    "max_visual_tokens": request.max_visual_tokens,
                     "top_k": request.top_k,
                     "min_tokens": request.min_tokens,
                 }

@@ -103,7 +103,7 @@ class RenderedChat:
     expanded: ExpandedPrompt
 
 
-def _vision_summary(result: EncodeResult) -> VisionSummary | None:
+def _vision_summary(result: EncodeResult, budget: int | None = None) -> VisionSummary | None:
     visuals = result.items
     if not visuals:
         return None
@@ -115,6 +115,7 @@ def _vision_summary(result: EncodeResult) -> VisionSummary | None:
         compressed_tiles=sum(v.num_compressed_tiles for v in images),
         image_tokens=sum(v.num_visual_tokens for v in images),
         vir=visuals[0].vir or "unavailable",
+        max_visual_tokens=budget,
     )
     if videos:
         summary.videos = len(videos)
@@ -277,7 +278,8 @@ class ChatService:
                 exc.message = f"image {index}: {exc.message}"
                 raise
             max_tiles = 1 if part.image_url.detail == "low" else None
-            return ImageInput(data=data, max_tiles=max_tiles)
+            budget = part.image_url.max_visual_tokens
+            return ImageInput(data=data, max_tiles=max_tiles, max_visual_tokens=budget)
 
         async def load_video(index: int, part: VideoPart) -> VideoInput:
             try:
@@ -385,6 +387,7 @@ class ChatService:
                 max_tiles=request.max_tiles or self.settings.max_tiles,
                 vir=request.vir,
                 vir_threshold=request.vir_threshold,
+                max_visual_tokens=request.max_visual_tokens,
             ),
             request_id,
         )
@@ -442,7 +445,7 @@ class ChatService:
             num_video_tokens=sum(video.num_visual_tokens for video in result.videos),
             n=request.n,
             arrived=arrived,
-            vision=_vision_summary(result),
+            vision=_vision_summary(result, request.max_visual_tokens),
             vision_tokens_saved=sum(item.tokens_saved for item in result.items),
             output=features.output,
         )

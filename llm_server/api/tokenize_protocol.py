@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 from llm_server.api.protocol import (
     MESSAGES_CAP,
     TOOLS_CAP,
+    VISUAL_TOKENS_CAP,
     ChatCompletionRequest,
     ChatMessage,
     ToolDefinition,
@@ -71,6 +72,7 @@ class TokenizeChatRequest(BaseModel):
     vir_threshold: float | None = Field(None, ge=0, le=1)
     max_tiles: int | None = Field(None, ge=1)
     num_frames: int | None = Field(None, ge=1)
+    max_visual_tokens: int | None = Field(None, ge=1, le=VISUAL_TOKENS_CAP)
 
     @model_validator(mode="after")
     def _one_open_turn(self) -> TokenizeChatRequest:
@@ -105,6 +107,7 @@ class TokenizeChatRequest(BaseModel):
                 "vir_threshold": self.vir_threshold,
                 "max_tiles": self.max_tiles,
                 "num_frames": self.num_frames,
+                "max_visual_tokens": self.max_visual_tokens,
             }
         )
 

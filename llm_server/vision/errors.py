@@ -41,6 +41,8 @@ _PARAMS: dict[str, str] = {
     Field.MAX_TILES: "max_tiles",
     Field.VIR_MODE: "vir",
     Field.VIR_THRESHOLD: "vir_threshold",
+    Field.MAX_VISUAL_TOKENS: "max_visual_tokens",
+    Field.IMAGE_MAX_VISUAL_TOKENS: "messages",
     Field.NUM_FRAMES: "num_frames",
     Field.IMAGES: "messages",
     Field.IMAGE_MAX_TILES: "messages",

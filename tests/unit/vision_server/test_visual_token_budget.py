@@ -197,3 +197,21 @@ def test_the_choice_is_its_definition(p0: list[list[float]], budget: int):
     for value, at in chosen:
         for other, other_at in left:
             assert value > other or (value == other and at < other_at)
+
+
+def test_the_readme_example():
+    """README's worked example: one 3x1 image (3 tiles and its thumbnail), p0 0.2, 0.9, 0.5,
+    0.7; the rule's cut-off at relative 0.5 is 0.5 + 0.5 x (0.7 - 0.5) = 0.6."""
+    p0 = [torch.tensor([0.2, 0.9, 0.5, 0.7])]
+
+    def used(budget: int, mode: VirMode, absolute: float = 0.0) -> tuple[list[int], int]:
+        (decided,) = route_request(p0, mode, 0.5, absolute, TokenBudget(budget), FULL, SMALL)
+        return [i for i, c in enumerate(decided) if c], tokens([decided])
+
+    assert used(1024, VirMode.OFF) == ([], 1024)
+    assert used(832, VirMode.OFF) == ([1], 832)
+    assert used(831, VirMode.OFF) == ([1, 3], 640)
+    assert used(831, VirMode.AUTO) == ([1, 3], 640)
+    assert used(700, VirMode.AUTO, absolute=0.95) == ([1, 3], 640)
+    with pytest.raises(InvalidRequest, match="minimum of 256 visual tokens"):
+        check_budget(TokenBudget(255), [4], FULL, SMALL, [])
