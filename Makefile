@@ -1,6 +1,7 @@
 # The two set-up commands of the README. Both create .venv on first use and reuse it.
 #   make serve   run both services on the generated tiny model, on CPU
 #   make test    run the whole test suite (what CI runs)
+#   make test-fast  every test that starts no server process (a few minutes)
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.dvd-installed
 EXTRAS ?= cpu,dev
 PACKAGES := checkpoints vision_server llm_server protos clients benchmarks
 
-.PHONY: serve test lint proto clean
+.PHONY: serve test test-fast lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not processes'
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(PACKAGES) tests

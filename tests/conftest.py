@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import ServerProcess, Stack, start_stacks, start_vision_server
+from helpers import (
+    PROCESS_FIXTURES,
+    PROCESSES_MARK,
+    ServerProcess,
+    Stack,
+    process_fixture,
+    start_stacks,
+    start_vision_server,
+)
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
@@ -36,6 +46,34 @@ hypothesis_settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 hypothesis_settings.load_profile("seeded")  # `--hypothesis-profile` overrides it
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a fixture declared with ``process_fixture``."""
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(PROCESSES_MARK)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _marked_while(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _marked_while(item):
+        yield
+
+
+@contextlib.contextmanager
+def _marked_while(item: pytest.Item) -> Iterator[None]:
+    helpers._current_test_marked.append(item.get_closest_marker(PROCESSES_MARK) is not None)
+    try:
+        yield
+    finally:
+        helpers._current_test_marked.pop()
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +107,7 @@ def tiny_flash_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     }
 
 
-@pytest.fixture(scope="session")
+@process_fixture(scope="session")
 def flash_vision(
     tiny_flash_models: dict[str, Path], log_dir: Path
 ) -> Iterator[dict[str, tuple[str, str]]]:
@@ -94,7 +132,7 @@ def flash_vision(
             server.stop()
 
 
-@pytest.fixture(scope="session")
+@process_fixture(scope="session")
 def vision_targets(tiny_models: dict[str, Path], log_dir: Path) -> Iterator[dict[str, str]]:
     """One vision server per layout; yields layout -> 'host:port'."""
     servers: list[ServerProcess] = []
@@ -129,7 +167,7 @@ def oracle(tiny_models: dict[str, Path]):
     return model, processor
 
 
-@pytest.fixture(scope="session")
+@process_fixture(scope="session")
 def stacks(
     tiny_models: dict[str, Path], tiny_flash_models: dict[str, Path], log_dir: Path
 ) -> Iterator[dict[str, Stack]]:

@@ -49,7 +49,7 @@ PY
 
 if [[ " $STEPS " == *" tests "* ]]; then
   step gpu-tests "${TESTS_LIMIT:-300}" "$PY" -m pytest -p no:cacheprovider -m gpu -v \
-    tests/test_gpu_vision.py tests/test_batch_invariance.py
+    tests/oracle/test_gpu_vision.py tests/unit/vision_server/test_batch_invariance.py
 fi
 
 if [[ " $STEPS " == *" vision "* ]]; then

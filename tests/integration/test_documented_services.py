@@ -50,6 +50,7 @@ from helpers import (
     llm_server_argv,
     mixed_frames,
     noise_image,
+    process_fixture,
     same_pixels_other_file,
     start_vision_server,
     video_data_url,
@@ -212,7 +213,7 @@ class EdgeStack:
     model: Path
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def edge(analysis_model: Path, log_dir: Path) -> Iterator[EdgeStack]:
     vision, vision_target = start_vision_server(
         "edge-vision",

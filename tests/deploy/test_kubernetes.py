@@ -43,7 +43,15 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import LLM_TEST_ENV, REPO_ROOT, ServerProcess, data_url, free_port, noise_image
+from helpers import (
+    LLM_TEST_ENV,
+    REPO_ROOT,
+    ServerProcess,
+    data_url,
+    free_port,
+    noise_image,
+    process_fixture,
+)
 from prometheus_client.metrics import MetricWrapperBase
 from safetensors import safe_open
 
@@ -51,7 +59,7 @@ from checkpoints.spec import load_checkpoint_spec
 from checkpoints.weights import safetensors_files
 from llm_server.server import unauthenticated_exposure
 from llm_server.settings import LLMSettings
-from llm_server.vision.grpc_client import DNS_RERESOLUTION_INTERVAL_MS
+from llm_server.vision.channels import DNS_RERESOLUTION_INTERVAL_MS
 from vision_server import metrics as vision_metrics
 from vision_server.invariance import chunk_tiles
 from vision_server.settings import VisionSettings
@@ -553,6 +561,7 @@ def test_the_api_key_is_required(overlay):
     assert unauthenticated_exposure(declared_settings(manifests, "llm", api_key="sk-1")) is None
 
 
+@pytest.mark.processes
 def test_the_language_container_refuses_to_start_without_a_key(tmp_path, log_dir):
     """The CPU variant's language container as declared, with the empty key an empty Secret
     gives: it exits with status 2 and the reason within seconds, on 0.0.0.0 as in its pod,
@@ -1182,8 +1191,8 @@ def grpc_probe(target: str, service: str, timeout: float) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-# Read-only volume mounts, for local processes (tests/read_only_site/sitecustomize.py).
-READ_ONLY_SITE = REPO_ROOT / "tests" / "read_only_site"
+# Read-only volume mounts, for local processes (tests/support/read_only_site/sitecustomize.py).
+READ_ONLY_SITE = REPO_ROOT / "tests" / "support" / "read_only_site"
 READ_ONLY_REFUSAL = "read-only mount: refused"
 
 
@@ -1358,7 +1367,7 @@ class LocalCluster:
 TEST_CONNECTION_AGE_MS = 3_000
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def cpu_cluster(tmp_path_factory, log_dir) -> Iterator[LocalCluster]:
     """The CPU variant, with an operator's overlay that creates the API key's Secret and
     shortens the connection age, running as local processes: one vision pod and one language

@@ -221,6 +221,7 @@ def test_rows_and_decisions_do_not_depend_on_the_load(flash_vision, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.processes
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batch_invariant_on_cuda_in_bfloat16(tiny_flash_models, log_dir):
     """``--batch-invariant on`` with CUDA graphs in bfloat16: the same property, and the same

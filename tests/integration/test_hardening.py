@@ -31,6 +31,7 @@ from helpers import (
     encode_image,
     gradient_image,
     noise_image,
+    process_fixture,
     restart_vision_server,
     start_stacks,
 )
@@ -117,7 +118,7 @@ def image_servers() -> Iterator[int]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def hardened(tiny_models, log_dir) -> Iterator[Stack]:
     running = start_stacks(
         {"hardened": tiny_models["hf"]},

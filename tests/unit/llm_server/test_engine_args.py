@@ -186,7 +186,7 @@ def test_engine_arguments_reach_the_running_engine(tiny_models, tmp_path: Path):
         "--vision-target", "127.0.0.1:1", "--enforce-eager", *REPRESENTATIVE,
     ]  # fmt: skip
     probe = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "engine_config_probe.py"), *argv],
+        [sys.executable, str(REPO_ROOT / "tests" / "support" / "engine_config_probe.py"), *argv],
         capture_output=True,
         text=True,
         timeout=600,

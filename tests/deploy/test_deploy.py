@@ -249,6 +249,7 @@ def _seconds(value: str) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
     compose = load_compose("docker-compose.yml", "docker-compose.cpu.yml", env={})
     vision, llm = compose["services"]["vision"], compose["services"]["llm"]
@@ -327,6 +328,7 @@ def test_cpu_compose_services_run_as_declared(tmp_path, log_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
     """Requests spread over both replicas; when one dies, the other serves without errors."""
     replicas = []

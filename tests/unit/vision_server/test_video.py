@@ -164,7 +164,7 @@ def test_shared_memory_reservations_count_every_frame():
             transport="shared-memory",
             shared_memory_bytes=128 * 1024 * 1024,
         )
-        encoder.info = vision_pb2.ModelInfo(
+        encoder.identity.info = vision_pb2.ModelInfo(
             hidden_size=128,
             dtype=vision_pb2.DTYPE_FLOAT32,
             tokens_per_tile=256,

@@ -39,6 +39,7 @@ from helpers import (
     grey_level_frames,
     mixed_frames,
     noise_image,
+    process_fixture,
     start_vision_server,
 )
 from hostile_media import (
@@ -231,7 +232,11 @@ def test_a_compromised_worker_gets_nothing_past_the_checks(mode):
     nothing at all): its item fails as an invalid image, and the worker is replaced."""
     pool = MediaWorkerPool(pool_config(workers=1, item_timeout_s=2))
     try:
-        pool.command = [sys.executable, str(REPO_ROOT / "tests" / "rogue_media_worker.py"), mode]
+        pool.command = [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "support" / "rogue_media_worker.py"),
+            mode,
+        ]
         first = pool.worker_pids()
         kill_idle_worker(pool)  # the next item meets a rogue worker, started in its place
         with pytest.raises(InvalidImage) as refused:
@@ -248,7 +253,7 @@ def test_a_worker_cannot_shrink_the_block_under_the_server():
     server's reads would fault) fails, and its otherwise valid answer is taken."""
     pool = MediaWorkerPool(pool_config(workers=1))
     try:
-        rogue = [sys.executable, str(REPO_ROOT / "tests" / "rogue_media_worker.py")]
+        rogue = [sys.executable, str(REPO_ROOT / "tests" / "support" / "rogue_media_worker.py")]
         pool.command = [*rogue, "shrink-block"]
         kill_idle_worker(pool)
         prepared = run(pool.prepare_image(SMALL, ONE_TILE), timeout=30)
@@ -514,7 +519,7 @@ VIDEO_BUDGET_S = 3.0
 SERVER_WORKERS = 5  # so that four videos at once leave one worker to images
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def hostile_vision(tiny_models, log_dir) -> Iterator[tuple[ServerProcess, str]]:
     server, target = start_vision_server(
         "media-workers-vision",

@@ -14,8 +14,8 @@ import pytest
 from helpers import encode_image, noise_image
 from PIL import ExifTags, Image, ImageFile
 
-from llm_server.vision import grpc_client
-from llm_server.vision.grpc_client import displayed_size, image_tiles
+from llm_server.vision import grpc_client, shm_sizing
+from llm_server.vision.shm_sizing import displayed_size, image_tiles
 from protos.dvd.v1 import vision_pb2
 from protos.image_formats import IMAGE_FORMATS
 from protos.messages import EncodeCall, EncodeOptions, ImageInput
@@ -71,7 +71,7 @@ def _huge_black_png(width: int, height: int, exif_after_pixels: bytes) -> bytes:
     )
 
 
-# grpc_client silences this warning when it is imported; pytest resets the filters after
+# shm_sizing silences this warning when it is imported; pytest resets the filters after
 # collecting the tests, which drops that.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_huge_png_is_sized_from_its_header(no_decoding: None) -> None:
@@ -133,13 +133,13 @@ def test_reservations_read_headers_off_the_event_loop(monkeypatch: pytest.Monkey
     """All of a request's headers are read in one worker thread, never on the event loop;
     a ``max_tiles`` above the service's limit is counted at the limit."""
     threads: list[threading.Thread] = []
-    count_tiles = grpc_client.count_tiles
+    count_tiles = shm_sizing.count_tiles
 
     def spy(images: list[tuple[bytes, int]], info: vision_pb2.ModelInfo) -> int:
         threads.append(threading.current_thread())
         return count_tiles(images, info)
 
-    monkeypatch.setattr(grpc_client, "count_tiles", spy)
+    monkeypatch.setattr(shm_sizing, "count_tiles", spy)
     images = [ImageInput(b"not an image"), ImageInput(encode_image(noise_image(64, 64, 6)))]
 
     async def reserved() -> int:
@@ -150,7 +150,7 @@ def test_reservations_read_headers_off_the_event_loop(monkeypatch: pytest.Monkey
             transport="shared-memory",
             shared_memory_bytes=64 * 1024 * 1024,
         )
-        encoder.info = vision_pb2.ModelInfo(
+        encoder.identity.info = vision_pb2.ModelInfo(
             hidden_size=128,
             dtype=vision_pb2.DTYPE_FLOAT32,
             tokens_per_tile=256,

@@ -1,4 +1,4 @@
-"""Read-only volume mounts for the local pods of tests/test_kubernetes.py.
+"""Read-only volume mounts for the local pods of tests/deploy/test_kubernetes.py.
 
 A pod can mount a volume read-only while another pod writes the same volume (the vision pods
 read the model cache the language pods fill). Locally both are processes sharing one folder,

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import httpx
 import jsonschema
 import pytest
+from chats import image_part, stream_chunks, wire
 from helpers import gradient_image, noise_image
 from margins import MARGIN_PARAMS, compare_greedy, served_margins
 from pydantic import BaseModel, Field
 from reference import TransformersOracle, to_oracle_messages
-from test_e2e_chat import image_part, wire
 
 pytestmark = pytest.mark.slow
 
@@ -55,19 +55,6 @@ def chat(base_url: str, messages, **params) -> dict[str, Any]:
     reply = post(base_url, messages, **params)
     assert reply.status_code == 200, reply.text
     return reply.json()
-
-
-def stream_chunks(base_url: str, messages, **params) -> list[dict[str, Any]]:
-    body = {"model": MODEL, "messages": wire(messages), "stream": True, **params}
-    chunks = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=180) as reply:
-        assert reply.status_code == 200, reply.read()
-        for line in reply.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[len("data: ") :])
-                assert "error" not in chunk, chunk
-                chunks.append(chunk)
-    return chunks
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A compromised media worker, for tests: it starts like ``vision_server.media_worker`` and
 then answers its first task the way its MODE says, never by decoding anything.
 
-    python tests/rogue_media_worker.py MODE CONFIG_JSON
+    python tests/support/rogue_media_worker.py MODE CONFIG_JSON
 """
 
 from __future__ import annotations

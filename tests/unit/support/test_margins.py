@@ -1,4 +1,4 @@
-"""The margin-aware greedy comparison (tests/margins.py) fails where it should."""
+"""The margin-aware greedy comparison (tests/support/margins.py) fails where it should."""
 
 from __future__ import annotations
 

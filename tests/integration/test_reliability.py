@@ -30,7 +30,15 @@ import grpc
 import httpx
 import pytest
 import torch
-from helpers import Stack, data_url, encode_image, noise_image, scrape_metric, start_stacks
+from helpers import (
+    Stack,
+    data_url,
+    encode_image,
+    noise_image,
+    process_fixture,
+    scrape_metric,
+    start_stacks,
+)
 from prometheus_client import REGISTRY
 
 from llm_server.api.serving import ChatService
@@ -734,7 +742,7 @@ def image_host() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def deployment(tiny_models, log_dir) -> Iterator[Stack]:
     running = start_stacks(
         {"reliability": tiny_models["hf"]},

@@ -25,6 +25,7 @@ from helpers import (
     ServerProcess,
     encode_image,
     noise_image,
+    process_fixture,
     restart_vision_server,
     same_pixels_other_file,
     start_vision_server,
@@ -111,7 +112,7 @@ def _scrape_bytes(base_url: str) -> dict[str, float]:
 # ---- failures and fallbacks -------------------------------------------------------------------
 
 
-@pytest.fixture
+@process_fixture
 def lone_vision(tiny_models, log_dir):
     """A vision server of its own (these tests restart it): the first binds a free port, each
     restart the same one, once the server before it has released it."""

@@ -30,7 +30,7 @@ from helpers import (
     video_data_url,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 START_TIMEOUT_S = 300  # both services up, the engine included, on a loaded 2-core machine
 STOP_TIMEOUT_S = 60  # the launcher gives its services 40 s before it kills them

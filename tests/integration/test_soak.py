@@ -31,6 +31,7 @@ from helpers import (
     Stack,
     data_url,
     noise_image,
+    process_fixture,
     restart_vision_server,
     scrape_metric,
     start_stacks,
@@ -46,7 +47,7 @@ MAX_REQUEST_BYTES = 4_000_000
 VISION_ARGS = ["--max-batch-tiles=8", "--max-image-pixels=20000000"]
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def soaked(tiny_models, log_dir) -> Iterator[Stack]:
     running = start_stacks(
         {"soak": tiny_models["hf"]},

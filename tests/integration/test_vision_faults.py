@@ -33,6 +33,8 @@ from helpers import (
 )
 from PIL import Image
 
+pytestmark = pytest.mark.processes  # every test starts its own faulty server
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -45,7 +47,7 @@ def start_faulty(name: str, model: Path, log_dir: Path, *args: str) -> tuple[Ser
     """The faulty server; its poisoned passes hold while ``hold_file(server)`` says so."""
     argv = [
         sys.executable,
-        str(REPO_ROOT / "tests" / "faulty_vision_server.py"),
+        str(REPO_ROOT / "tests" / "support" / "faulty_vision_server.py"),
         "--model",
         str(model),
         "--port",

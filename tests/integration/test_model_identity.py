@@ -178,7 +178,7 @@ def test_a_vision_service_with_another_checkpoint_is_a_503(caplog):
             finally:
                 await encoder.close()
 
-    with caplog.at_level(logging.ERROR, logger="llm_server.vision.grpc_client"):
+    with caplog.at_level(logging.ERROR, logger="llm_server.vision.model_identity"):
         asyncio.run(scenario())
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # once per checkpoint seen, not once per request
@@ -205,7 +205,7 @@ def test_replicas_that_disagree_are_refused_and_logged_loudly(caplog):
             finally:
                 await encoder.close()
 
-    with caplog.at_level(logging.ERROR, logger="llm_server.vision.grpc_client"):
+    with caplog.at_level(logging.ERROR, logger="llm_server.vision.model_identity"):
         asyncio.run(scenario())
     assert any("VISION REPLICAS DISAGREE" in r.getMessage() for r in caplog.records)
 

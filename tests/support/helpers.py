@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -25,7 +26,7 @@ from llm_server.port_file import read_port_file
 from protos.codec import EmbeddingAssembler
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -37,6 +38,36 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Tests that start server processes are marked `processes` (`make test-fast` deselects them).
+# A fixture that starts one is declared with `process_fixture`, and every test whose fixture
+# closure includes it is marked at collection (tests/conftest.py); a test that starts one
+# itself carries the mark in its module. `ServerProcess` refuses to start inside a test
+# without the mark, so the fast tier can never start a server by accident.
+PROCESS_FIXTURES: set[str] = set()
+PROCESSES_MARK = "processes"
+_current_test_marked: list[bool] = []  # set by conftest around each test's setup and call
+
+
+def process_fixture(*args: Any, **kwargs: Any) -> Any:
+    """``pytest.fixture`` for a fixture that starts server processes (same arguments)."""
+
+    def declare(function: Any) -> Any:
+        PROCESS_FIXTURES.add(kwargs.get("name") or function.__name__)
+        return pytest.fixture(**kwargs)(function)
+
+    if args and callable(args[0]):
+        return declare(args[0])
+    return declare
+
+
+def _check_processes_mark(name: str) -> None:
+    if _current_test_marked and not _current_test_marked[-1]:
+        raise RuntimeError(
+            f"a test without the `{PROCESSES_MARK}` mark started the {name} server: declare "
+            "its fixture with helpers.process_fixture or mark the test module"
+        )
 
 
 class ServerProcess:
@@ -54,6 +85,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         report_ports: bool = False,
     ):
+        _check_processes_mark(name)
         self.name = name
         self.metrics_url: str | None = None
         self.log_path = log_dir / f"{name}.log"

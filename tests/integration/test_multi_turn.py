@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from chats import image_part, wire
 from helpers import noise_image
 from margins import MARGIN_PARAMS, compare_greedy, served_margins
 from reference import TransformersOracle, to_oracle_messages
-from test_e2e_chat import image_part, wire
 
 pytestmark = pytest.mark.slow
 

@@ -255,7 +255,7 @@ def test_a_reservation_fits_the_rows_the_service_will_cut():
     vision service cuts (its own preprocessing is the oracle here, EXIF orientation
     included), instead of ``max_tiles`` plus a thumbnail for every image; an image whose
     header cannot be read gets the most."""
-    from llm_server.vision.grpc_client import image_tiles
+    from llm_server.vision.shm_sizing import image_tiles
     from protos.dvd.v1 import vision_pb2
     from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
 

@@ -18,12 +18,19 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from helpers import Stack, gradient_image, noise_image, start_stacks
+from chats import (
+    CONVERSATIONS,
+    MAX_TOKENS,
+    chat,
+    compare_with_oracle,
+    greedy,
+    image_part,
+    stream_chunks,
+)
+from helpers import Stack, gradient_image, noise_image, process_fixture, start_stacks
 from margins import MARGIN_BOUND
 from reference import OracleAnswer, TransformersOracle, to_oracle_messages
 from safetensors import safe_open
-from test_e2e_chat import CONVERSATIONS, MAX_TOKENS, chat, compare_with_oracle, greedy, image_part
-from test_openai_parity import stream_chunks
 
 from checkpoints import tokenizer as tiny_tokenizer
 from checkpoints.llm_weights import language_model_weight_name
@@ -315,7 +322,7 @@ def test_answers_depend_on_the_architecture(oracles, oracle_answers, llm, change
 # ---- end to end -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def backbone_stacks(backbone_models, log_dir) -> Iterator[dict[tuple[str, str], Stack]]:
     """A vision server and a language server per backbone and layout."""
     names = {f"{llm}-{layout}": path for (llm, layout), path in backbone_models.items()}

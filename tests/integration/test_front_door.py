@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import SERVED_MODEL_NAME, Stack, start_stacks
+from helpers import SERVED_MODEL_NAME, Stack, process_fixture, start_stacks
 from PIL import Image
 
 from llm_server.settings import LLMSettings
@@ -48,7 +48,7 @@ READ_TIMEOUT_S = 3  # the stack's header and body deadlines
 SLOW_STEP = re.compile(r"Executing (.*?) took (\d+\.\d+) seconds")
 
 
-@pytest.fixture(scope="module")
+@process_fixture(scope="module")
 def front_door(tiny_flash_models, log_dir) -> Iterator[Stack]:
     running = start_stacks(
         {"front-door": tiny_flash_models["hf"]},
