@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +48,34 @@ hypothesis_settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 hypothesis_settings.load_profile("seeded")  # `--hypothesis-profile` overrides it
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-hogs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy-loop processes for the whole session (a loaded machine: timing "
+        "assumptions and races show up as failures)",
+    )
+
+
+_cpu_hogs: list[subprocess.Popen[bytes]] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for _ in range(config.getoption("--cpu-hogs", 0) or 0):
+        _cpu_hogs.append(
+            subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for hog in _cpu_hogs:
+        hog.kill()
+        hog.wait()
+    _cpu_hogs.clear()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

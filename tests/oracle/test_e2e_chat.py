@@ -351,11 +351,9 @@ def test_client_disconnect_aborts_the_request(stacks):
             "request still running in the engine after the client left"
         )
         time.sleep(0.1)
+    # Neither running nor waiting: the engine holds nothing that could produce more tokens.
+    assert _metric(base_url, "vllm:num_requests_waiting") == 0
     generated = _metric(base_url, "vllm:generation_tokens_total")
-    time.sleep(1.0)
-    assert (
-        _metric(base_url, "vllm:generation_tokens_total") == generated
-    )  # nothing more is produced
     assert generated - tokens_before < 5000
 
 
@@ -452,16 +450,18 @@ def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models,
     assert stack.vision is not None
     stack.vision.stop()
     messages = CONVERSATIONS["one_image"]
-    started = time.monotonic()
     reply = httpx.post(
         f"{stack.base_url}/v1/chat/completions",
         json={"model": "dvd-tiny-internvl", "messages": wire(messages), "max_tokens": 4},
         timeout=60,
     )
     assert reply.status_code == 503, reply.text
-    assert time.monotonic() - started < 10
     assert "Retry-After" in reply.headers
-    assert reply.json()["error"]["code"] == "vision_unavailable"
+    error = reply.json()["error"]
+    assert error["code"] == "vision_unavailable"
+    # Refused because nothing listens there, not after the vision deadline ("did not answer
+    # in time").
+    assert "vision service is unavailable" in error["message"], error
     assert httpx.get(f"{stack.base_url}/health", timeout=10).json()["vision"] == "unavailable"
     assert greedy(stack.base_url, CONVERSATIONS["text_only"])["choices"][0]["token_ids"]
 
@@ -489,8 +489,19 @@ def test_vision_service_down_gives_503_and_text_still_works(stacks, tiny_models,
 # ---- InternVL3.5-Flash: the Visual Resolution Router through the whole stack -------------
 
 
+def _cache_hits(stack) -> float:
+    """The vision service's embedding-cache hits so far: whether an image was cached depends
+    on what earlier tests sent this session's stack, so the tests compare against the delta."""
+    assert stack.vision is not None and stack.vision.metrics_url
+    for line in httpx.get(stack.vision.metrics_url, timeout=10).text.splitlines():
+        if line.startswith("dvd:vision_embedding_cache_hits_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def test_flash_checkpoint_with_vir_off_equals_transformers(stacks, oracle_answers):
     expected = oracle_answers["one_image"]
+    hits_before = _cache_hits(stacks["flash"])
     reply = chat(
         stacks["flash"].base_url,
         CONVERSATIONS["one_image"],
@@ -504,7 +515,7 @@ def test_flash_checkpoint_with_vir_off_equals_transformers(stacks, oracle_answer
     assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
     assert reply["vision"] == {
         "images": 1,
-        "cached_images": 0,  # the first time this image reaches this vision service
+        "cached_images": _cache_hits(stacks["flash"]) - hits_before,
         "tiles": 11,
         "compressed_tiles": 0,
         "image_tokens": 11 * 256,
@@ -520,7 +531,9 @@ def test_flash_router_reports_the_real_image_tokens(stacks):
     messages = [
         {"role": "user", "content": [image_part(image), {"type": "text", "text": "What is this?"}]}
     ]
+    hits_before = _cache_hits(stack)
     reply = chat(stack.base_url, messages, temperature=0, max_tokens=4)  # vir defaults to auto
+    cached = _cache_hits(stack) - hits_before
     (sent,) = encode_over_grpc(
         stack.vision_target, [encode_image(image)], vir_mode=vision_pb2.VIR_MODE_AUTO
     )
@@ -532,7 +545,7 @@ def test_flash_router_reports_the_real_image_tokens(stacks):
     )
     assert reply["vision"] == {
         "images": 1,
-        "cached_images": 0,
+        "cached_images": cached,
         "tiles": len(tokens),
         "compressed_tiles": compressed,
         "image_tokens": sum(tokens),
