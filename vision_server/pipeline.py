@@ -140,6 +140,12 @@ class VisionPipeline:
             )
         return dataclasses.replace(options, max_tiles=max_tiles)
 
+    def image_tiling(self, call: EncodeCall) -> list[TilingOptions]:
+        """How each image of ``call`` is tiled, validated as ``encode`` validates it (the
+        threshold calibration cuts images with exactly these)."""
+        options = self._tiling_options(call)
+        return [self._image_options(options, image.max_tiles) for image in call.images]
+
     def _num_frames(self, video: VideoInput) -> int:
         num_frames = video.num_frames or self.default_num_frames
         limit = self.settings.max_num_frames
