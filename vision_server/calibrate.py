@@ -31,9 +31,9 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
-from protos.messages import EncodeCall, EncodeOptions, ImageInput, RowSelection
+from protos.messages import EncodeCall, EncodeOptions, ImageInput, RowSelection, too_many
 from protos.options import VirMode
-from vision_server.errors import VisionError
+from vision_server.errors import TooManyImages, VisionError
 from vision_server.pipeline import VisionPipeline
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import resolve_mode, thresholds
@@ -213,8 +213,13 @@ def image_source(url: str, label: str, base: Path, max_tiles: int | None) -> Ima
 async def request_scores(
     pipeline: VisionPipeline, request: CalibrationRequest, request_id: str
 ) -> RequestScores:
-    """p0 of every tile of ``request``, cut and encoded as the service does."""
-    max_bytes = pipeline.settings.max_image_bytes
+    """p0 of every tile of ``request``, cut and encoded as the service does; a request over
+    the service's limits (images, tiles) is refused as the service refuses it."""
+    settings = pipeline.settings
+    if len(request.images) > settings.max_images_per_request:
+        count, limit = len(request.images), settings.max_images_per_request
+        raise TooManyImages(too_many("images", count, limit))
+    max_bytes = settings.max_image_bytes
     call = EncodeCall(
         images=[ImageInput(image.read(max_bytes), image.max_tiles) for image in request.images],
         options=EncodeOptions(max_tiles=request.max_tiles, vir=request.vir),
@@ -229,6 +234,12 @@ async def request_scores(
             for image, options in zip(call.images, tiling, strict=True)
         )
     )
+    tiles = sum(_whole(image).num_tiles for image in prepared)
+    if tiles > settings.max_tiles_per_request:
+        raise TooManyImages(
+            f"the images of this request make {tiles} tiles; the limit is "
+            f"{settings.max_tiles_per_request}"
+        )
     encoded = await asyncio.gather(
         *(
             engine.batcher.submit(_whole(image).tiles, RowSelection.ROUTED, request_id)

@@ -10,6 +10,7 @@ service while the next looser one does not.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -60,9 +61,10 @@ def generated_images(count: int) -> list[Image.Image]:
 
 
 def run_calibrate(
-    model: Path, inputs: Path, *args: str
+    model: Path, inputs: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess, float]:
-    """The command as a user runs it; its result and wall time."""
+    """The command as a user runs it (``env``: variables added to this one's); its result
+    and wall time."""
     argv = [sys.executable, "-m", "vision_server.calibrate", str(inputs), "--model", str(model)]
     started = time.perf_counter()
     done = subprocess.run(
@@ -72,6 +74,7 @@ def run_calibrate(
         text=True,
         timeout=600,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     return done, time.perf_counter() - started
 
