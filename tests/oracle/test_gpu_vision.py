@@ -103,8 +103,8 @@ def test_bf16_embeddings_match_transformers_in_bf16(tiny_models, size):
 def test_async_data_path_equals_a_plain_forward(tiny_flash_models):
     """Pinned staging, the copy-in/compute/copy-out streams and the row selection give what a
     plain synchronous forward of the same tiles gives, bit for bit."""
+    from protos.messages import RowSelection
     from vision_server.batching import PassSlice
-    from vision_server.engine import RowSelection
     from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
 
     pipeline = gpu_pipeline(tiny_flash_models["hf"])
@@ -123,7 +123,7 @@ def test_async_data_path_equals_a_plain_forward(tiny_flash_models):
         assert engine.cuda_graphs  # the service's default on CUDA
         with torch.inference_mode():
             tiles = torch.cat([image.tiles for image in images]).to("cuda")
-            plain = engine._graphs(tiles)  # the same graph replay, on the default stream
+            plain = engine.data_path.graphs(tiles)  # the same graph replay, on the default stream
         torch.cuda.synchronize()
     finally:
         pipeline.close()
@@ -153,7 +153,7 @@ def test_cuda_graphs_give_the_eager_forward(tiny_flash_models):
 
     pipeline = gpu_pipeline(tiny_flash_models["hf"], max_batch_tiles=16)
     engine = pipeline.engine
-    graphs = engine._graphs
+    graphs = engine.data_path.graphs
     assert graphs is not None and graphs.batch_sizes == graph_batch_sizes(16)
     assert graphs.batch_sizes == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16]
     size = pipeline.spec.vision.image_size
@@ -163,7 +163,7 @@ def test_cuda_graphs_give_the_eager_forward(tiny_flash_models):
             for count in (1, 3, 5, 9, 16, 20):
                 tiles = torch.randint(0, 256, (count, 3, size, size), generator=generator)
                 tiles = tiles.to(torch.uint8).to("cuda")
-                graphed, eager = graphs(tiles), engine._eager_forward(tiles)
+                graphed, eager = graphs(tiles), engine.data_path.eager_forward(tiles)
                 for got, expected in (
                     (graphed.full, eager.full),
                     (graphed.compressed, eager.compressed),

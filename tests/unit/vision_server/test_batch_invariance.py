@@ -22,9 +22,11 @@ from helpers import encode_image, encode_over_grpc, same_pixels_other_file, star
 from PIL import Image
 
 from protos.dvd.v1 import vision_pb2
+from protos.messages import RowSelection
 from vision_server.batching import PassSlice
 from vision_server.cuda_graphs import graph_batch_sizes
-from vision_server.engine import EncoderEngine, RowSelection, SliceOutput
+from vision_server.data_path import SliceOutput
+from vision_server.engine import EncoderEngine
 from vision_server.invariance import CPU_CHUNK_TILES, CUDA_CHUNK_TILES, chunk_tiles, chunked
 
 
