@@ -35,6 +35,9 @@ from PIL import Image
 from checkpoints.tiny import TINY_FLASH_ABSOLUTE_THRESHOLD
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 
+# Every test runs the tool, which starts the vision pipeline's media worker processes.
+pytestmark = pytest.mark.processes
+
 THRESHOLDS = [0.3, 0.45, 0.6]
 TARGET_SAVING = 0.2
 
