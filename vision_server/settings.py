@@ -175,8 +175,8 @@ class VisionSettings(CheckpointSettings):
         1024,
         ge=0,
         description="memory for the embedding cache: the rows sent for recent images, keyed "
-        "by content, tiling, router mode and checkpoint, served again without encoding "
-        "(least recently used first out; 0: off)",
+        "by content, tiling, router mode, visual-token budget and checkpoint, served again "
+        "without encoding (least recently used first out; 0: off)",
     )
     max_message_bytes: int = Field(
         128 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC request accepted"
