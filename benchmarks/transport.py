@@ -7,7 +7,7 @@ language service, by transport (gRPC stream, same-host shared memory), size and 
 Stand-in vision servers (their own processes) answer every Encode call with a pre-computed
 embedding tensor of the size asked for, through the vision service's own delivery code
 (``vision_server.service.image_messages``); client processes receive them with the language
-service's ``GrpcImageEncoder``. No model runs, so the numbers are the transport's alone.
+service's ``GrpcVisualEncoder``. No model runs, so the numbers are the transport's alone.
 
 Per configuration it reports the aggregate GB/s over all concurrent calls, the GB/s of one
 call, the latency of a call (p50/p99), and a plain memory copy of the same size for scale.
@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 import torch
 
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos import shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
 from protos.messages import EncodeCall, ImageInput
@@ -119,7 +119,7 @@ async def _client(
 ) -> dict[str, Any]:
     """``streams`` concurrent callers, ``calls`` calls each; per-call seconds and wall time.
     ``reserve_bytes``: the shared memory one call reserves (the stand-in's largest image)."""
-    encoder = GrpcImageEncoder(
+    encoder = GrpcVisualEncoder(
         target,
         timeout_s=120,
         expected_hidden_size=HIDDEN,

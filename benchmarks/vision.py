@@ -55,7 +55,7 @@ from benchmarks.stand_in import StandInDevice
 from checkpoints.spec import CheckpointSpec, load_checkpoint_spec
 from checkpoints.tiny import PRESETS, write_tiny_checkpoint
 from llm_server.port_file import read_port_file
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
 from protos.tiling import plan_tiles
@@ -468,7 +468,7 @@ async def measure_served(
     shared_memory_bytes: int,
 ) -> dict[str, Any]:
     """``requests`` Encode calls, ``concurrency`` at a time, after one warm-up round."""
-    client = GrpcImageEncoder(
+    client = GrpcVisualEncoder(
         target,
         timeout_s=900,
         expected_hidden_size=hidden_size,

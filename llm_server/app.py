@@ -25,16 +25,16 @@ from llm_server.api.middleware import (
 )
 from llm_server.api.response_store import ResponseStore
 from llm_server.api.responses import ResponsesService
-from llm_server.api.router import install_error_handlers, ops_router, router
+from llm_server.api.routes import install_error_handlers, ops_router, router
 from llm_server.api.serving import ChatService
 from llm_server.engine.language_model import LanguageEngine
 from llm_server.executor import default_executor_workers, install_default_executor
-from llm_server.images import ImageFetchPolicy, ImageLoader
+from llm_server.images import ImageFetchPolicy, MediaLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
-from llm_server.vision.base import ImageEncoder
-from llm_server.vision.grpc_client import GrpcImageEncoder
-from llm_server.vision.inprocess import InProcessImageEncoder, shares_llm_gpu
+from llm_server.vision.base import VisualEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
+from llm_server.vision.inprocess import InProcessVisualEncoder, shares_llm_gpu
 
 logger = logging.getLogger("llm_server")
 
@@ -62,7 +62,7 @@ async def build_chat_service(
     model_name = settings.served_model_name or model_id
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = PromptBuilder(tokenizer, spec.image_tokens)
-    encoder: ImageEncoder | None = None
+    encoder: VisualEncoder | None = None
     encoder_max_tiles: Callable[[], int | None] | None = None
     utilization = settings.gpu_memory_utilization
     llm_gpus = (
@@ -72,7 +72,7 @@ async def build_chat_service(
     )
     if settings.vision == "inprocess" and shares_llm_gpu(settings.vision_device, llm_gpus):
         # The ViT first, at its peak, so that vLLM sizes its KV cache around it.
-        coupled = await InProcessImageEncoder.start(
+        coupled = await InProcessVisualEncoder.start(
             path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
         )
         utilization = coupled.gpu_share(path, utilization).llm_utilization()
@@ -87,14 +87,14 @@ async def build_chat_service(
     )
     if encoder is None and settings.vision == "inprocess":
         # After vLLM on CPU: its engine process is forked before this process runs OpenMP.
-        local = await InProcessImageEncoder.start(
+        local = await InProcessVisualEncoder.start(
             path, cache_dir, settings.vision_device, settings.vision_max_batch_tiles
         )
         encoder, encoder_max_tiles = local, lambda: local.max_tiles_limit
     elif encoder is None:
         digest = await asyncio.to_thread(checkpoint_digest, path)
         logger.info("checkpoint %s: the vision service must serve the same", short_digest(digest))
-        remote = GrpcImageEncoder(
+        remote = GrpcVisualEncoder(
             settings.vision_target,
             timeout_s=settings.vision_timeout_s,
             expected_hidden_size=engine.hidden_size,
@@ -105,7 +105,7 @@ async def build_chat_service(
         )
         remote.start()
         encoder, encoder_max_tiles = remote, lambda: reported_max_tiles(remote)
-    images = ImageLoader(
+    images = MediaLoader(
         ImageFetchPolicy(
             max_bytes=settings.max_image_bytes,
             allowed_hosts=frozenset(settings.allowed_image_hosts),
@@ -131,7 +131,7 @@ async def build_chat_service(
     )
 
 
-def reported_max_tiles(remote: GrpcImageEncoder) -> int | None:
+def reported_max_tiles(remote: GrpcVisualEncoder) -> int | None:
     """The vision service's per-image tile limit, from its ModelInfo; None before it has
     answered (or when it does not say: 0 on the wire)."""
     return (remote.info.max_tiles_limit or None) if remote.info is not None else None

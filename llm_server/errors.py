@@ -52,7 +52,7 @@ class InvalidVideo(BadRequest):
     code = "invalid_video"
 
 
-class TooManyImages(BadRequest):
+class TooManyItems(BadRequest):
     code = "too_many_images"
 
 

@@ -250,7 +250,7 @@ async def _read_capped(
     return b"".join(chunks)
 
 
-class ImageLoader:
+class MediaLoader:
     """Resolves ``image_url`` and ``video_url`` values to bytes for one server (shares one
     HTTP client). Videos follow the images' policy, with their own size limit."""
 

@@ -71,7 +71,8 @@ class ExpandedPrompt:
     image_spans: list[tuple[int, int]]  # [start, end) of each image's rows
 
     @property
-    def num_image_tokens(self) -> int:
+    def num_visual_tokens(self) -> int:
+        # Images' and video frames' rows alike: every span is one image's or one frame's.
         return sum(end - start for start, end in self.image_spans)
 
 

@@ -33,7 +33,7 @@ import torch
 
 from protos.messages import EncodeCall, EncodeOptions, ImageInput, RowSelection, too_many
 from protos.options import VirMode
-from vision_server.errors import TooManyImages, VisionError
+from vision_server.errors import TooManyItems, VisionError
 from vision_server.pipeline import VisionPipeline
 from vision_server.preprocess import PreparedImage
 from vision_server.routing import resolve_mode, thresholds
@@ -218,7 +218,7 @@ async def request_scores(
     settings = pipeline.settings
     if len(request.images) > settings.max_images_per_request:
         count, limit = len(request.images), settings.max_images_per_request
-        raise TooManyImages(too_many("images", count, limit))
+        raise TooManyItems(too_many("images", count, limit))
     max_bytes = settings.max_image_bytes
     call = EncodeCall(
         images=[ImageInput(image.read(max_bytes), image.max_tiles) for image in request.images],
@@ -236,7 +236,7 @@ async def request_scores(
     )
     tiles = sum(_whole(image).num_tiles for image in prepared)
     if tiles > settings.max_tiles_per_request:
-        raise TooManyImages(
+        raise TooManyItems(
             f"the images of this request make {tiles} tiles; the limit is "
             f"{settings.max_tiles_per_request}"
         )

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EncodedImage:
+class EncodedItem:
     embeddings: torch.Tensor  # [num_visual_tokens, llm_hidden], on the host, engine dtype
     tokens_per_tile: list[int]
     grid: TileGrid
@@ -217,7 +217,7 @@ class EncoderEngine:
         vir_mode: VirMode = VirMode.AUTO,
         absolute_threshold: float | None = None,
         budget: TokenBudget | None = None,
-    ) -> AsyncGenerator[EncodedImage, None]:
+    ) -> AsyncGenerator[EncodedItem, None]:
         """Embeddings of one request's images, in order: each tile's 256 rows, or 64 where
         routed. Under ``vir`` auto the router decides over all tiles of the request, so the
         first image comes once every image is encoded; otherwise each as soon as it is done.
@@ -293,8 +293,8 @@ class EncoderEngine:
         compress: list[bool],
         stats: BatchStats,
         applied: VirMode | None,
-    ) -> EncodedImage:
+    ) -> EncodedItem:
         full, small = self.spec.tokens_per_tile, self.spec.compressed_tokens_per_tile
         tokens = [small if squeeze else full for squeeze in compress]
         metrics.observe_routing(tokens, full, small)
-        return EncodedImage(embeddings, tokens, image.grid, stats, applied)
+        return EncodedItem(embeddings, tokens, image.grid, stats, applied)

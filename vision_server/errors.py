@@ -51,7 +51,7 @@ class InvalidVideo(InvalidRequest):
     default_field = Field.VIDEOS
 
 
-class TooManyImages(InvalidRequest):
+class TooManyItems(InvalidRequest):
     """More images, or more tiles, in one request than the service allows."""
 
     code = ErrorCode.TOO_MANY_IMAGES

@@ -36,8 +36,8 @@ from protos.tiling import TilingOptions, most_tiles
 from vision_server import metrics
 from vision_server.batching import BatchStats
 from vision_server.embedding_cache import CachedImage, EmbeddingCache, Lookup, request_keys
-from vision_server.engine import EncodedImage, EncoderEngine, TileParts
-from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyImages
+from vision_server.engine import EncodedItem, EncoderEngine, TileParts
+from vision_server.errors import InvalidImage, InvalidRequest, InvalidVideo, TooManyItems
 from vision_server.media_workers import MediaWorkerConfig, MediaWorkerPool, default_workers
 from vision_server.preprocess import ImageLimits, PreparedImage
 from vision_server.routing import (
@@ -161,13 +161,13 @@ class VisionPipeline:
         settings = self.settings
         if len(call.images) > settings.max_images_per_request:
             message = too_many("images", len(call.images), settings.max_images_per_request)
-            raise TooManyImages(message, field=Field.IMAGES)
+            raise TooManyItems(message, field=Field.IMAGES)
         if len(call.videos) > settings.max_videos_per_request:
             message = too_many("videos", len(call.videos), settings.max_videos_per_request)
-            raise TooManyImages(message, field=Field.VIDEOS)
+            raise TooManyItems(message, field=Field.VIDEOS)
         frames = [self._num_frames(video) for video in call.videos]
         if sum(frames) > settings.max_tiles_per_request:  # known before decoding anything
-            raise TooManyImages(
+            raise TooManyItems(
                 f"the videos of this request make {sum(frames)} frames; the limit is "
                 f"{settings.max_tiles_per_request} tiles (lower num_frames)",
                 field=Field.VIDEOS,
@@ -254,7 +254,7 @@ class VisionPipeline:
         )
         tiles += sum(video.num_frames for video in videos)
         if tiles > self.settings.max_tiles_per_request:
-            raise TooManyImages(
+            raise TooManyItems(
                 f"the images and video frames of this request make {tiles} tiles; the limit is "
                 f"{self.settings.max_tiles_per_request} (lower max_tiles or num_frames, or send "
                 "fewer images or videos)",
@@ -394,7 +394,7 @@ class VisionPipeline:
                 lookup.release()
             _discard_parts(prepared.values())
 
-    def _item(self, encoded: EncodedImage, frames: VideoFrames | None = None) -> VisualEmbedding:
+    def _item(self, encoded: EncodedItem, frames: VideoFrames | None = None) -> VisualEmbedding:
         """The contract's form of an encoded image or video (``frames``), with its metrics."""
         if frames is None:
             metrics.images.inc()
@@ -412,12 +412,12 @@ class VisionPipeline:
             encode_ms=encoded.stats.encode_ms,
         )
 
-    def _from_cache(self, cached: CachedImage) -> EncodedImage:
+    def _from_cache(self, cached: CachedImage) -> EncodedItem:
         spec = self.spec
         metrics.observe_routing(
             cached.tokens_per_tile, spec.tokens_per_tile, spec.compressed_tokens_per_tile
         )
-        return EncodedImage(
+        return EncodedItem(
             embeddings=cached.embeddings,
             tokens_per_tile=list(cached.tokens_per_tile),
             grid=cached.grid,
@@ -427,7 +427,7 @@ class VisionPipeline:
         )
 
 
-async def _nothing() -> AsyncGenerator[EncodedImage, None]:
+async def _nothing() -> AsyncGenerator[EncodedItem, None]:
     """The engine's stream when every image is a cache hit and there is no video."""
     return
     yield
@@ -456,7 +456,7 @@ def _discard_parts(images: Iterable[PreparedImage | TileParts | PreparedVideo]) 
                 part.exception()
 
 
-def _cached(encoded: EncodedImage) -> CachedImage:
+def _cached(encoded: EncodedItem) -> CachedImage:
     return CachedImage(
         embeddings=encoded.embeddings,
         tokens_per_tile=tuple(encoded.tokens_per_tile),

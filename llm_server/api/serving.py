@@ -48,9 +48,9 @@ from llm_server.errors import (
     ContextLengthExceeded,
     EngineUnavailable,
     ModelNotFound,
-    TooManyImages,
+    TooManyItems,
 )
-from llm_server.images import ImageLoader
+from llm_server.images import MediaLoader
 from llm_server.prompt import (
     ExpandedPrompt,
     PromptBuilder,
@@ -59,7 +59,7 @@ from llm_server.prompt import (
     expand_prompt,
 )
 from llm_server.settings import LLMSettings
-from llm_server.vision.base import ImageEncoder
+from llm_server.vision.base import VisualEncoder
 from protos.messages import (
     EncodeCall,
     EncodeOptions,
@@ -180,9 +180,9 @@ class ChatService:
     def __init__(
         self,
         engine: LanguageEngine,
-        encoder: ImageEncoder,
+        encoder: VisualEncoder,
         prompts: PromptBuilder,
-        images: ImageLoader,
+        images: MediaLoader,
         settings: LLMSettings,
         default_num_frames: int | None = None,
         encoder_max_tiles: Callable[[], int | None] | None = None,
@@ -249,11 +249,11 @@ class ChatService:
         settings = self.settings
         if num_images > settings.max_images_per_request:
             message = too_many("images", num_images, settings.max_images_per_request)
-            raise TooManyImages(message, param="messages")
+            raise TooManyItems(message, param="messages")
         num_videos = len(parts) - num_images
         if num_videos > settings.max_videos_per_request:
             message = too_many("videos", num_videos, settings.max_videos_per_request)
-            raise TooManyImages(message, param="messages")
+            raise TooManyItems(message, param="messages")
         num_frames = self.num_frames(request)
         if num_videos and num_frames > settings.max_num_frames:
             message = over_limit(

@@ -1,6 +1,6 @@
 """The one interface the language service uses to turn images and videos into embedding rows.
 
-Two implementations: ``GrpcImageEncoder`` (DvD: a remote vision service) and, for the
+Two implementations: ``GrpcVisualEncoder`` (DvD: a remote vision service) and, for the
 coupled baseline, an in-process encoder. The rest of the language service does not know which.
 Both speak the vision contract's Python form (``protos.messages``): an ``EncodeCall`` in, an
 ``EncodeResult`` out.
@@ -23,14 +23,14 @@ __all__ = [
     "EncodeCall",
     "EncodeOptions",
     "EncodeResult",
-    "ImageEncoder",
+    "VisualEncoder",
     "ImageInput",
     "VideoInput",
     "VisualEmbedding",
 ]
 
 
-class ImageEncoder(Protocol):
+class VisualEncoder(Protocol):
     async def encode(self, call: EncodeCall) -> EncodeResult:
         """The embeddings of the call's images and of its videos (one item per video, all
         its frames); raises ``llm_server.errors.APIError`` types. All tiles of the call,

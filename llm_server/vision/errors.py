@@ -23,7 +23,7 @@ from llm_server.errors import (
     InvalidVideo,
     Overloaded,
     RequestTooLarge,
-    TooManyImages,
+    TooManyItems,
     VisionBadResponse,
     VisionUnavailable,
 )
@@ -69,7 +69,7 @@ _API_ERRORS: dict[ErrorCode, Callable[[str, str | None], APIError]] = {
     ErrorCode.INVALID_REQUEST: lambda message, param: BadRequest(message, param=param),
     ErrorCode.INVALID_IMAGE: lambda message, param: InvalidImage(message, param=param),
     ErrorCode.INVALID_VIDEO: lambda message, param: InvalidVideo(message, param=param),
-    ErrorCode.TOO_MANY_IMAGES: lambda message, param: TooManyImages(message, param=param),
+    ErrorCode.TOO_MANY_IMAGES: lambda message, param: TooManyItems(message, param=param),
     ErrorCode.OVERLOADED: lambda message, _: _overloaded(message),
     ErrorCode.OUT_OF_MEMORY: lambda message, _: _overloaded(message),
     ErrorCode.UNAVAILABLE: lambda message, _: _unavailable(message),

@@ -37,7 +37,7 @@ from protos.messages import EncodeCall, EncodeResult
 logger = logging.getLogger(__name__)
 
 
-class GrpcImageEncoder:
+class GrpcVisualEncoder:
     """Calls ``dvd.v1.VisionService/Encode`` and reassembles the streamed embeddings."""
 
     def __init__(

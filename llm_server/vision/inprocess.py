@@ -118,8 +118,8 @@ def _hold_peak_memory(pipeline: VisionPipeline, max_batch_tiles: int) -> int:
     return int(torch.cuda.memory_reserved(device))
 
 
-class InProcessImageEncoder:
-    """``ImageEncoder`` that runs the vision pipeline in this process."""
+class InProcessVisualEncoder:
+    """``VisualEncoder`` that runs the vision pipeline in this process."""
 
     def __init__(self, pipeline: VisionPipeline, gpu_bytes: int | None = None) -> None:
         self.pipeline = pipeline
@@ -128,7 +128,7 @@ class InProcessImageEncoder:
     @classmethod
     async def start(
         cls, checkpoint: Path, cache_dir: Path, device: str, max_batch_tiles: int
-    ) -> InProcessImageEncoder:
+    ) -> InProcessVisualEncoder:
         """Load the checkpoint's vision half on ``device`` and start its tile batcher. On
         CUDA, one batch of ``max_batch_tiles`` runs first, to hold and measure its memory."""
         from vision_server.server import build_pipeline

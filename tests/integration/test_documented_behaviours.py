@@ -94,7 +94,7 @@ def test_detail_low_is_one_tile_and_transformers_answer(stacks, transformers_ora
     assert low["usage"]["prompt_tokens_details"]["image_tokens"] == 256
     # transformers' image processor without cropping: one bicubic resize to 448x448.
     expected = transformers_oracle.generate(ORACLE_IMAGE_CHAT, [IMAGE], 16, crop_to_patches=False)
-    assert expected.num_image_tokens == 256
+    assert expected.num_visual_tokens == 256
     choice = low["choices"][0]
     compare_greedy(
         choice["token_ids"],
@@ -119,7 +119,7 @@ def test_max_tiles_changes_tiles_and_answer_as_in_transformers(stacks, transform
     assert capped["usage"]["prompt_tokens_details"]["image_tokens"] == 3 * 256
     assert capped["choices"][0]["token_ids"] != default["choices"][0]["token_ids"]
     expected = transformers_oracle.generate(ORACLE_IMAGE_CHAT, [IMAGE], 16, max_patches=2)
-    assert expected.num_image_tokens == 3 * 256
+    assert expected.num_visual_tokens == 3 * 256
     choice = capped["choices"][0]
     compare_greedy(
         choice["token_ids"],

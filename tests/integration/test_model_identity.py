@@ -21,7 +21,7 @@ from helpers import encode_image, noise_image, wait_port_released
 
 from checkpoints.identity import SAMPLE_BYTES, SAMPLES_PER_FILE, checkpoint_digest
 from llm_server.errors import VisionModelMismatch
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos.dvd.v1 import vision_pb2
 from protos.messages import EncodeCall, ImageInput
 
@@ -149,8 +149,8 @@ class StandIn:
         return f"127.0.0.1:{self.port}"
 
 
-def client(target: str, expected: str = GOOD) -> GrpcImageEncoder:
-    return GrpcImageEncoder(
+def client(target: str, expected: str = GOOD) -> GrpcVisualEncoder:
+    return GrpcVisualEncoder(
         target,
         timeout_s=10,
         expected_hidden_size=HIDDEN,
@@ -159,7 +159,7 @@ def client(target: str, expected: str = GOOD) -> GrpcImageEncoder:
     )
 
 
-async def encode(encoder: GrpcImageEncoder) -> Any:
+async def encode(encoder: GrpcVisualEncoder) -> Any:
     return (await encoder.encode(EncodeCall([ImageInput(b"png")], request_id="identity"))).images
 
 

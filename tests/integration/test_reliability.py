@@ -53,10 +53,10 @@ from llm_server.errors import (
     VisionBadResponse,
     VisionUnavailable,
 )
-from llm_server.images import ImageFetchPolicy, ImageLoader
+from llm_server.images import ImageFetchPolicy, MediaLoader
 from llm_server.prompt import PromptBuilder
 from llm_server.settings import LLMSettings
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from llm_server.vision.inprocess import (
     GpuShare,
     InsufficientGpuMemory,
@@ -149,7 +149,7 @@ def serving_app(prompts: PromptBuilder, engine: Any, encoder: Any = None, limit:
     """The real FastAPI app and ChatService, around a scripted engine (no lifespan: nothing
     else is started). Images may come from ``localhost``."""
     settings = LLMSettings(max_concurrent_requests=limit, max_request_bytes=10_000_000)  # type: ignore[call-arg]
-    images = ImageLoader(
+    images = MediaLoader(
         ImageFetchPolicy(
             max_bytes=5_000_000,
             allowed_hosts=frozenset({"localhost"}),
@@ -478,7 +478,7 @@ def header_frame(hidden: int = HIDDEN, tokens: int = 4) -> bytes:
 
 
 def encode_once(vision: StandInVision, image: bytes = b"png", timeout_s: float = 20) -> Any:
-    encoder = GrpcImageEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
+    encoder = GrpcVisualEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
     return encoder, encoder.encode(EncodeCall([ImageInput(image)], request_id="req-1"))
 
 
@@ -573,7 +573,7 @@ def test_a_hung_vision_service_costs_one_timeout_even_on_the_first_call():
 
     async def failed_calls(vision: StandInVision, count: int) -> float:
         """``count`` concurrent first calls on a fresh client; how long until all failed."""
-        encoder = GrpcImageEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
+        encoder = GrpcVisualEncoder(vision.target, timeout_s=timeout_s, expected_hidden_size=HIDDEN)
         started = time.monotonic()
         calls = [
             encoder.encode(EncodeCall([ImageInput(b"png")], request_id=f"r{i}"))
@@ -635,7 +635,7 @@ def test_malformed_vision_stream_is_a_502_through_the_api(prompts):
 
     async def scenario() -> None:
         async with StandInVision(behaviour) as vision:
-            encoder = GrpcImageEncoder(vision.target, timeout_s=20, expected_hidden_size=HIDDEN)
+            encoder = GrpcVisualEncoder(vision.target, timeout_s=20, expected_hidden_size=HIDDEN)
             engine = ScriptedEngine(FULL_SCRIPT)
             app = serving_app(prompts, engine, encoder=encoder)
             url = "data:image/png;base64," + base64.b64encode(b"\x89PNG....").decode()

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from llm_server.vision.arena import EmbeddingArena
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos import codec, shm
 from protos.dvd.v1 import vision_pb2
 from protos.messages import EncodeCall, ImageInput
@@ -484,8 +484,8 @@ def _no_probe_left(vision: StandInVision) -> bool:
     return bool(vision.probes) and not any((shm.SHM_DIR / p).exists() for p in vision.probes)
 
 
-async def _encode_twice(vision: StandInVision) -> tuple[GrpcImageEncoder, list[torch.Tensor]]:
-    encoder = GrpcImageEncoder(
+async def _encode_twice(vision: StandInVision) -> tuple[GrpcVisualEncoder, list[torch.Tensor]]:
+    encoder = GrpcVisualEncoder(
         vision.target, timeout_s=WAIT_S, expected_hidden_size=HIDDEN, shared_memory_bytes=4 << 20
     )
     image = [ImageInput(b"not decoded by the stand-in")]
@@ -540,7 +540,7 @@ def test_a_vision_service_on_this_host_proves_it_and_gets_shared_memory():
 def test_grpc_transport_never_probes():
     async def run() -> None:
         async with StandInVision(shm.SegmentWriter()) as vision:
-            encoder = GrpcImageEncoder(
+            encoder = GrpcVisualEncoder(
                 vision.target, timeout_s=WAIT_S, expected_hidden_size=HIDDEN, transport="grpc"
             )
             try:

@@ -34,7 +34,7 @@ from helpers import (
 from llm_server import metrics
 from llm_server.errors import VisionUnavailable
 from llm_server.vision.arena import EmbeddingArena
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos import shm
 from protos.messages import EncodeCall, EncodeOptions, ImageInput
 
@@ -47,8 +47,8 @@ IMAGES = [
 ]
 
 
-def _encoder(target: str, transport: str) -> GrpcImageEncoder:
-    return GrpcImageEncoder(
+def _encoder(target: str, transport: str) -> GrpcVisualEncoder:
+    return GrpcVisualEncoder(
         target,
         timeout_s=60,
         expected_hidden_size=128,
@@ -241,7 +241,7 @@ def test_vision_restart_while_ranges_are_held(lone_vision):
 _RECEIVER = """
 import asyncio, io, sys, uuid
 from PIL import Image, PngImagePlugin
-from llm_server.vision.grpc_client import GrpcImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
 from protos.messages import EncodeCall, ImageInput
 
 def fresh(data, tag):  # another file of the same picture: never an embedding-cache hit
@@ -252,7 +252,7 @@ def fresh(data, tag):  # another file of the same picture: never an embedding-ca
     return out.getvalue()
 
 async def main():
-    encoder = GrpcImageEncoder(sys.argv[1], timeout_s=60, expected_hidden_size=128,
+    encoder = GrpcVisualEncoder(sys.argv[1], timeout_s=60, expected_hidden_size=128,
                                transport="shared-memory", shared_memory_bytes=64 << 20)
     data, run = open(sys.argv[2], "rb").read(), uuid.uuid4().hex
     print(encoder.arena.segment.name, flush=True)

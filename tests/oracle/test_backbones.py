@@ -408,7 +408,7 @@ def test_greedy_answer_equals_transformers(
         assert expected.text.startswith("final")
         assert not choice["message"]["content"].startswith("final")
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
-    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_visual_tokens
 
 
 @pytest.mark.slow

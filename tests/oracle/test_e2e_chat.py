@@ -64,7 +64,7 @@ def test_greedy_answer_equals_transformers(stacks, oracle_answers, layout, conve
         assert choice["message"]["content"] == expected.text, comparison
         assert reply["usage"]["completion_tokens"] == len(expected.token_ids)
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
-    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_visual_tokens
 
 
 def test_a_different_image_gives_a_different_answer(stacks, oracle):
@@ -512,7 +512,7 @@ def test_flash_checkpoint_with_vir_off_equals_transformers(stacks, oracle_answer
         **MARGIN_PARAMS,
     )
     compare_with_oracle(reply["choices"][0], expected, "flash, vir off")
-    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_image_tokens
+    assert reply["usage"]["prompt_tokens_details"]["image_tokens"] == expected.num_visual_tokens
     assert reply["vision"] == {
         "images": 1,
         "cached_images": _cache_hits(stacks["flash"]) - hits_before,

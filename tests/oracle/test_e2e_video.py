@@ -109,7 +109,7 @@ def test_video_answer_equals_transformers(stacks, eight_frames, stack):
     assert_follows(reply, expected, f"{stack}, 8 frames")
     assert reply["usage"]["prompt_tokens"] == expected.num_prompt_tokens
     details = reply["usage"]["prompt_tokens_details"]
-    assert details["video_tokens"] == expected.num_image_tokens == 8 * 256
+    assert details["video_tokens"] == expected.num_visual_tokens == 8 * 256
     assert details["image_tokens"] == 0
     assert reply["vision"] == {
         "images": 0,

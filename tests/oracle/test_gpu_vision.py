@@ -233,10 +233,10 @@ def test_a_lone_image_in_parts_gets_its_rows(tiny_flash_models):
 def test_in_process_encoder_holds_its_peak_on_the_gpu(tiny_models, tmp_path):
     """On CUDA the encoder runs its largest batch at start-up and keeps that memory: a second
     full batch allocates nothing new, so vLLM cannot take memory the ViT will need."""
-    from llm_server.vision.inprocess import InProcessImageEncoder
+    from llm_server.vision.inprocess import InProcessVisualEncoder
 
     async def scenario() -> None:
-        encoder = await InProcessImageEncoder.start(tiny_models["hf"], tmp_path, "cuda", 16)
+        encoder = await InProcessVisualEncoder.start(tiny_models["hf"], tmp_path, "cuda", 16)
         try:
             assert encoder.gpu_bytes is not None
             device = encoder.pipeline.engine.device

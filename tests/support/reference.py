@@ -22,7 +22,7 @@ from PIL import Image
 class OracleAnswer:
     token_ids: list[int]
     text: str
-    num_image_tokens: int
+    num_visual_tokens: int
     num_prompt_tokens: int
     margins: list[float]  # top-1 minus top-2 logit at each generated step
     logprobs: torch.Tensor  # [steps, vocab]: log_softmax of the raw logits at each step
@@ -90,7 +90,7 @@ class TransformersOracle:
         return OracleAnswer(
             token_ids=token_ids,
             text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
-            num_image_tokens=int((inputs["input_ids"] == self.image_token_id).sum()),
+            num_visual_tokens=int((inputs["input_ids"] == self.image_token_id).sum()),
             num_prompt_tokens=prompt_len,
             margins=margins,
             logprobs=torch.log_softmax(torch.cat(out.logits).float(), dim=-1),

@@ -143,7 +143,7 @@ def test_reservations_read_headers_off_the_event_loop(monkeypatch: pytest.Monkey
     images = [ImageInput(b"not an image"), ImageInput(encode_image(noise_image(64, 64, 6)))]
 
     async def reserved() -> int:
-        encoder = grpc_client.GrpcImageEncoder(
+        encoder = grpc_client.GrpcVisualEncoder(
             "127.0.0.1:9",
             timeout_s=1,
             expected_hidden_size=128,

@@ -12,7 +12,7 @@ from llm_server import images
 from llm_server.errors import InvalidImage
 from llm_server.images import (
     ImageFetchPolicy,
-    ImageLoader,
+    MediaLoader,
     address_allowed,
     decode_data_url,
     is_public_address,
@@ -55,7 +55,7 @@ def test_a_data_url_is_decoded_off_the_event_loop(monkeypatch):
         return decode(url, start, kind)
 
     monkeypatch.setattr(images, "_decode_payload", spy)
-    loader = ImageLoader(ImageFetchPolicy(max_bytes=1000, allowed_hosts=frozenset(), timeout_s=1))
+    loader = MediaLoader(ImageFetchPolicy(max_bytes=1000, allowed_hosts=frozenset(), timeout_s=1))
     payload = b"\x89PNG fake bytes"
     url = "data:image/png;base64," + base64.b64encode(payload).decode()
     assert asyncio.run(loader.load(url)) == payload
@@ -159,13 +159,13 @@ def test_allowed_networks_override_the_rule(networks, address, allowed):
 
 
 def test_remote_urls_are_off_without_an_allow_list():
-    loader = ImageLoader(ImageFetchPolicy(max_bytes=1000, allowed_hosts=frozenset(), timeout_s=1))
+    loader = MediaLoader(ImageFetchPolicy(max_bytes=1000, allowed_hosts=frozenset(), timeout_s=1))
     with pytest.raises(InvalidImage, match="disabled"):
         asyncio.run(loader.load("https://example.com/cat.png"))
 
 
 def test_hosts_outside_the_allow_list_are_refused():
-    loader = ImageLoader(
+    loader = MediaLoader(
         ImageFetchPolicy(
             max_bytes=1000, allowed_hosts=frozenset({"images.example.com"}), timeout_s=1
         )

@@ -78,7 +78,7 @@ def test_expand_prompt_widens_each_placeholder():
     assert expanded.token_ids == [1, 2, 9, 9, 9, 3, 9, 9, 4]
     assert expanded.is_text == [True, True, False, False, False, True, False, False, True]
     assert expanded.image_spans == [(2, 5), (6, 8)]
-    assert expanded.num_image_tokens == 5
+    assert expanded.num_visual_tokens == 5
 
 
 def test_expand_prompt_without_images_is_identity():

@@ -16,11 +16,11 @@ import pytest
 from llm_server.api.protocol import ChatCompletionRequest
 from llm_server.api.serving import ChatService
 from llm_server.engine.backbone import Backbone
-from llm_server.errors import APIError, InvalidImage, TooManyImages
+from llm_server.errors import APIError, InvalidImage, TooManyItems
 from llm_server.settings import LLMSettings
 from llm_server.vision.errors import rpc_error
-from llm_server.vision.grpc_client import GrpcImageEncoder
-from llm_server.vision.inprocess import InProcessImageEncoder
+from llm_server.vision.grpc_client import GrpcVisualEncoder
+from llm_server.vision.inprocess import InProcessVisualEncoder
 from protos import messages
 from protos.messages import (
     EncodeCall,
@@ -72,7 +72,7 @@ async def over_grpc(pipeline: Any, call: EncodeCall) -> APIError:
     add_vision_service(VisionServicer(pipeline, MODEL), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    encoder = GrpcImageEncoder(
+    encoder = GrpcVisualEncoder(
         f"127.0.0.1:{port}",
         timeout_s=60,
         expected_hidden_size=pipeline.spec.llm_hidden_size,
@@ -90,7 +90,7 @@ async def over_grpc(pipeline: Any, call: EncodeCall) -> APIError:
 async def in_process(pipeline: Any, call: EncodeCall) -> APIError:
     """The API error of ``call`` run by the coupled mode's in-process encoder."""
     with pytest.raises(APIError) as caught:
-        await InProcessImageEncoder(pipeline).encode(call)
+        await InProcessVisualEncoder(pipeline).encode(call)
     return caught.value
 
 
@@ -175,7 +175,7 @@ def test_same_condition_same_api_error_whichever_service_catches_it(
 
 def test_too_many_images_is_too_many_images_from_either_service(chat, pipeline):
     remote = asyncio.run(over_grpc(pipeline, BOTH_SIDES[0][2]))
-    assert isinstance(remote, TooManyImages) and remote.code == "too_many_images"
+    assert isinstance(remote, TooManyItems) and remote.code == "too_many_images"
     assert remote.param == "messages"
 
 
@@ -188,7 +188,7 @@ VISION_ERRORS = [
     vision_errors.InvalidImage("image 0: cannot decode image"),
     vision_errors.InvalidImage("image max_tiles=9 is outside [1, 4]", field=Field.IMAGE_MAX_TILES),
     vision_errors.InvalidVideo("video 0: cannot open video"),
-    vision_errors.TooManyImages("the images of this request make 90 tiles", field=Field.IMAGES),
+    vision_errors.TooManyItems("the images of this request make 90 tiles", field=Field.IMAGES),
     vision_errors.Overloaded("the tile queue is full"),
     vision_errors.ShuttingDown("vision service is shutting down"),
     vision_errors.EncoderOutOfMemory("a pass of 8 tiles ran out of device memory"),
@@ -268,5 +268,5 @@ def test_the_code_wins_over_the_message():
         messages.error_metadata(detail),
     )
     error = rpc_error(new)
-    assert isinstance(error, TooManyImages) and error.param == "messages"
+    assert isinstance(error, TooManyItems) and error.param == "messages"
     assert error.message == "3 images in one request; the limit is 2"

@@ -21,8 +21,8 @@ from helpers import encode_image, noise_image
 from protos.messages import EncodeCall, EncodeOptions, ImageInput
 from protos.options import VirMode
 from vision_server.batching import TileBatcher
-from vision_server.engine import EncodedImage, TileParts
-from vision_server.errors import TooManyImages
+from vision_server.engine import EncodedItem, TileParts
+from vision_server.errors import TooManyItems
 from vision_server.pipeline import VisionPipeline
 from vision_server.preprocess import ImageLimits, TilingOptions, prepare_image
 
@@ -74,7 +74,7 @@ def _count_submits(batcher: TileBatcher[Any], monkeypatch: pytest.MonkeyPatch) -
 
 
 async def _encode(pipeline: VisionPipeline, call: EncodeCall) -> list[Any]:
-    async def run() -> list[EncodedImage]:
+    async def run() -> list[EncodedItem]:
         return [encoded async for encoded in pipeline.encode(call)]
 
     return await asyncio.wait_for(run(), timeout=60)  # bounded: a stuck call fails the test
@@ -88,7 +88,7 @@ def test_parts_encode_exactly_as_one_piece(flash_pipeline, monkeypatch, vir):
     images = [ImageInput(SQUARE), ImageInput(WIDE), ImageInput(SMALL)]
     call = EncodeCall(images, (), EncodeOptions(vir=vir))
 
-    async def scenario(in_parts: bool) -> tuple[list[EncodedImage], list[int]]:
+    async def scenario(in_parts: bool) -> tuple[list[EncodedItem], list[int]]:
         batcher = _fresh_batcher(flash_pipeline)
         sizes = _count_submits(batcher, monkeypatch)
         monkeypatch.setattr(flash_pipeline, "overlap_preparation", in_parts)
@@ -109,7 +109,7 @@ def test_parts_encode_exactly_as_one_piece(flash_pipeline, monkeypatch, vir):
         assert_same_rows(in_parts, in_one)
 
 
-def assert_same_rows(got: EncodedImage, expected: EncodedImage) -> None:
+def assert_same_rows(got: EncodedItem, expected: EncodedItem) -> None:
     """The same rows bit for bit: parts change which tiles share a pass, and a tile's bits do
     not depend on that (batch invariance, vision_server.invariance)."""
     assert got.embeddings.dtype == expected.embeddings.dtype
@@ -124,7 +124,7 @@ def test_a_thumbnail_cut_first_still_lands_last(flash_pipeline):
     grid_tiles, thumbnail = prepared.tiles[:-1], prepared.tiles[-1:]
     passes: list[int] = []
 
-    async def scenario() -> tuple[EncodedImage, EncodedImage]:
+    async def scenario() -> tuple[EncodedItem, EncodedItem]:
         _fresh_batcher(flash_pipeline, passes)
         engine = flash_pipeline.engine
         engine.start()
@@ -215,7 +215,7 @@ def test_a_refused_call_drops_the_cuts_it_started(flash_pipeline, monkeypatch):
         _fresh_batcher(flash_pipeline)
         flash_pipeline.engine.start()
         try:
-            with pytest.raises(TooManyImages, match="make 7 tiles"):
+            with pytest.raises(TooManyItems, match="make 7 tiles"):
                 # Admission allows it (its bound is capped by the limit); decoding says 7.
                 await _encode(flash_pipeline, EncodeCall([ImageInput(WIDE)]))
             await asyncio.sleep(0)

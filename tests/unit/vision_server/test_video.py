@@ -152,12 +152,12 @@ def test_shared_memory_reservations_count_every_frame():
     tile per frame of each video, on top of the images' tiles."""
     import asyncio
 
-    from llm_server.vision.grpc_client import GrpcImageEncoder
+    from llm_server.vision.grpc_client import GrpcVisualEncoder
     from protos.dvd.v1 import vision_pb2
     from protos.messages import EncodeCall, ImageInput, VideoInput
 
     async def reserved(images, videos) -> int:
-        encoder = GrpcImageEncoder(
+        encoder = GrpcVisualEncoder(
             "127.0.0.1:9",
             timeout_s=1,
             expected_hidden_size=128,
