@@ -23,10 +23,10 @@ __all__ = [
     "EncodeCall",
     "EncodeOptions",
     "EncodeResult",
-    "VisualEncoder",
     "ImageInput",
     "VideoInput",
     "VisualEmbedding",
+    "VisualEncoder",
 ]
 
 
