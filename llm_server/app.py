@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from checkpoints.default import default_cache_dir, resolve_model
 from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
+from llm_server import tracing
 from llm_server.api.admission import Admission
 from llm_server.api.completions import CompletionService
 from llm_server.api.middleware import (
@@ -22,6 +23,7 @@ from llm_server.api.middleware import (
     BodyLimitMiddleware,
     HeaderLimitMiddleware,
     RequestMetricsMiddleware,
+    ServerTimingMiddleware,
 )
 from llm_server.api.response_store import ResponseStore
 from llm_server.api.responses import ResponsesService
@@ -193,6 +195,7 @@ def create_app(
             await chat.encoder.close()
             await chat.images.close()
             chat.engine.shutdown()
+            tracing.shutdown()
 
     app = FastAPI(title="DvD language service", version="0.1.0", lifespan=lifespan)
     app.state.api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -215,4 +218,6 @@ def create_app(
     )
     app.add_middleware(AdmissionGateMiddleware, admission=admission, paths=GENERATION_PATHS)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
+    # Outermost: every response, refusals included, carries its Server-Timing (and span).
+    app.add_middleware(ServerTimingMiddleware)
     return app

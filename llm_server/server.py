@@ -13,6 +13,7 @@ from types import FrameType
 
 import uvicorn
 
+from llm_server import tracing
 from llm_server.app import create_app
 from llm_server.engine.engine_args import parse_llm_command_line
 from llm_server.http_server import uvicorn_config
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    tracing.configure()  # from the standard OTEL_* variables; off unless they ask
     # Before the port is bound and the model loaded: a configuration error, reported at once.
     refusal = unauthenticated_exposure(settings)
     if refusal is not None:

@@ -37,6 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from vision_server import tracing
 from vision_server.errors import (
     EncodeFailed,
     EncoderOutOfMemory,
@@ -46,6 +47,7 @@ from vision_server.errors import (
     VisionError,
 )
 from vision_server.threads import started_pool
+from vision_server.tracing import PassRecord
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class BatchStats:
 
     queue_ms: float
     encode_ms: float
+    # For tracing (``vision_server.tracing.item_spans``): perf_counter() readings, and the
+    # passes the image's tiles joined (recorded only while tracing is on).
+    enqueued_at: float = 0.0
+    first_pass_at: float = 0.0
+    passes: tuple[PassRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class _Job(Generic[Piece]):
     pieces: list[Piece] = field(default_factory=list)
     first_pass_at: float | None = None
     encode_seconds: float = 0.0
+    passes: list[PassRecord] = field(default_factory=list)  # while tracing is on
 
     @property
     def num_tiles(self) -> int:
@@ -106,6 +114,7 @@ class _Job(Generic[Piece]):
 class _Pass(Generic[Piece]):
     slices: list[tuple[_Job[Piece], int, int]]  # (job, first tile, end tile)
     started: float
+    pass_id: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -171,6 +180,7 @@ class TileBatcher(Generic[Piece]):
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._failure: EngineFailed | None = None
+        self._passes_started = 0  # the id of the last pass (spans name passes by it)
 
     @property
     def queued_tiles(self) -> int:
@@ -338,7 +348,8 @@ class TileBatcher(Generic[Piece]):
             taken = self._take_pass()
             if not taken:
                 continue
-            batch: _Pass[Piece] = _Pass(taken, time.perf_counter())
+            self._passes_started += 1
+            batch: _Pass[Piece] = _Pass(taken, time.perf_counter(), self._passes_started)
             slices = [PassSlice(job.tiles[start:end], job.want) for job, start, end in batch.slices]
             self._inflight_passes.add(batch)
             try:
@@ -367,17 +378,24 @@ class TileBatcher(Generic[Piece]):
         finished = time.perf_counter()
         if self._on_pass is not None:
             self._on_pass(batch.num_tiles, finished - batch.started)
-        for (job, _, end), piece in zip(batch.slices, pieces, strict=True):
+        for (job, start, end), piece in zip(batch.slices, pieces, strict=True):
             if job.future.done():  # the caller is gone, or an earlier pass of it failed
                 continue
             if job.first_pass_at is None:
                 job.first_pass_at = batch.started
             job.pieces.append(piece)
             job.encode_seconds += finished - batch.started
+            if tracing.enabled():
+                job.passes.append(
+                    PassRecord(batch.pass_id, batch.started, finished, batch.num_tiles, end - start)
+                )
             if end == job.num_tiles:
                 stats = BatchStats(
                     queue_ms=(job.first_pass_at - job.enqueued_at) * 1000,
                     encode_ms=job.encode_seconds * 1000,
+                    enqueued_at=job.enqueued_at,
+                    first_pass_at=job.first_pass_at,
+                    passes=tuple(job.passes),
                 )
                 job.future.set_result((job.pieces, stats))
 

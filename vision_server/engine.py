@@ -20,7 +20,7 @@ import torch
 from protos.messages import RowSelection
 from protos.options import VirMode
 from protos.tiling import TileGrid
-from vision_server import metrics
+from vision_server import metrics, tracing
 from vision_server.batching import (
     BatchStats,
     PassSlice,
@@ -207,6 +207,9 @@ class EncoderEngine:
         stats = BatchStats(
             queue_ms=min(part_stats.queue_ms for _, part_stats in done),
             encode_ms=sum(part_stats.encode_ms for _, part_stats in done),
+            enqueued_at=min(part_stats.enqueued_at for _, part_stats in done),
+            first_pass_at=min(part_stats.first_pass_at for _, part_stats in done),
+            passes=tuple(record for _, part_stats in done for record in part_stats.passes),
         )
         return pieces, stats
 
@@ -236,7 +239,13 @@ class EncoderEngine:
             if selection is RowSelection.ROUTED:
                 encoded = [await task for task in tasks]
                 assert applied is not None  # ROUTED needs a router
-                routes = self._route(encoded, applied, absolute_threshold, budget)
+                tiles = sum(image.num_tiles for image in images)
+                with tracing.span("vision.route", {"dvd.tiles": tiles}) as route_span:
+                    routes = self._route(encoded, applied, absolute_threshold, budget)
+                    if route_span is not None:
+                        compressed = sum(sum(route) for route in routes)
+                        route_span.set_attribute("dvd.compressed_tiles", compressed)
+                        route_span.set_attribute("dvd.vir", applied.value)
                 copies = [
                     asyncio.create_task(self._assemble_off_loop(parts, route))
                     for (parts, _), route in zip(encoded, routes, strict=True)

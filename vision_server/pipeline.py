@@ -33,7 +33,7 @@ from protos.messages import (
 )
 from protos.options import VirMode
 from protos.tiling import TilingOptions, most_tiles
-from vision_server import metrics
+from vision_server import metrics, tracing
 from vision_server.batching import BatchStats
 from vision_server.embedding_cache import CachedImage, EmbeddingCache, Lookup, request_keys
 from vision_server.engine import EncodedItem, EncoderEngine, TileParts
@@ -209,13 +209,23 @@ class VisionPipeline:
         media = self.media
         image_jobs = [
             asyncio.ensure_future(
-                media.prepare_image(call.images[index].data, per_image[index], in_parts)
+                tracing.traced(
+                    media.prepare_image(call.images[index].data, per_image[index], in_parts),
+                    "vision.preprocess",
+                    {"dvd.item": f"image {index}"},
+                )
             )
             for index in indexes
         ]
         video_jobs = [
-            asyncio.ensure_future(media.prepare_video(video.data, count))
-            for video, count in zip(call.videos, frames, strict=True)
+            asyncio.ensure_future(
+                tracing.traced(
+                    media.prepare_video(video.data, count),
+                    "vision.preprocess",
+                    {"dvd.item": f"video {index}", "dvd.frames": count},
+                )
+            )
+            for index, (video, count) in enumerate(zip(call.videos, frames, strict=True))
         ]
         jobs: list[asyncio.Future[Any]] = [*image_jobs, *video_jobs]
         # What each job is, for its error: "image 3", "video 0".
@@ -399,6 +409,8 @@ class VisionPipeline:
         if frames is None:
             metrics.images.inc()
         metrics.queue_wait.observe(encoded.stats.queue_ms / 1000)
+        stats = encoded.stats
+        tracing.item_spans(stats.enqueued_at, stats.first_pass_at, stats.passes, None)
         metrics.visual_tokens.inc(encoded.num_visual_tokens)
         return VisualEmbedding(
             embeddings=encoded.embeddings,

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 from checkpoints.default import resolve_model
 from checkpoints.identity import checkpoint_digest, short_digest
 from checkpoints.spec import load_checkpoint_spec
+from vision_server import tracing
 from vision_server.data_path import compute_dtype_for_device, resolve_device
 from vision_server.embedding_cache import EmbeddingCache
 from vision_server.engine import EncoderEngine
@@ -235,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    status = asyncio.run(serve(settings))
+    tracing.configure()  # from the standard OTEL_* variables; off unless they ask
+    try:
+        status = asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown()  # what is still buffered goes out
     if status:
         sys.exit(status)
 

@@ -14,7 +14,7 @@ import torch
 
 from protos import codec, messages, shm
 from protos.dvd.v1 import vision_pb2, vision_pb2_grpc
-from vision_server import metrics
+from vision_server import metrics, tracing
 from vision_server.delivery import SharedMemoryDelivery, probe_nonce
 from vision_server.errors import InvalidRequest, VisionError, error_detail, grpc_status
 from vision_server.pipeline import VisionPipeline
@@ -46,6 +46,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         started = time.perf_counter()
         status = grpc.StatusCode.OK
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.method": "Encode",
+            "dvd.request_id": request_id,
+            "dvd.images": len(request.images),
+            "dvd.videos": len(request.videos),
+        }
+        traced = tracing.open_request(context.invocation_metadata(), attributes)
+        failure: BaseException | None = None
         try:
             count = 0
             call = _call(request, request_id)
@@ -65,19 +74,23 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             logger.debug("request %s: %d images and videos encoded", request_id, count)
         except VisionError as exc:
             status = grpc_status(exc)
+            failure = exc
             logger.info("request %s refused: %s", request_id, exc)
             await _abort(context, exc, str(exc))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             status = grpc.StatusCode.CANCELLED
+            failure = exc
             logger.info("request %s cancelled by the client", request_id)
             raise
         except Exception as exc:
             status = grpc.StatusCode.INTERNAL
+            failure = exc
             logger.exception("request %s failed", request_id)
             await _abort(context, exc, "internal error in the vision service")
         finally:
             metrics.requests.labels(status=status.name).inc()
             metrics.request_seconds.observe(time.perf_counter() - started)
+            tracing.close_request(traced, status.value[0], failure)
 
     async def GetModelInfo(  # noqa: N802 (gRPC method name)
         self, request: vision_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -116,17 +129,34 @@ async def image_messages(
     """The stream messages of one image: its header, after its rows were written into the
     caller's shared memory, or its header followed by its rows as chunk messages."""
     num_bytes = header.header.num_bytes
-    offset = await delivery.write(embeddings) if delivery is not None else None
-    if offset is not None:
-        header.header.shared_memory_offset = offset
+    # Not current: it stays open across the yields below.
+    span = tracing.start_span(
+        "vision.deliver", {"dvd.item": header.header.image_index, "dvd.bytes": num_bytes}
+    )
+    failure: BaseException | None = None
+    try:
+        offset = await delivery.write(embeddings) if delivery is not None else None
+        if offset is not None:
+            header.header.shared_memory_offset = offset
+            if span is not None:
+                span.set_attribute("dvd.transport", "shared_memory")
+            yield header
+            metrics.embedding_bytes.labels(transport="shared_memory").inc(num_bytes)
+            return
+        if span is not None:
+            span.set_attribute("dvd.transport", "grpc")
         yield header
-        metrics.embedding_bytes.labels(transport="shared_memory").inc(num_bytes)
-        return
-    yield header
-    # Chunks go out pre-serialized (see add_vision_service): one copy each.
-    for message in codec.encode_chunk_messages(embeddings, header.header.image_index, chunk_bytes):
-        yield message
-    metrics.embedding_bytes.labels(transport="grpc").inc(num_bytes)
+        # Chunks go out pre-serialized (see add_vision_service): one copy each.
+        for message in codec.encode_chunk_messages(
+            embeddings, header.header.image_index, chunk_bytes
+        ):
+            yield message
+        metrics.embedding_bytes.labels(transport="grpc").inc(num_bytes)
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        tracing.end_span(span, failure)
 
 
 def _call(request: vision_pb2.EncodeRequest, request_id: str) -> messages.EncodeCall:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from llm_server import metrics
+from llm_server import metrics, tracing
 from llm_server.errors import Overloaded
 
 
@@ -34,9 +34,10 @@ class Admission:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """One request's slot, released exactly once when the scope ends."""
-        if self.full:
-            raise self.refusal()
-        self.in_flight += 1
+        with tracing.stage("admission"):
+            if self.full:
+                raise self.refusal()
+            self.in_flight += 1
         metrics.requests_in_flight.inc()
         try:
             yield

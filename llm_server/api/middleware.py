@@ -10,7 +10,7 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server import metrics
+from llm_server import metrics, tracing
 from llm_server.api.admission import Admission
 from llm_server.errors import APIError, HeadersTooLarge, RequestTimeout, RequestTooLarge
 
@@ -228,3 +228,62 @@ class HeaderLimitMiddleware:
                 await refuse(scope, receive, send, error, unread=True)
                 return
         await self.app(scope, receive, send)
+
+
+class ServerTimingMiddleware:
+    """Outermost: each HTTP request gets its stage timings (``tracing.begin_request``), and
+    its response a ``Server-Timing`` header with the stages that ended before the headers
+    went out (all of them for a whole response; admission, media and vision for a stream).
+    With tracing on, the request is the ``http.request`` span, under an incoming W3C
+    ``traceparent`` when there is one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timings = tracing.begin_request()
+        status = {"code": 500}
+        request_id: list[bytes] = []
+
+        async def add_server_timing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                request_id.extend(v for k, v in message.get("headers", []) if k == b"x-request-id")
+                if timings.durations:
+                    headers = list(message.get("headers", []))
+                    headers.append((b"server-timing", timings.header().encode("latin-1")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        tracer = tracing.tracer()
+        if tracer is None:
+            await self.app(scope, receive, add_server_timing)
+            return
+        from opentelemetry import propagate
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope.get("headers", [])
+        }
+        attributes = {"http.request.method": scope["method"], "url.path": scope["path"]}
+        with tracer.start_as_current_span(
+            "http.request",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            try:
+                await self.app(scope, receive, add_server_timing)
+            finally:
+                route = getattr(scope.get("route"), "path", None)
+                if route:
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status["code"])
+                if request_id:
+                    span.set_attribute("dvd.request_id", request_id[0].decode("latin-1"))
+                if status["code"] >= 500:
+                    span.set_status(Status(StatusCode.ERROR, f"HTTP {status['code']}"))

@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from checkpoints.spec import DEFAULT_VIDEO_FRAMES
-from llm_server import metrics
+from llm_server import metrics, tracing
 from llm_server.api.admission import Admission
 from llm_server.api.choices import ChoiceOutput
 from llm_server.api.features import OpenAIFeatures, OutputOptions, RequestFeatures
@@ -136,6 +136,24 @@ def _placeholder_rows(parts: list[VisualPart], result: EncodeResult) -> list[tor
         else:
             rows.append(next(images).embeddings)
     return rows
+
+
+def _vision_attributes(call: EncodeCall) -> dict[str, Any]:
+    return {
+        "rpc.system": "grpc",
+        "rpc.method": "Encode",
+        "dvd.images": len(call.images),
+        "dvd.videos": len(call.videos),
+    }
+
+
+def _vision_result_attributes(result: EncodeResult) -> dict[str, Any]:
+    items = result.items
+    return {
+        "dvd.visual_tokens": sum(item.num_visual_tokens for item in items),
+        "dvd.tiles": sum(len(item.tokens_per_tile) for item in items),
+        "dvd.cached_items": sum(1 for item in items if item.from_cache),
+    }
 
 
 class SamplingRequest(Protocol):
@@ -293,7 +311,12 @@ class ChatService:
         video_parts = [part for part in parts if isinstance(part, VideoPart)]
         images = [load_image(i, p) for i, p in enumerate(image_parts)]
         videos = [load_video(i, p) for i, p in enumerate(video_parts)]
-        loaded = await asyncio.gather(*images, *videos)
+        attributes = {"dvd.images": len(images), "dvd.videos": len(videos)}
+        with tracing.stage("media", attributes) as span:
+            loaded = await asyncio.gather(*images, *videos)
+            if span is not None:
+                media_bytes = sum(len(cast(ImageInput | VideoInput, item).data) for item in loaded)
+                span.set_attribute("dvd.media.bytes", media_bytes)
         return (
             cast(list[ImageInput], loaded[: len(images)]),
             cast(list[VideoInput], loaded[len(images) :]),
@@ -405,8 +428,13 @@ class ChatService:
         try:
             if parts:
                 started = time.perf_counter()
-                result = await self.encoder.encode(call)
+                with tracing.stage("vision", _vision_attributes(call), client=True) as span:
+                    result = await self.encoder.encode(call)
+                    if span is not None:
+                        span.set_attributes(_vision_result_attributes(result))
                 metrics.vision_seconds.observe(time.perf_counter() - started)
+                # The vision service's own queue wait (its longest item), for Server-Timing.
+                tracing.record("vision.queue", max(item.queue_ms for item in result.items) / 1000)
         except BaseException:
             # Nobody will await the tokenizer now; consume its outcome so it is not reported.
             tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -475,9 +503,14 @@ class ChatService:
         engine_outputs = self.engine.generate(
             chat.engine_prompt, chat.sampling_params, chat.request_id
         )
+        # Not current: this generator yields to its reader while the span is open.
+        span = tracing.start_span("engine", {"dvd.request_id": chat.request_id})
+        failure: BaseException | None = None
+        stats: Any = None
         try:
             async with contextlib.aclosing(engine_outputs) as outputs:
                 async for output in outputs:
+                    stats = output.metrics  # vLLM's per-request timestamps (one object)
                     # vLLM reports it once the prompt is scheduled; every later output repeats it.
                     if output.num_cached_tokens:
                         chat.cached_tokens = output.num_cached_tokens
@@ -489,11 +522,18 @@ class ChatService:
                     yield output
             metrics.e2e_request_latency.observe(time.perf_counter() - chat.arrived)
         except VLLMClientError as exc:  # the engine refused the request as submitted
+            failure = exc
             raise BadRequest(str(exc)) from exc
         except EngineDeadError as exc:  # the engine process died; the server is exiting
+            failure = exc
             raise EngineUnavailable("the language engine has stopped; retry later") from exc
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             metrics.generation_tokens.inc(generated)
+            tracing.engine_spans(span, stats, chat.num_prompt_tokens)
+            tracing.end_span(span, failure)
 
     async def complete(
         self, chat: PreparedChat, return_token_ids: bool = False
