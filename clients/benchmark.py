@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -59,6 +60,9 @@ class RequestResult:
     turn: int = 0  # 1, 2, ... in a multi-turn conversation; 0: a single-turn request
     conversation: int = -1
     answer: str = ""  # the streamed text (sent back as history in the next turn)
+    # The server's Server-Timing header: milliseconds per stage known before the first byte
+    # (admission, media, vision, vision.queue; named as the server's trace spans).
+    server_timing_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def tpot_s(self) -> float | None:
@@ -68,6 +72,21 @@ class RequestResult:
 
 
 # ---- one request ------------------------------------------------------------------------
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """The ``dur`` of each metric of a ``Server-Timing`` header (milliseconds), by name; a
+    metric without one is left out, a name met twice adds up."""
+    durations: dict[str, float] = {}
+    for metric in value.split(","):
+        name, *params = (piece.strip() for piece in metric.split(";"))
+        for param in params:
+            key, _, raw = param.partition("=")
+            if key.strip().lower() != "dur" or not name:
+                continue
+            with contextlib.suppress(ValueError):
+                durations[name] = durations.get(name, 0.0) + float(raw.strip().strip('"'))
+    return durations
 
 
 async def send(
@@ -100,6 +119,7 @@ async def send(
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
+            result.server_timing_ms = parse_server_timing(response.headers.get("server-timing", ""))
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -280,7 +300,18 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "cached_images": sum(r.cached_images for r in done),
         "by_turn": turn_metrics(done),
         "video_tokens_per_request": summarize([float(r.video_tokens) for r in done], scale=1.0),
+        "stages_ms": stage_metrics(done),
         "errors": sorted({r.error for r in results if not r.success})[:10],
+    }
+
+
+def stage_metrics(done: list[RequestResult]) -> dict[str, dict[str, float]]:
+    """Per Server-Timing stage (in the order the server names them), its durations over the
+    requests that reported it, in milliseconds."""
+    names = list(dict.fromkeys(name for r in done for name in r.server_timing_ms))
+    return {
+        name: summarize([r.server_timing_ms[name] for r in done if name in r.server_timing_ms], 1.0)
+        for name in names
     }
 
 
@@ -333,6 +364,8 @@ def print_report(label: str, metrics: dict[str, Any]) -> None:
             f"{title:<5} ms  mean {m['mean']:8.1f}  median {m['median']:8.1f}  "
             f"p90 {m['p90']:8.1f}  p99 {m['p99']:8.1f}"
         )
+    for name, m in (metrics.get("stages_ms") or {}).items():
+        lines.append(f"  {name:<14} ms  median {m['median']:8.1f}  p99 {m['p99']:8.1f}")
     lines.append(f"image tokens / request   {metrics['image_tokens_per_request']['mean']:.0f}")
     if "video_tokens_per_request" in metrics:
         video_tokens = metrics["video_tokens_per_request"]["mean"]
@@ -490,6 +523,14 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
                 cell += f" ({value / reference:.2f}x)"
             cells.append(cell)
         out.append(f"| {title} | " + " | ".join(cells) + " |")
+    stages = list(dict.fromkeys(n for run in runs for n in run["metrics"].get("stages_ms") or {}))
+    for name in stages:
+        for sub, title in (("median", "p50"), ("p99", "p99")):
+            cells = []
+            for run in runs:
+                entry = (run["metrics"].get("stages_ms") or {}).get(name)
+                cells.append("-" if entry is None else f"{entry[sub]:.1f}")
+            out.append(f"| {name} {title} (ms, Server-Timing) | " + " | ".join(cells) + " |")
     turns = sorted({int(t) for run in runs for t in (run["metrics"].get("by_turn") or {})})
     for turn in turns:
         cells = []

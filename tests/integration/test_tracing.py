@@ -257,3 +257,24 @@ def test_a_failure_is_an_error_span_on_the_stage_that_failed(
     assert http.attributes["http.response.status_code"] == 400
     assert "engine" not in {s.name for s in spans}  # it never reached the engine
     assert "vision" in parse_server_timing(response.headers["server-timing"])
+
+
+def test_a_stream_carries_server_timing_of_what_preceded_its_first_byte(
+    traced_stack: Stack,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": data_url(noise_image(300, 200, 35))}}
+    content = [{"type": "text", "text": "Describe it."}, image]
+    body = {
+        "model": SERVED_MODEL_NAME,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    url = f"{traced_stack.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
+        assert response.status_code == 200
+        timing = parse_server_timing(response.headers["server-timing"])
+        assert response.read().rstrip().endswith(b"data: [DONE]")
+    assert {"admission", "media", "vision", "vision.queue"} <= set(timing)
+    # The engine had not started when the headers went out.
+    assert not any(name.startswith("engine") for name in timing)
