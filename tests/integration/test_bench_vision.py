@@ -29,6 +29,9 @@ def run_bench(model: Path, output: Path, *args: str) -> tuple[dict[str, Any], st
     return json.loads(output.read_text()), done.stdout
 
 
+pytestmark = pytest.mark.processes  # dvd-bench-vision starts the vision service
+
+
 def test_bench_vision_reports_raw_and_served_figures(tiny_flash_models, tmp_path):
     report, table = run_bench(
         tiny_flash_models["hf"],

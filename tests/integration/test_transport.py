@@ -366,6 +366,7 @@ def test_arena_reserves_first_fit_and_merges_on_release():
         arena.close()
 
 
+@pytest.mark.processes  # the benchmark runs a vision server
 def test_transport_benchmark_measures_both_paths(tmp_path):
     """The benchmark runs end to end (stand-in server and client processes) and reports
     every configuration it was asked for, with the sizes it was asked for."""

@@ -178,6 +178,7 @@ REPRESENTATIVE = [
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # a vLLM engine, in a process of its own
 def test_engine_arguments_reach_the_running_engine(tiny_models, tmp_path: Path):
     """The command line, through the language service's app (settings, vLLM's parser, the
     engine's start), read back from the running engine's vLLM config."""
