@@ -102,6 +102,8 @@ async def build_chat_service(
             expected_hidden_size=engine.hidden_size,
             expected_checkpoint_digest=digest,
             channels=settings.vision_channels,
+            balancing=settings.vision_balancing,
+            load_bound=settings.vision_load_bound,
             transport=settings.embedding_transport,
             shared_memory_bytes=settings.shared_memory_mb * 1024 * 1024,
         )

@@ -67,3 +67,27 @@ vir_tokens_saved = Counter(
 )
 prompt_tokens = Counter("dvd:prompt_tokens", "Prompt tokens, image tokens included.")
 generation_tokens = Counter("dvd:generation_tokens", "Generated tokens.")
+
+# The vision fleet as this language service places calls on it (--vision-balancing affinity).
+fleet_calls = Counter(
+    "dvd:fleet_calls",
+    "Encode calls sent to each vision replica (retries after a failover included).",
+    ["replica"],
+)
+fleet_tiles_in_flight = Gauge(
+    "dvd:fleet_tiles_in_flight",
+    "Tiles of this service's Encode calls in flight on each vision replica.",
+    ["replica"],
+)
+fleet_affinity_hits = Counter(
+    "dvd:fleet_affinity_hits",
+    "Encode calls sent to the replica their cache identity hashes to.",
+)
+fleet_overflow_redirects = Counter(
+    "dvd:fleet_overflow_redirects",
+    "Encode calls sent past their replica on the ring because it was over its load bound.",
+)
+fleet_failovers = Counter(
+    "dvd:fleet_failovers",
+    "Encode calls retried on another replica after theirs failed before replying.",
+)

@@ -24,6 +24,7 @@ CONNECTION_HEADROOM = 256
 # How embeddings come back from the vision service (--embedding-transport): ``auto`` writes
 # them into this host's shared memory once the vision service proves it sees it.
 EmbeddingTransport = Literal["auto", "grpc", "shared-memory"]
+VisionBalancing = Literal["affinity", "round_robin"]
 
 
 class LLMSettings(CheckpointSettings):
@@ -97,8 +98,9 @@ class LLMSettings(CheckpointSettings):
     )
     vision_target: str = Field(
         "127.0.0.1:50051",
-        description="gRPC target of the vision service: host:port, or dns:///name:port to "
-        "spread requests over every address the name resolves to",
+        description="gRPC target of the vision service: host:port, dns:///name:port (every "
+        "address the name resolves to is a replica, looked up again every 5 s), a static list "
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051, or a comma list of host:port",
     )
     vision_timeout_s: float = Field(
         120.0, gt=0, description="deadline of one Encode call (all images of a request)"
@@ -121,6 +123,21 @@ class LLMSettings(CheckpointSettings):
     )
     vision_channels: int = Field(
         1, ge=1, le=64, description="gRPC connections to each vision replica (for large transfers)"
+    )
+    vision_balancing: VisionBalancing = Field(
+        "affinity",
+        description="how Encode calls are spread over the vision replicas behind "
+        "--vision-target: affinity (a consistent hash of each call's images, so repeated images "
+        "reach the replica that cached them, within a load bound; failover to another replica) "
+        "or round_robin (gRPC's, by call count)",
+    )
+    vision_load_bound: float = Field(
+        1.25,
+        ge=1.0,
+        le=100.0,
+        description="affinity: a replica takes a call while its tiles in flight, the call's "
+        "included, stay within this many times the fleet's mean; past it the call goes to the "
+        "next replica on the ring",
     )
 
     # ---- language engine (vLLM) ----

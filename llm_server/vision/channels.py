@@ -89,7 +89,7 @@ class ChannelBalancer:
         for index, channel in enumerate(self.channels):
             self._watchers.append(
                 asyncio.get_running_loop().create_task(
-                    _watch_connection(channel, on_ready), name=f"vision-connection-{index}"
+                    watch_connection(channel, on_ready), name=f"vision-connection-{index}"
                 )
             )
 
@@ -100,7 +100,7 @@ class ChannelBalancer:
             await channel.close()
 
 
-async def _watch_connection(
+async def watch_connection(
     channel: grpc.aio.Channel, on_ready: Callable[[], Awaitable[None]]
 ) -> None:
     ready = grpc.ChannelConnectivity.READY
@@ -117,21 +117,30 @@ def open_channel(target: str, index: int) -> grpc.aio.Channel:
         target,
         options=[
             ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-            ("grpc.max_receive_message_length", 2 * codec.MAX_CHUNK_BYTES),
-            ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            # Notice a dead replica quickly, and come back quickly when it returns.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-            # Channels with equal arguments share connections; these must not.
-            ("grpc.use_local_subchannel_pool", 1),
-            # A replica ending an aged connection (the vision service's --max-connection-age-ms)
-            # makes the channel resolve the name again; gRPC allows that once per 30 s by
-            # default, too slow to pick up new replicas.
-            ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
-            ("dvd.channel_index", index),
+            *channel_options(index, retries=True),
         ],
     )
+
+
+def channel_options(index: int, *, retries: bool) -> list[tuple[str, str | int]]:
+    """The options of every channel to the vision service. ``retries``: gRPC retries Encode
+    (round robin, where the next attempt may reach another replica); a channel to one replica
+    leaves the retry to the fleet, which sends it to another."""
+    return [
+        ("grpc.enable_retries", 1 if retries else 0),
+        *([("grpc.service_config", _SERVICE_CONFIG)] if retries else []),
+        ("grpc.max_receive_message_length", 2 * codec.MAX_CHUNK_BYTES),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        # Notice a dead replica quickly, and come back quickly when it returns.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        # Channels with equal arguments share connections; these must not.
+        ("grpc.use_local_subchannel_pool", 1),
+        # A replica ending an aged connection (the vision service's --max-connection-age-ms)
+        # makes the channel resolve the name again; gRPC allows that once per 30 s by
+        # default, too slow to pick up new replicas.
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_RERESOLUTION_INTERVAL_MS),
+        ("dvd.channel_index", index),
+    ]

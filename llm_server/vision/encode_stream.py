@@ -5,8 +5,8 @@ this language model can take."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterable
 
-import grpc
 import torch
 
 from llm_server import metrics
@@ -20,7 +20,7 @@ from protos.messages import VisualEmbedding
 
 
 async def receive(
-    call: grpc.aio.UnaryStreamCall,
+    call: AsyncIterable[bytes],
     gate: ModelIdentityGate,
     transport: EmbeddingTransport,
     arena: EmbeddingArena | None,

@@ -45,6 +45,19 @@ async def rows_bytes(call: EncodeCall, info: vision_pb2.ModelInfo) -> int | None
     return tiles * info.tokens_per_tile * row_bytes
 
 
+# Frames counted for a video that leaves its count to the vision service (its default).
+_UNKNOWN_VIDEO_FRAMES = 8
+
+
+async def call_tiles(call: EncodeCall, info: vision_pb2.ModelInfo) -> int:
+    """The tiles ``call`` will take on a vision replica, counted from its images' headers (a
+    video: its frames); what a replica's load is measured in. At least 1."""
+    counted = [(image.data, _max_tiles(image, call, info)) for image in call.images]
+    tiles = await asyncio.to_thread(count_tiles, counted, info) if counted else 0
+    tiles += sum(video.num_frames or _UNKNOWN_VIDEO_FRAMES for video in call.videos)
+    return max(tiles, 1)
+
+
 def _max_tiles(image: ImageInput, call: EncodeCall, info: vision_pb2.ModelInfo) -> int:
     """The image's ``max_tiles`` as the vision service will take it; above the service's
     limit (which refuses the call) counted at the limit, which bounds the tiling arithmetic."""
