@@ -199,6 +199,7 @@ class ReplicaFleet:
         self.spec = parse_target(target)
         self.channels_per_replica = channels
         self.load_bound = load_bound
+        self.health_interval_s = HEALTH_CHECK_INTERVAL_S
         self.replicas: dict[str, Replica] = {}
         self.ring = HashRing(())
         self._retired: list[Replica] = []
@@ -270,7 +271,7 @@ class ReplicaFleet:
                     "vision replica %s is %s", replica.name, "serving" if healthy else "not serving"
                 )
             replica.healthy = healthy
-            await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+            await asyncio.sleep(self.health_interval_s)
 
     async def wait_resolved(self, timeout_s: float) -> None:
         """Until the target was resolved once (``TimeoutError`` after ``timeout_s``)."""

@@ -52,7 +52,8 @@ _UNKNOWN_VIDEO_FRAMES = 8
 async def call_tiles(call: EncodeCall, info: vision_pb2.ModelInfo) -> int:
     """The tiles ``call`` will take on a vision replica, counted from its images' headers (a
     video: its frames); what a replica's load is measured in. At least 1."""
-    counted = [(image.data, _max_tiles(image, call, info)) for image in call.images]
+    # At least 1 tile each (a service that does not describe its tiling counts one per image).
+    counted = [(image.data, max(_max_tiles(image, call, info), 1)) for image in call.images]
     tiles = await asyncio.to_thread(count_tiles, counted, info) if counted else 0
     tiles += sum(video.num_frames or _UNKNOWN_VIDEO_FRAMES for video in call.videos)
     return max(tiles, 1)
