@@ -434,7 +434,8 @@ class ChatService:
                         span.set_attributes(_vision_result_attributes(result))
                 metrics.vision_seconds.observe(time.perf_counter() - started)
                 # The vision service's own queue wait (its longest item), for Server-Timing.
-                tracing.record("vision.queue", max(item.queue_ms for item in result.items) / 1000)
+                longest = max((item.queue_ms for item in result.items), default=0.0)
+                tracing.record("vision.queue", longest / 1000)
         except BaseException:
             # Nobody will await the tokenizer now; consume its outcome so it is not reported.
             tokenize.add_done_callback(lambda task: task.cancelled() or task.exception())

@@ -1,7 +1,7 @@
 """An OTLP/HTTP trace receiver on 127.0.0.1: decodes each ``ExportTraceServiceRequest``
 (protobuf, as the OTLP specification defines it, with ``opentelemetry-proto``) and keeps its
 spans, for tests to wait on. ``python tests/support/otlp_receiver.py`` runs one standalone
-(the tracing-on benchmark exports to it) and prints its endpoint and, at exit, its count."""
+(the tracing-on benchmark exports to it)."""
 
 from __future__ import annotations
 
@@ -135,15 +135,25 @@ class OTLPReceiver:
 
 
 def main() -> None:
+    """Print the endpoint; on SIGTERM or SIGINT, write every span received as JSON lines to
+    the file named by the first argument (if any), print the count, and exit."""
+    import dataclasses
+    import json
+    import signal
+
     receiver = OTLPReceiver()
     print(receiver.endpoint, flush=True)
-    try:
-        sys.stdin.read()  # until stdin closes
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print(f"{len(receiver.spans)} spans received", flush=True)
-        receiver.close()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    spans = receiver.spans
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as out:
+            for span in spans:
+                out.write(json.dumps(dataclasses.asdict(span)) + "\n")
+    print(f"{len(spans)} spans received", flush=True)
+    receiver.close()
 
 
 if __name__ == "__main__":
