@@ -1,10 +1,12 @@
-"""The gRPC channels to the vision service, and which one carries each Encode call.
+"""The gRPC channels to the vision service, and, under ``--vision-balancing round_robin``,
+which one carries each Encode call.
 
 A ``dns:///name:port`` target with round-robin load balancing spreads calls over every
 address the name resolves to (several vision replicas behind one Compose/Kubernetes name).
 Several channels (``--vision-channels``) give each replica several HTTP/2 connections, so that
 large transfers do not queue behind each other on one connection; ``ChannelBalancer.pick``
-takes them in turn. A balancer that knows replicas replaces that one method.
+takes them in turn. Under ``--vision-balancing affinity`` (the default)
+``llm_server.vision.replicas`` opens channels to each replica instead, with the same options.
 """
 
 from __future__ import annotations

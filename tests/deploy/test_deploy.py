@@ -368,6 +368,9 @@ def test_two_vision_replicas_behind_one_target(tiny_models, log_dir):
                 str(tiny_models["hf"]),
                 "--port=0",
                 f"--vision-target={target}",
+                # The even spread checked below is round robin's; affinity placement is
+                # tests/integration/test_vision_fleet.py's.
+                "--vision-balancing=round_robin",
                 "--enforce-eager",
                 "--served-model-name=m",
             ],  # fmt: skip
