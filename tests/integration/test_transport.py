@@ -91,7 +91,7 @@ def test_both_transports_give_bit_identical_rows(flash_vision, vir):
 
 def test_language_stacks_use_the_transport_they_were_given(stacks):
     """The e2e exactness tests run "hf" over shared memory and "original" over gRPC."""
-    from test_e2e_chat import CONVERSATIONS, greedy
+    from chats import CONVERSATIONS, greedy
 
     for name, transport in (("hf", "shared_memory"), ("original", "grpc")):
         base_url = stacks[name].base_url
