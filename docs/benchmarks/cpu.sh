@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DvD vs coupled on a 2-core CPU machine, the hop cost, text-only overhead vs `vllm serve`,
-# embedding transport, and video (tokens and TTFT by frames and router mode). Results (JSON,
-# PNG) land in docs/benchmarks/results/.
+# embedding transport, video (tokens and TTFT by frames and router mode), and visual-token
+# budgets (STEPS=budget: not in the default run). Results (JSON, PNG) land in
+# docs/benchmarks/results/.
 #
 #   bash docs/benchmarks/cpu.sh            # everything (about 40 minutes on 2 cores)
 #   STEPS="sweep hop" bash docs/benchmarks/cpu.sh
@@ -139,6 +140,26 @@ if [[ " $STEPS " == *" video "* ]]; then
   stop_all
   dvd-bench compare "$OUT"/video-f8-off.json "$OUT"/video-f8-auto.json "$OUT"/video-f16-off.json \
     "$OUT"/video-f16-auto.json "$OUT"/video-f32-off.json "$OUT"/video-f32-auto.json | tee "$OUT/video.md"
+fi
+
+if [[ " $STEPS " == *" budget "* ]]; then
+  # Visual-token budgets: the image-heavy mix at concurrency 4 on dvd (shared), the router's
+  # rule off so the budget alone compresses, against no budget. Fresh services for every run:
+  # every run sends the same images, which a warm embedding cache and prefix cache would serve.
+  # Rounds alternate, since the run-to-run spread on a small VM is as large as a small effect.
+  # 640 is above the largest image's minimum (9 tiles x 64), so no request is refused.
+  for round in $(seq "${BUDGET_ROUNDS:-2}"); do
+    for budget in none 1536 1024 640; do
+      if [ "$budget" = none ]; then body='{"vir": "off"}'; else
+        body="{\"vir\": \"off\", \"max_visual_tokens\": $budget}"; fi
+      start_dvd_shared
+      bench "${WORKLOAD[@]}" --concurrency 4 --label "vir=off, max_visual_tokens=$budget #$round" \
+        --extra-body "$body" --output "$OUT/budget-$budget-$round.json"
+      stop_all
+    done
+  done
+  dvd-bench compare $(for b in none 1536 1024 640; do echo "$OUT"/budget-$b-[0-9]*.json; done) \
+    | tee "$OUT/budget.md"
 fi
 
 if [[ " $STEPS " == *" text "* ]]; then
