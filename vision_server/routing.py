@@ -112,11 +112,10 @@ def check_budget(
     (``compressed_tokens`` each) or, without a router (``compressed_tokens`` None), below
     every tile's ``full_tokens``. ``labels`` name the items in messages ("image 0")."""
     fewest = full_tokens if compressed_tokens is None else compressed_tokens
-    how = (
-        "uncompressed (this checkpoint has no router)"
-        if compressed_tokens is None
-        else (f"each compressed to {compressed_tokens}")
-    )
+    if compressed_tokens is None:
+        how = "uncompressed (this checkpoint has no router)"
+    else:
+        how = f"each compressed to {compressed_tokens}"
     for cap, tiles, label in zip(budget.per_item, tiles_per_item, labels, strict=False):
         if cap is not None and cap < tiles * fewest:
             raise InvalidRequest(
