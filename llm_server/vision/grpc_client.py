@@ -236,12 +236,17 @@ class GrpcVisualEncoder:
                     metrics.fleet_affinity_hits.inc()
                 elif placement.overflowed:
                     metrics.fleet_overflow_redirects.inc()
-            replica = fleet.begin(placement.replica, tiles)
+            # A probable cache hit loads the replica's encoder with nothing.
+            load = 0 if placement.remembered else tiles
+            replica = fleet.begin(placement.replica, load)
             replies = _Replies()
             try:
-                return await self._encode_on(
+                items = await self._encode_on(
                     replica.encode_method(), request, reservation, deadline, replies
                 )
+                if key is not None:
+                    fleet.served(key, replica.name)
+                return items
             except grpc.aio.AioRpcError as exc:
                 if replies.received or not _unreachable(exc):
                     raise
@@ -256,7 +261,7 @@ class GrpcVisualEncoder:
                 metrics.fleet_failovers.inc()
                 tried = frozenset({replica.name})
             finally:
-                fleet.end(replica, tiles)
+                fleet.end(replica, load)
 
     async def _reserve(self, call: EncodeCall) -> Reservation | None:
         return await self.shared_memory.reserve(call, self.identity.info)

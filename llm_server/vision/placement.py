@@ -80,6 +80,9 @@ class Placement:
     replica: str
     home: str | None  # the key's replica on the ring (None: the call has no key)
     overflowed: bool  # the home was healthy but over its bound
+    # Sent where this key's last call succeeded: its rows are probably cached there, so the
+    # call costs that replica a cache look-up, not an encode, and the bound does not apply.
+    remembered: bool = False
 
 
 def place(

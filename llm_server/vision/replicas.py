@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 HEALTH_CHECK_INTERVAL_S = 1.0
 HEALTH_CHECK_TIMEOUT_S = 2.0
 _DEFAULT_PORT = 443  # gRPC's, for a name given without one
+# Cache identities remembered with the replica that last served them (about 100 bytes each).
+REMEMBERED_KEYS = 65_536
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,8 @@ class ReplicaFleet:
         self.health_interval_s = HEALTH_CHECK_INTERVAL_S
         self.replicas: dict[str, Replica] = {}
         self.ring = HashRing(())
+        # Cache identity -> the replica whose last call for it succeeded (least recent first).
+        self._served: OrderedDict[bytes, str] = OrderedDict()
         self._retired: list[Replica] = []
         self._resolved = asyncio.Event()
         self._on_ready: Callable[[], Awaitable[None]] | None = None
@@ -289,9 +294,25 @@ class ReplicaFleet:
         self, key: bytes | None, tiles: int, exclude: frozenset[str] = frozenset()
     ) -> Placement | None:
         """Where a call with cache identity ``key`` and ``tiles`` tiles goes; None when no
-        replica is left to try."""
+        replica is left to try. A key whose last call succeeded on a replica still usable goes
+        there whatever its load: its rows are probably in that replica's cache, and a hit
+        costs a look-up there, while sending it elsewhere would cost a whole encode (a replica
+        that evicted them since encodes them again, unbounded by its load)."""
+        usable = self.usable(exclude)
+        if key is not None and (served := self._served.get(key)) in usable:
+            assert served is not None
+            self._served.move_to_end(key)
+            home = self.ring.walk(key)[0]
+            return Placement(served, home, False, remembered=True)
         loads = {name: replica.tiles_in_flight for name, replica in self.replicas.items()}
-        return place(self.ring, key, tiles, loads, self.usable(exclude), self.load_bound)
+        return place(self.ring, key, tiles, loads, usable, self.load_bound)
+
+    def served(self, key: bytes, name: str) -> None:
+        """The call with cache identity ``key`` succeeded on replica ``name``."""
+        self._served[key] = name
+        self._served.move_to_end(key)
+        while len(self._served) > REMEMBERED_KEYS:
+            self._served.popitem(last=False)
 
     def begin(self, name: str, tiles: int) -> Replica:
         """Count a call of ``tiles`` tiles in flight on replica ``name``."""

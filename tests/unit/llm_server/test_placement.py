@@ -4,11 +4,13 @@ cache identity and how targets name replicas."""
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
 from llm_server.vision.placement import HashRing, cache_identity, place, within_bound
-from llm_server.vision.replicas import parse_target
+from llm_server.vision.replicas import Replica, ReplicaFleet, parse_target
 from protos.messages import EncodeCall, EncodeOptions, ImageInput, VideoInput
 from protos.options import VirMode
 
@@ -149,3 +151,26 @@ def test_targets_name_their_replicas():
     assert parse_target("unix:/run/vision.sock").fixed == (
         ("unix:/run/vision.sock", "unix:/run/vision.sock"),
     )
+
+
+def test_a_key_goes_back_where_it_last_succeeded_whatever_the_load():
+    """A key served before is probably cached on its replica: it goes there even when that
+    replica is over the bound (a hit costs a look-up; elsewhere it would cost an encode), and
+    to the ring again once that replica is not usable."""
+    fleet = ReplicaFleet("ipv4:" + ",".join(REPLICAS), channels=1, load_bound=1.25)
+    fleet.replicas = {
+        name: cast(Replica, SimpleNamespace(healthy=True, tiles_in_flight=0)) for name in REPLICAS
+    }
+    fleet.ring = HashRing(REPLICAS)
+    key = KEYS[11]
+    home, next_one = fleet.ring.walk(key)[:2]
+    fleet.replicas[home].tiles_in_flight = 13
+    placed = fleet.place(key, 1)
+    assert placed is not None and placed.replica == next_one and placed.overflowed
+    fleet.served(key, next_one)  # encoded there: its rows are cached there now
+    fleet.replicas[next_one].tiles_in_flight = 40
+    placed = fleet.place(key, 1)
+    assert placed is not None and placed.replica == next_one and placed.remembered
+    fleet.replicas[next_one].healthy = False
+    placed = fleet.place(key, 1)
+    assert placed is not None and placed.replica != next_one and not placed.remembered
