@@ -14,10 +14,12 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import router_reference
 import torch
 import torch.nn.functional as F
 from helpers import encode_image, encode_over_grpc, noise_image, same_pixels_other_file
 from PIL import Image
+from router_reference import compress_prob as reference_compress_prob
 from safetensors.torch import load_file
 
 from protos.dvd.v1 import vision_pb2
@@ -62,12 +64,8 @@ def flash_thresholds(tiny_flash_models) -> tuple[float, float]:
 
 
 def vit_features(oracle, image: Image.Image) -> torch.Tensor:
-    model, processor = oracle
-    pixel_values = processor(image, crop_to_patches=True, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        return model.model.vision_tower(pixel_values=pixel_values).last_hidden_state[
-            :, 1:
-        ]  # [n, 1024, D]
+    """transformers' ViT features of an image's tiles: ``[n, 1024, D]``."""
+    return router_reference.vit_features(oracle, router_reference.image_tiles(oracle, image))
 
 
 def reference_mlp2(oracle, weights, features: torch.Tensor) -> torch.Tensor:
@@ -82,39 +80,6 @@ def reference_mlp2(oracle, weights, features: torch.Tensor) -> torch.Tensor:
         x = F.gelu(F.linear(x, weights["mlp2.1.weight"], weights["mlp2.1.bias"]))
         x = F.gelu(F.linear(x, weights["mlp2.4.weight"], weights["mlp2.4.bias"]))
         return F.linear(x, weights["mlp2.7.weight"], weights["mlp2.7.bias"])  # [n, 64, llm]
-
-
-def reference_compress_prob(weights, features: torch.Tensor) -> torch.Tensor:
-    """p0 per tile: query-token attention pooling (attn1, then attn2 three times, as the
-    published Flash model computes it) and the residual gating MLP."""
-    n, _, width = features.shape
-    keys = features.transpose(0, 1)  # [1024, n, D]: functional MHA is sequence-first
-    query = weights["pooling_before_gating.query_token"].unsqueeze(1).expand(1, n, width)
-    with torch.no_grad():
-        for stage in (1, 2, 2, 2):
-            prefix = f"pooling_before_gating.attn{stage}"
-            query, _ = F.multi_head_attention_forward(
-                query, keys, keys, width, 16,
-                weights[f"{prefix}.in_proj_weight"], weights[f"{prefix}.in_proj_bias"],
-                None, None, False, 0.0,
-                weights[f"{prefix}.out_proj.weight"], weights[f"{prefix}.out_proj.bias"],
-                training=False, need_weights=False,
-            )  # fmt: skip
-            norm = f"pooling_before_gating.norm{stage}"
-            query = F.layer_norm(
-                query, (width,), weights[f"{norm}.weight"], weights[f"{norm}.bias"]
-            )
-        x = query.squeeze(0)  # [n, D]
-        for block in range(1, 5):
-            p = f"gating.block{block}"
-            h = F.gelu(F.linear(x, weights[f"{p}.0.weight"], weights[f"{p}.0.bias"]))
-            h = F.linear(h, weights[f"{p}.3.weight"], weights[f"{p}.3.bias"])
-            x = x + F.layer_norm(h, (width,), weights[f"{p}.5.weight"], weights[f"{p}.5.bias"])
-        x = F.layer_norm(
-            x, (width,), weights["gating.gate.0.weight"], weights["gating.gate.0.bias"]
-        )
-        logits = F.linear(x, weights["gating.gate.1.weight"], weights["gating.gate.1.bias"])
-    return logits.softmax(-1)[:, 0]
 
 
 def rule(p0: torch.Tensor, relative: float, absolute: float) -> list[bool]:
