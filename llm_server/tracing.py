@@ -85,8 +85,10 @@ def configure(environ: Mapping[str, str] | None = None) -> bool:
         exporter = HTTPSpanExporter()
     if environ is os.environ:
         # vLLM's engine processes start a tracer of their own when they inherit a traces
-        # endpoint, speaking gRPC unless this says otherwise: the same protocol as ours.
+        # endpoint, speaking gRPC unless told otherwise: the same protocol as ours ...
         os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", otlp_protocol(environ))
+        # ... and name their start-up spans after this service, not "unknown_service".
+        os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
     resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
