@@ -17,6 +17,7 @@ MODEL=${MODEL:-$HOME/.cache/dvd/bench-internvl-flash}
 HTTP_PORT=${HTTP_PORT:-8390} GRPC_PORT=${GRPC_PORT:-50390} METRICS_PORT=${METRICS_PORT:-9390}
 CONVERSATIONS=${CONVERSATIONS:-8}
 PART=${1:-multiturn}
+ROUND=${ROUND:-}  # a suffix for the result files of a repeated run (e.g. ROUND=-2)
 mkdir -p "$OUT"
 export VLLM_CPU_KVCACHE_SPACE=2 TOKENIZERS_PARALLELISM=false
 
@@ -85,11 +86,12 @@ mix)
   for balancing in affinity round_robin; do
     start_fleet 3 "$balancing"
     dvd-bench run --base-url "http://127.0.0.1:$HTTP_PORT" "${WORKLOAD[@]}" \
-      --label "3 replicas, $balancing" --output "$OUT/fleet-mix-$balancing.json"
-    fleet_metrics 3 "$OUT/fleet-mix-$balancing-metrics.txt"
+      --label "3 replicas, $balancing" --output "$OUT/fleet-mix-$balancing$ROUND.json"
+    fleet_metrics 3 "$OUT/fleet-mix-$balancing$ROUND-metrics.txt"
     stop_all
   done
-  dvd-bench compare "$OUT"/fleet-mix-{affinity,round_robin}.json | tee "$OUT/fleet-mix.md"
+  dvd-bench compare "$OUT"/fleet-mix-{affinity,round_robin}"$ROUND".json \
+    | tee "$OUT/fleet-mix$ROUND.md"
   ;;
 failover)
   # Steady load on 3 replicas; 20 s in, one replica is SIGKILLed. Every response's status is
