@@ -77,7 +77,7 @@ HIDDEN = 128  # the tiny checkpoint's language-model width
 def output(text: str = "tok", index: int = 0, finish_reason: str | None = None) -> Any:
     """One step of vLLM's output stream (the fields the API reads)."""
     completion = SimpleNamespace(index=index, text=text, token_ids=[7], finish_reason=finish_reason)
-    return SimpleNamespace(outputs=[completion], num_cached_tokens=0)
+    return SimpleNamespace(outputs=[completion], num_cached_tokens=0, metrics=None)
 
 
 class ScriptedEngine:
