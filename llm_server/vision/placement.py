@@ -145,7 +145,7 @@ def cache_identity(call: EncodeCall) -> bytes | None:
         repr(
             (
                 options.max_tiles or 0,
-                options.vir.value if options.vir is not None else "",
+                str(options.vir) if options.vir is not None else "",
                 options.vir_threshold,
                 options.max_visual_tokens,
                 routed,

@@ -129,6 +129,9 @@ def test_cache_identity_follows_what_the_vision_cache_keys_on():
     off = EncodeOptions(vir=VirMode.OFF)
     assert cache_identity(EncodeCall([a, b], (), off)) == cache_identity(EncodeCall([a], (), off))
     assert cache_identity(EncodeCall([a], (), off)) != cache_identity(EncodeCall([a], (), routed))
+    # The mode given as its plain string names the same rows.
+    as_text = EncodeOptions(vir="off")  # type: ignore[arg-type]
+    assert cache_identity(EncodeCall([a], (), as_text)) == cache_identity(EncodeCall([a], (), off))
     # Videos are not cached: nothing to be near.
     assert cache_identity(EncodeCall([], [VideoInput(b"video")], routed)) is None
 
