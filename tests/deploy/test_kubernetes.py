@@ -284,7 +284,7 @@ def test_vision_pods(overlay):
         assert "nvidia.com/gpu" not in limits
         assert container["image"] == "dvd:cpu"
 
-    # Headless: DNS returns every ready pod, which dns:/// + round robin needs.
+    # Headless: DNS returns every ready pod, so the language service sees each as a replica.
     service = manifests.get("Service", "vision")
     assert service["spec"]["clusterIP"] == "None"
     pod_labels = manifests.get("Deployment", "vision")["spec"]["template"]["metadata"]["labels"]
@@ -1542,7 +1542,7 @@ def test_new_vision_pods_get_calls_and_leaving_ones_drain(cpu_cluster):
             f"new vision pod got its first call {took:.1f} s after it joined the Service "
             f"(bound {bound_s:.1f} s, of which {slack_s:.1f} s for a request)"
         )
-        # Both keep taking calls (round robin over the two).
+        # Both keep taking calls (each distinct image's key lands on one of the two).
         before = (first.encoded(), second.encoded())
         wait_for(lambda: first.encoded() > before[0] + 2 and second.encoded() > before[1] + 2, 30)
 
