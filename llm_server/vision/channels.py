@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -59,23 +59,9 @@ class ChannelBalancer:
     def __init__(self, target: str, count: int) -> None:
         self.target = target
         self.channels = [open_channel(target, index) for index in range(count)]
-        # Encode's messages arrive as raw bytes: codec.parse_response reads chunks without
-        # copying them through protobuf objects.
-        self._encode: list[EncodeMethod] = [
-            channel.unary_stream(
-                "/dvd.v1.VisionService/Encode",
-                request_serializer=vision_pb2.EncodeRequest.SerializeToString,
-                response_deserializer=None,
-            )
-            for channel in self.channels
-        ]
+        self._encode = encode_methods(self.channels)
         self._next = 0
-        self.health = health_pb2_grpc.HealthStub(self.channels[0])
-        self.model_info = self.channels[0].unary_unary(
-            "/dvd.v1.VisionService/GetModelInfo",
-            request_serializer=vision_pb2.GetModelInfoRequest.SerializeToString,
-            response_deserializer=vision_pb2.ModelInfo.FromString,
-        )
+        self.health, self.model_info = control_stubs(self.channels[0])
         self._watchers: list[asyncio.Task[None]] = []
 
     def pick(self) -> EncodeMethod:
@@ -122,6 +108,29 @@ def open_channel(target: str, index: int) -> grpc.aio.Channel:
             *channel_options(index, retries=True),
         ],
     )
+
+
+def encode_methods(channels: Sequence[grpc.aio.Channel]) -> list[EncodeMethod]:
+    """One Encode method per channel. Its messages arrive as raw bytes: codec.parse_response
+    reads chunks without copying them through protobuf objects."""
+    return [
+        channel.unary_stream(
+            "/dvd.v1.VisionService/Encode",
+            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        for channel in channels
+    ]
+
+
+def control_stubs(channel: grpc.aio.Channel) -> tuple[health_pb2_grpc.HealthStub, Any]:
+    """The health check and GetModelInfo on ``channel``."""
+    model_info = channel.unary_unary(
+        "/dvd.v1.VisionService/GetModelInfo",
+        request_serializer=vision_pb2.GetModelInfoRequest.SerializeToString,
+        response_deserializer=vision_pb2.ModelInfo.FromString,
+    )
+    return health_pb2_grpc.HealthStub(channel), model_info
 
 
 def channel_options(index: int, *, retries: bool) -> list[tuple[str, str | int]]:

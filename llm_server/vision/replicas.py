@@ -29,17 +29,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from llm_server import metrics
 from llm_server.vision.channels import (
     DNS_RERESOLUTION_INTERVAL_MS,
     EncodeMethod,
     channel_options,
+    control_stubs,
+    encode_methods,
     watch_connection,
 )
 from llm_server.vision.placement import HashRing, Placement, place
-from protos.dvd.v1 import vision_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -151,21 +152,9 @@ class Replica:
             grpc.aio.insecure_channel(channel_target, options=channel_options(index, retries=False))
             for index in range(count)
         ]
-        self._encode: list[EncodeMethod] = [
-            channel.unary_stream(
-                "/dvd.v1.VisionService/Encode",
-                request_serializer=vision_pb2.EncodeRequest.SerializeToString,
-                response_deserializer=None,
-            )
-            for channel in self.channels
-        ]
+        self._encode = encode_methods(self.channels)
         self._next = 0
-        self.health = health_pb2_grpc.HealthStub(self.channels[0])
-        self.model_info = self.channels[0].unary_unary(
-            "/dvd.v1.VisionService/GetModelInfo",
-            request_serializer=vision_pb2.GetModelInfoRequest.SerializeToString,
-            response_deserializer=vision_pb2.ModelInfo.FromString,
-        )
+        self.health, self.model_info = control_stubs(self.channels[0])
         self.healthy: bool | None = None  # None: not checked yet
         self.tiles_in_flight = 0
         self.calls_in_flight = 0
