@@ -68,7 +68,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
     DVD_CACHE_DIR=/cache/dvd \
     DVD_HOST=0.0.0.0 \
-    VLLM_CPU_KVCACHE_SPACE=2
+    DVD_CPU_KV_CACHE_GIB=2
 USER dvd
 WORKDIR /home/dvd
 VOLUME ["/cache"]

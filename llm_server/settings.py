@@ -156,8 +156,10 @@ class LLMSettings(CheckpointSettings):
     enforce_eager: bool = Field(
         False, description="skip CUDA graphs / compilation (faster start, slower decode)"
     )
-    cpu_kv_cache_gib: int = Field(
-        1, ge=1, description="KV-cache size on CPU (GiB; sets VLLM_CPU_KVCACHE_SPACE)"
+    cpu_kv_cache_gib: float = Field(
+        1.0,
+        gt=0,
+        description="KV-cache size on CPU (GiB; VLLM_CPU_KVCACHE_SPACE, when set, wins)",
     )
     seed: int = Field(0, description="engine seed")
     prefix_caching: bool = Field(

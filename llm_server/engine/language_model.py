@@ -39,6 +39,20 @@ def llm_dtype_from_checkpoint(requested: str, spec: CheckpointSpec) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
 
 
+def cpu_kv_cache_size(settings: LLMSettings, given: Mapping[str, Any]) -> dict[str, int]:
+    """vLLM's ``kv_cache_memory_bytes`` on CPU from ``--cpu-kv-cache-gib``, unless the command
+    line gave it or ``VLLM_CPU_KVCACHE_SPACE`` is set (vLLM reads that variable itself, in
+    whole GiB, and it wins). Without either, vLLM's CPU backend would size the cache from the
+    host's free memory."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or "kv_cache_memory_bytes" in given:
+        return {}
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    return {"kv_cache_memory_bytes": int(settings.cpu_kv_cache_gib * 2**30)}
+
+
 class LanguageEngine:
     """One vLLM engine serving the checkpoint's language model."""
 
@@ -74,12 +88,11 @@ class LanguageEngine:
 
         backbone = backbone_of(spec.text_config)
         logger.info("language model: %s", backbone.describe())
-        # vLLM's CPU backend sizes its KV cache from this variable (GiB).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
         config_dir = language_model_config_dir(spec, cache_dir)
         given = dict(engine_args or {})
         if given:
             logger.info("vLLM engine arguments: %s", ", ".join(iter_given(given)))
+        given.update(cpu_kv_cache_size(settings, given))
         args = AsyncEngineArgs(
             **given,  # the rest keep vLLM's defaults (generation_config: auto, the checkpoint's)
             # What DvD sets (refused on the command line), then DvD's own settings.

@@ -78,7 +78,6 @@ OTHER_VARIABLES = {
     "HF_HUB_OFFLINE",
     "HF_TOKEN",
     "VLLM_NO_USAGE_STATS",
-    "VLLM_CPU_KVCACHE_SPACE",
 }
 
 
@@ -959,7 +958,7 @@ def llm_memory(
     device: str,
     model: ServedModel,
     memory_volumes: int,
-    kv_cache_gib: int,
+    kv_cache_gib: float,
 ) -> dict[str, int]:
     """The most one language pod holds, term by term."""
     gpus = llm.tensor_parallel_size * llm.pipeline_parallel_size
@@ -969,7 +968,7 @@ def llm_memory(
         "runtime": RUNTIME_BYTES["llm"] + (gpus * CUDA_PROCESS_BYTES if device == "cuda" else 0),
         # CPU: read, then held (float32 at most). CUDA: the files pass through host memory.
         "weights": 2 * 4 * model.parameters if device == "cpu" else model.file_bytes,
-        "KV cache": kv_cache_gib * GiB if device == "cpu" else 0,
+        "KV cache": int(kv_cache_gib * GiB) if device == "cpu" else 0,
         # Memory-backed emptyDirs (/dev/shm) are charged to the pod.
         "memory volumes": memory_volumes,
         # Each connection may be reading a body; a body is held as read, joined, and parsed
@@ -1009,7 +1008,6 @@ def memory_bounds(manifests: Manifests, model: ServedModel) -> dict[str, dict[st
     llm = declared_settings(manifests, "llm")
     gpu = "nvidia.com/gpu" in manifests.container("vision")["resources"]["limits"]
     device = "cuda" if gpu else "cpu"
-    kv = manifests.environment("llm").get("VLLM_CPU_KVCACHE_SPACE")  # wins over the setting
     replicas = manifests.get("Deployment", "llm")["spec"]["replicas"]
     return {
         "vision": vision_memory(vision, llm, replicas, device, model),
@@ -1019,7 +1017,7 @@ def memory_bounds(manifests: Manifests, model: ServedModel) -> dict[str, dict[st
             device,
             model,
             memory_volume_bytes(manifests, "llm"),
-            int(kv) if kv else llm.cpu_kv_cache_gib,
+            llm.cpu_kv_cache_gib,
         ),
     }
 
