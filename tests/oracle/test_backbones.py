@@ -39,6 +39,9 @@ from checkpoints.tiny import BACKBONES, write_tiny_checkpoint
 from llm_server.engine.backbone import backbone_of
 from llm_server.engine.model_files import language_model_config_dir
 
+# Four stacks of its own: they must not be up while the session's shared stacks are.
+pytestmark = pytest.mark.runs_first
+
 MOE_BACKBONES = ["qwen3_moe", "gpt_oss"]
 LAYOUTS = ["hf", "original"]
 
