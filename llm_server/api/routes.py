@@ -20,11 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.completion_protocol import CompletionRequest, text_completion_id
-from llm_server.api.completions import CompletionService
+from llm_server.api.completions import CompletionService, PreparedCompletion
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
 from llm_server.api.response_protocol import ResponsesRequest, response_id
-from llm_server.api.responses import ResponsesService
-from llm_server.api.serving import ChatService
+from llm_server.api.responses import PreparedResponse, ResponsesService
+from llm_server.api.serving import ChatService, PreparedChat
 from llm_server.api.tokenization import TokenizationService
 from llm_server.api.tokenize_protocol import (
     DetokenizeRequest,
@@ -36,6 +36,7 @@ from llm_server.errors import APIError, EngineUnavailable, Unauthorized
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = TypeVar("P")  # a route's prepared request
 
 
 # The dependencies are ``async def`` although they never wait: FastAPI runs a plain ``def``
@@ -172,27 +173,62 @@ class ScopedStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
+async def generate(
+    request: Request,
+    slot: contextlib.AbstractAsyncContextManager[Any],
+    request_id: str,
+    prepare: Callable[[], Awaitable[P]],
+    stream: Callable[[P], AsyncGenerator[str, None]] | None,
+    complete: Callable[[P], Awaitable[dict[str, Any]]],
+) -> Response:
+    """What every generating route does: take a slot first (an overloaded server refuses
+    before fetching or decoding any image), prepare the request, then answer it whole
+    (``stream`` None) or as a stream that takes the slot over, since it outlives this call.
+    The work is cancelled if the client disconnects."""
+    headers = {"X-Request-Id": request_id}
+    async with contextlib.AsyncExitStack() as request_scope:
+        await request_scope.enter_async_context(slot)
+        prepared = await until_disconnected(request, prepare())
+        if stream is not None:
+            return ScopedStreamingResponse(
+                stream(prepared),
+                request_scope.pop_all(),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        answer = await until_disconnected(request, complete(prepared))
+    return JSONResponse(answer, headers=headers)
+
+
+def include_usage(stream_options: Any) -> bool:
+    return bool(stream_options and stream_options.include_usage)
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, chat: ChatDependency
 ) -> Response:
     request_id = completion_id()
-    headers = {"X-Request-Id": request_id}
-    async with contextlib.AsyncExitStack() as request_scope:
-        # A slot first: an overloaded server refuses before fetching or decoding any image.
-        await request_scope.enter_async_context(chat.admission.slot())
-        prepared = await until_disconnected(request, chat.prepare(body, request_id))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat.stream(
-                prepared, include_usage=include_usage, return_token_ids=body.return_token_ids
-            )
-            # The stream outlives this function: its response takes the slot over.
-            return ScopedStreamingResponse(
-                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
-            )
-        response = await until_disconnected(request, chat.complete(prepared, body.return_token_ids))
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+
+    async def complete(prepared: PreparedChat) -> dict[str, Any]:
+        response = await chat.complete(prepared, body.return_token_ids)
+        return response.model_dump(exclude_none=True)
+
+    def stream(prepared: PreparedChat) -> AsyncGenerator[str, None]:
+        return chat.stream(
+            prepared,
+            include_usage=include_usage(body.stream_options),
+            return_token_ids=body.return_token_ids,
+        )
+
+    return await generate(
+        request,
+        chat.admission.slot(),
+        request_id,
+        lambda: chat.prepare(body, request_id),
+        stream if body.stream else None,
+        complete,
+    )
 
 
 @router.post("/v1/completions")
@@ -200,18 +236,21 @@ async def create_completion(
     body: CompletionRequest, request: Request, completions: CompletionsDependency
 ) -> Response:
     request_id = text_completion_id()
-    headers = {"X-Request-Id": request_id}
-    async with contextlib.AsyncExitStack() as request_scope:
-        await request_scope.enter_async_context(completions.admission.slot())
-        prepared = await until_disconnected(request, completions.prepare(body, request_id))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = completions.stream(prepared, include_usage=include_usage)
-            return ScopedStreamingResponse(
-                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
-            )
-        response = await until_disconnected(request, completions.complete(prepared))
-    return JSONResponse(response.wire(), headers=headers)
+
+    async def complete(prepared: PreparedCompletion) -> dict[str, Any]:
+        return (await completions.complete(prepared)).wire()
+
+    def stream(prepared: PreparedCompletion) -> AsyncGenerator[str, None]:
+        return completions.stream(prepared, include_usage=include_usage(body.stream_options))
+
+    return await generate(
+        request,
+        completions.admission.slot(),
+        request_id,
+        lambda: completions.prepare(body, request_id),
+        stream if body.stream else None,
+        complete,
+    )
 
 
 @router.post("/v1/responses")
@@ -219,17 +258,18 @@ async def create_response(
     body: ResponsesRequest, request: Request, responses: ResponsesDependency
 ) -> Response:
     request_id = response_id()
-    headers = {"X-Request-Id": request_id}
-    async with contextlib.AsyncExitStack() as request_scope:
-        await request_scope.enter_async_context(responses.admission.slot())
-        prepared = await until_disconnected(request, responses.prepare(body, request_id))
-        if body.stream:
-            events = responses.stream(prepared)
-            return ScopedStreamingResponse(
-                events, request_scope.pop_all(), media_type="text/event-stream", headers=headers
-            )
-        response = await until_disconnected(request, responses.create(prepared))
-    return JSONResponse(response.wire(), headers=headers)
+
+    async def complete(prepared: PreparedResponse) -> dict[str, Any]:
+        return (await responses.create(prepared)).wire()
+
+    return await generate(
+        request,
+        responses.admission.slot(),
+        request_id,
+        lambda: responses.prepare(body, request_id),
+        responses.stream if body.stream else None,
+        complete,
+    )
 
 
 @router.get("/v1/responses/{response_id}")
