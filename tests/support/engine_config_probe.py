@@ -21,6 +21,7 @@ def engine_config(vllm_config: Any) -> dict[str, Any]:
     return {
         "kv_cache_dtype": str(cache.cache_dtype),
         "block_size": cache.block_size,
+        "kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
         "enable_prefix_caching": cache.enable_prefix_caching,
         "max_num_batched_tokens": scheduler.max_num_batched_tokens,
         "enable_chunked_prefill": scheduler.enable_chunked_prefill,

@@ -22,6 +22,7 @@ from llm_server.engine.engine_args import (
     settings_options,
     split_serve_command_line,
 )
+from llm_server.engine.language_model import cpu_kv_cache_size
 from llm_server.launcher import ServeSettings
 from llm_server.settings import LLMSettings
 
@@ -208,3 +209,16 @@ def test_engine_arguments_reach_the_running_engine(tiny_models, tmp_path: Path):
     assert config["max_num_seqs"] == 8
     assert config["enable_prefix_caching"] is True
     assert config["enable_prompt_embeds"] is True
+    # --cpu-kv-cache-gib (LLM_TEST_ENV's DVD_CPU_KV_CACHE_GIB=0.25) sized the CPU KV cache.
+    assert config["kv_cache_memory_bytes"] == 2**28
+
+
+def test_cpu_kv_cache_size_gives_way_to_vllm_spellings(monkeypatch):
+    """The setting becomes vLLM's kv_cache_memory_bytes, unless that argument was given or
+    VLLM_CPU_KVCACHE_SPACE is set (vLLM applies the variable itself)."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    settings = LLMSettings(cpu_kv_cache_gib=0.5)
+    assert cpu_kv_cache_size(settings, {}) == {"kv_cache_memory_bytes": 2**29}
+    assert cpu_kv_cache_size(settings, {"kv_cache_memory_bytes": 123}) == {}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert cpu_kv_cache_size(settings, {}) == {}
