@@ -381,6 +381,9 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     vision: VisionSummary | None = None
 
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
 
 class FunctionCallDelta(BaseModel):
     name: str | None = None

@@ -9,7 +9,8 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from functools import partial
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,11 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.completion_protocol import CompletionRequest, text_completion_id
-from llm_server.api.completions import CompletionService, PreparedCompletion
+from llm_server.api.completions import CompletionService
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
 from llm_server.api.response_protocol import ResponsesRequest, response_id
-from llm_server.api.responses import PreparedResponse, ResponsesService
-from llm_server.api.serving import ChatService, PreparedChat
+from llm_server.api.responses import ResponsesService
+from llm_server.api.serving import ChatService
 from llm_server.api.tokenization import TokenizationService
 from llm_server.api.tokenize_protocol import (
     DetokenizeRequest,
@@ -173,13 +174,17 @@ class ScopedStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
+class WireAnswer(Protocol):
+    def wire(self) -> dict[str, Any]: ...
+
+
 async def generate(
     request: Request,
     slot: contextlib.AbstractAsyncContextManager[Any],
     request_id: str,
     prepare: Callable[[], Awaitable[P]],
     stream: Callable[[P], AsyncGenerator[str, None]] | None,
-    complete: Callable[[P], Awaitable[dict[str, Any]]],
+    complete: Callable[[P], Awaitable[WireAnswer]],
 ) -> Response:
     """What every generating route does: take a slot first (an overloaded server refuses
     before fetching or decoding any image), prepare the request, then answer it whole
@@ -197,7 +202,7 @@ async def generate(
                 headers=headers,
             )
         answer = await until_disconnected(request, complete(prepared))
-    return JSONResponse(answer, headers=headers)
+    return JSONResponse(answer.wire(), headers=headers)
 
 
 def include_usage(stream_options: Any) -> bool:
@@ -209,25 +214,18 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, chat: ChatDependency
 ) -> Response:
     request_id = completion_id()
-
-    async def complete(prepared: PreparedChat) -> dict[str, Any]:
-        response = await chat.complete(prepared, body.return_token_ids)
-        return response.model_dump(exclude_none=True)
-
-    def stream(prepared: PreparedChat) -> AsyncGenerator[str, None]:
-        return chat.stream(
-            prepared,
-            include_usage=include_usage(body.stream_options),
-            return_token_ids=body.return_token_ids,
-        )
-
+    stream = partial(
+        chat.stream,
+        include_usage=include_usage(body.stream_options),
+        return_token_ids=body.return_token_ids,
+    )
     return await generate(
         request,
         chat.admission.slot(),
         request_id,
-        lambda: chat.prepare(body, request_id),
-        stream if body.stream else None,
-        complete,
+        prepare=lambda: chat.prepare(body, request_id),
+        stream=stream if body.stream else None,
+        complete=partial(chat.complete, return_token_ids=body.return_token_ids),
     )
 
 
@@ -236,20 +234,14 @@ async def create_completion(
     body: CompletionRequest, request: Request, completions: CompletionsDependency
 ) -> Response:
     request_id = text_completion_id()
-
-    async def complete(prepared: PreparedCompletion) -> dict[str, Any]:
-        return (await completions.complete(prepared)).wire()
-
-    def stream(prepared: PreparedCompletion) -> AsyncGenerator[str, None]:
-        return completions.stream(prepared, include_usage=include_usage(body.stream_options))
-
+    stream = partial(completions.stream, include_usage=include_usage(body.stream_options))
     return await generate(
         request,
         completions.admission.slot(),
         request_id,
-        lambda: completions.prepare(body, request_id),
-        stream if body.stream else None,
-        complete,
+        prepare=lambda: completions.prepare(body, request_id),
+        stream=stream if body.stream else None,
+        complete=completions.complete,
     )
 
 
@@ -258,17 +250,13 @@ async def create_response(
     body: ResponsesRequest, request: Request, responses: ResponsesDependency
 ) -> Response:
     request_id = response_id()
-
-    async def complete(prepared: PreparedResponse) -> dict[str, Any]:
-        return (await responses.create(prepared)).wire()
-
     return await generate(
         request,
         responses.admission.slot(),
         request_id,
-        lambda: responses.prepare(body, request_id),
-        responses.stream if body.stream else None,
-        complete,
+        prepare=lambda: responses.prepare(body, request_id),
+        stream=responses.stream if body.stream else None,
+        complete=responses.create,
     )
 
 
