@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH"
-OUT=docs/benchmarks/results
+OUT=$PWD/docs/benchmarks/results
 MODEL=${MODEL:-$HOME/.cache/dvd/bench-internvl-flash}
 ROUNDS=${ROUNDS:-2}
 CONCURRENCY=${CONCURRENCY:-4}
@@ -45,9 +45,10 @@ cleanup() {
 trap cleanup EXIT
 
 run() {  # run MODE ROUND
-  local mode=$1 round=$2 env=(OTEL_SDK_DISABLED=false)
-  # "before": the baseline's modules shadow the installed ones (the services it starts too).
-  if [ "$mode" = before ]; then env+=(PYTHONPATH="$BASELINE_TREE"); fi
+  local mode=$1 round=$2 env=(OTEL_SDK_DISABLED=false) code=$PWD
+  # "before": the baseline's modules shadow the installed ones, and the services run from its
+  # tree (`python -m` puts the working directory first on the module path).
+  if [ "$mode" = before ]; then code=$BASELINE_TREE; env+=(PYTHONPATH="$BASELINE_TREE"); fi
   if [ "$mode" = on ]; then
     python tests/support/otlp_receiver.py "$OUT/$PREFIX-spans-$round.jsonl" > "$OUT/receiver.out" &
     pids+=($!)
@@ -55,8 +56,8 @@ run() {  # run MODE ROUND
     env=(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="$(head -1 "$OUT/receiver.out")" OTEL_TRACES_SAMPLER=always_on)
   fi
   rm -f "$OUT/serve.ports"
-  env "${env[@]}" dvd-serve --model "$MODEL" --port 0 --vision-port 0 --port-file "$OUT/serve.ports" \
-    > "$OUT/serve-$PREFIX-$mode.log" 2>&1 & pids+=($!)
+  (cd "$code" && exec env "${env[@]}" dvd-serve --model "$MODEL" --port 0 --vision-port 0 \
+    --port-file "$OUT/serve.ports") > "$OUT/serve-$PREFIX-$mode.log" 2>&1 & pids+=($!)
   for _ in $(seq 1200); do [ -s "$OUT/serve.ports" ] && break; sleep 0.5; done
   local url="http://127.0.0.1:$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["port"])' "$OUT/serve.ports")"
   local name; name=$(curl -sf "$url/v1/models" | python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
