@@ -110,6 +110,18 @@ def _marked_while(item: pytest.Item) -> Iterator[None]:
         helpers._current_test_marked.pop()
 
 
+@pytest.fixture(autouse=True)
+def _test_process_keeps_normal_scheduling() -> Iterator[None]:
+    """A test that leaves this process under a real-time policy fails by name: every server
+    started afterwards would inherit it (a busy-polling vLLM worker at SCHED_FIFO 99 starves
+    a 2-core machine). SVT-AV1's encoder, run as root, did that once."""
+    yield
+    policy = os.sched_getscheduler(0)
+    if policy != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail(f"the test left the test process under scheduling policy {policy}")
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

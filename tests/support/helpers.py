@@ -290,20 +290,30 @@ def encode_video(
     fps: int = 10,
     pix_fmt: str = "yuv420p",
 ) -> bytes:
-    """A video file of ``frames`` (``[h, w, 3]`` uint8 RGB arrays), made with PyAV."""
+    """A video file of ``frames`` (``[h, w, 3]`` uint8 RGB arrays), made with PyAV.
+
+    SVT-AV1 (``libsvtav1``), run as root, switches the calling thread to SCHED_FIFO priority
+    99 and leaves it so; every process the test process starts afterwards would inherit that
+    policy, and a busy-polling vLLM worker at real-time priority starves the machine. The
+    calling thread's policy is put back once the video is made."""
     import av
 
+    policy, priority = os.sched_getscheduler(0), os.sched_getparam(0)
     height, width = frames[0].shape[:2]
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for pixels in frames:
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            for packet in stream.encode(frame):
+    try:
+        with av.open(buffer, "w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            for pixels in frames:
+                frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, priority)
     return buffer.getvalue()
 
 
