@@ -235,6 +235,25 @@ class Footprint:
     fds: int
     threads: int
     thread_names: dict[str, int]
+    fd_kinds: dict[str, int] = field(default_factory=dict)  # what the fds are, for messages
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The process's fds by what they point at ("socket", "pipe", a file's path, ...)."""
+    kinds: dict[str, int] = {}
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        kind = (
+            target.split(":", 1)[0]
+            if target.startswith(("socket:", "pipe:", "anon_inode:"))
+            else target
+        )
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def footprint(pid: int) -> Footprint:
@@ -246,7 +265,9 @@ def footprint(pid: int) -> Footprint:
         except OSError:  # the thread ended meanwhile
             continue
         names[name] = names.get(name, 0) + 1
-    return Footprint(process.memory_info().rss, process.num_fds(), process.num_threads(), names)
+    return Footprint(
+        process.memory_info().rss, process.num_fds(), process.num_threads(), names, fd_kinds(pid)
+    )
 
 
 # gRPC's event engine runs an elastic pool ("event_engine" threads): it adds a thread when all
@@ -388,9 +409,9 @@ def test_mixed_soak_with_a_vision_restart(soaked, tiny_models, log_dir, record_p
     assert all(o.status < 500 or o in injected for o in outcomes)
     assert len(ledger.bad_inputs) == len(BAD_INPUT)  # every kind of bad input was tried
     assert scrape_metric(soaked.base_url, "dvd:requests_in_flight") == 0
-    assert llm_end.fds <= llm_start.fds
+    assert llm_end.fds <= llm_start.fds, (llm_start.fd_kinds, llm_end.fd_kinds)
     assert fixed_threads(llm_end) <= fixed_threads(llm_start)
-    assert vision_end.fds <= vision_restarted.fds
+    assert vision_end.fds <= vision_restarted.fds, (vision_restarted.fd_kinds, vision_end.fd_kinds)
     assert fixed_threads(vision_end) <= fixed_threads(vision_restarted)
     assert llm_end.rss <= 1.10 * llm_start.rss
     assert core_end <= 1.10 * core_start
