@@ -16,9 +16,11 @@ ARG CPU_IMAGE=python:3.11-slim-bookworm
 FROM scratch AS sources
 COPY pyproject.toml README.md /src/
 COPY protos /src/protos
+COPY checkpoints /src/checkpoints
 COPY vision_server /src/vision_server
 COPY llm_server /src/llm_server
 COPY clients /src/clients
+COPY benchmarks /src/benchmarks
 
 # ---------------------------------------------------------------- CUDA
 FROM ${CUDA_IMAGE} AS cuda-base

@@ -482,7 +482,17 @@ def test_dockerfile_paths_and_commands_exist():
             *sources, _ = shlex.split(line)[1:]
             for source in sources:
                 assert (REPO_ROOT / source).exists(), source
-    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # The sources stage holds every package the project installs (the services import
+    # checkpoints/, the dvd-bench-vision command runs benchmarks/).
+    copied = {
+        Path(shlex.split(line)[-1]).name
+        for line in _stage_lines(lines, "sources")
+        if line.startswith("COPY")
+    }
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {package.rstrip("*") for package in packages} <= copied, copied
+    scripts = project["project"]["scripts"]
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
