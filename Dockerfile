@@ -17,6 +17,7 @@ FROM scratch AS sources
 COPY pyproject.toml README.md /src/
 COPY protos /src/protos
 COPY checkpoints /src/checkpoints
+COPY telemetry /src/telemetry
 COPY vision_server /src/vision_server
 COPY llm_server /src/llm_server
 COPY clients /src/clients

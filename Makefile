@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dvd-installed
 # cpu: the CPU build of vLLM (CI, laptops); use EXTRAS=gpu,dev on a CUDA machine.
 EXTRAS ?= cpu,dev
-PACKAGES := checkpoints vision_server llm_server protos clients benchmarks
+PACKAGES := checkpoints telemetry vision_server llm_server protos clients benchmarks
 
 .PHONY: serve test test-fast lint proto clean
 

@@ -61,7 +61,7 @@ class RequestResult:
     conversation: int = -1
     answer: str = ""  # the streamed text (sent back as history in the next turn)
     # The server's Server-Timing header: milliseconds per stage known before the first byte
-    # (admission, media, vision, vision.queue; named as the server's trace spans).
+    # (body, admission, media, vision, vision.queue; named as the server's trace spans).
     server_timing_ms: dict[str, float] = field(default_factory=dict)
 
     @property

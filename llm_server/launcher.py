@@ -45,7 +45,8 @@ class ServeSettings(CheckpointSettings):
     port_file: str | None = Field(
         None,
         description="once both services serve, write their ports to this file as one JSON "
-        'object ({"host", "port", "vision_port", "pid"}), removed at exit',
+        'object ({"host", "port", "vision_port", "vision_metrics_port", "pid"}; '
+        "vision_metrics_port null without metrics), removed at exit",
     )
     enforce_eager: bool | None = Field(
         None, description="vLLM eager mode (default: on when there is no GPU, for a fast start)"
@@ -96,19 +97,26 @@ def _stop(processes: list[subprocess.Popen[bytes]], timeout: float = 40.0) -> No
             process.wait()
 
 
-def _announce(settings: ServeSettings, port: int, vision_port: int) -> None:
+def _announce(
+    settings: ServeSettings, port: int, vision_port: int, vision_metrics_port: int | None
+) -> None:
     """Say where both services serve, on stdout and in --port-file."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    metrics = "" if vision_metrics_port is None else f", metrics on :{vision_metrics_port}"
     print(
         f"dvd-serve: serving the OpenAI API on http://{host}:{port}/v1 "
-        f"(vision service on {host}:{vision_port}, gRPC)",
+        f"(vision service on {host}:{vision_port}, gRPC{metrics})",
         flush=True,
     )
     if settings.port_file:
-        write_port_file(
-            Path(settings.port_file),
-            {"host": settings.host, "port": port, "vision_port": vision_port, "pid": os.getpid()},
-        )
+        ports = {
+            "host": settings.host,
+            "port": port,
+            "vision_port": vision_port,
+            "vision_metrics_port": vision_metrics_port,
+            "pid": os.getpid(),
+        }
+        write_port_file(Path(settings.port_file), ports)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
             if len(processes) == 2 and llm_ports is None:
                 llm_ports = read_port_file(llm_file, processes[1].pid)
             if not announced and vision_ports is not None and llm_ports is not None:
-                _announce(settings, llm_ports["port"], vision_ports["port"])
+                _announce(
+                    settings,
+                    llm_ports["port"],
+                    vision_ports["port"],
+                    vision_ports.get("metrics_port"),
+                )
                 announced = True
             time.sleep(0.2)
     finally:

@@ -1,15 +1,13 @@
 """The language service's OpenTelemetry tracing, and the per-request stage timings that feed
 both its spans and the ``Server-Timing`` header.
 
-Tracing is configured only by the standard ``OTEL_*`` environment variables (the SDK reads
-them; this module reads only the few that say whether to start it): it is on when
-``OTEL_TRACES_EXPORTER`` names ``otlp``, or when that variable is unset and an OTLP endpoint
-is (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``);
-``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` keep it off. Off, no SDK module is
-imported and no span object is made: each stage costs one check of ``_tracer`` and the two
-clock reads its ``Server-Timing`` entry needs.
+Tracing is configured only by the standard ``OTEL_*`` environment variables, by the rule
+both services share (``telemetry.otel``). Off, no SDK module is imported and no span object is
+made: each stage costs one check of ``_tracer`` and the two clock reads its ``Server-Timing``
+entry needs.
 
-Span names (``Server-Timing`` uses the same): ``http.request``, ``admission``, ``media``,
+Span names (``Server-Timing`` uses the same): ``http.request``, ``body`` (the request's
+body read, parsed and validated, before the route runs), ``admission``, ``media``,
 ``vision`` (the Encode call, client side), ``vision.queue`` (the vision service's own span;
 here only its duration, for ``Server-Timing``), ``engine`` with ``engine.queued``,
 ``engine.prefill`` and ``engine.decode`` (from vLLM's per-request timestamps).
@@ -26,6 +24,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from protos.trace_context import TRACE_CONTEXT_KEYS
+from telemetry import otel
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -38,78 +37,28 @@ SERVICE_NAME = "dvd-llm"
 _tracer: Tracer | None = None
 
 
-def tracing_requested(environ: Mapping[str, str]) -> bool:
-    """Whether ``environ`` turns tracing on (the rule in the module's docstring)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporters = environ.get("OTEL_TRACES_EXPORTER")
-    if exporters is not None and exporters.strip():
-        return "otlp" in {name.strip().lower() for name in exporters.split(",")}
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-
-
-def otlp_protocol(environ: Mapping[str, str]) -> str:
-    """``http/protobuf`` (the default, as the OTLP specification recommends) or ``grpc``."""
-    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    return protocol.strip().lower()
-
-
 def configure(environ: Mapping[str, str] | None = None) -> bool:
     """Start tracing when the environment asks for it (once per process, before serving);
-    True when it is on. The sampler (``OTEL_TRACES_SAMPLER``/``_ARG``, parent-based always-on
-    by default), the endpoint, headers and timeouts are the SDK's to read."""
+    True when it is on."""
     global _tracer
     environ = os.environ if environ is None else environ
-    if not tracing_requested(environ):
+    if not otel.tracing_requested(environ):
         return False
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    exporter: Any
-    if otlp_protocol(environ) == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
-
-        exporter = HTTPSpanExporter()
     if environ is os.environ:
         # vLLM's engine processes start a tracer of their own when they inherit a traces
         # endpoint, speaking gRPC unless told otherwise: the same protocol as ours ...
-        os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", otlp_protocol(environ))
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", otel.otlp_protocol(environ))
         # ... and name their start-up spans after this service, not "unknown_service".
         os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
-    resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    _tracer = trace.get_tracer("dvd.llm_server")
-    logger.info("tracing on: OTLP (%s) as %s", otlp_protocol(environ), SERVICE_NAME)
+    _tracer = otel.start_tracer(environ, SERVICE_NAME, "dvd.llm_server")
+    logger.info("tracing on: OTLP (%s) as %s", otel.otlp_protocol(environ), SERVICE_NAME)
     return True
 
 
 def shutdown() -> None:
     """Export what is still buffered (at exit)."""
-    if _tracer is None:
-        return
-    from opentelemetry import trace
-
-    provider = trace.get_tracer_provider()
-    shutdown_provider = getattr(provider, "shutdown", None)
-    if shutdown_provider is not None:
-        shutdown_provider()
+    if _tracer is not None:
+        otel.shutdown()
 
 
 def enabled() -> bool:
@@ -126,12 +75,14 @@ def tracer() -> Tracer | None:
 
 class StageTimings:
     """One request's stages and their durations in seconds, in the order they ended; a
-    stage met twice (two engine calls) adds up."""
+    stage met twice (two engine calls) adds up. Made when the request arrives."""
 
-    __slots__ = ("durations",)
+    __slots__ = ("durations", "started", "started_epoch_ns")
 
     def __init__(self) -> None:
         self.durations: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.started_epoch_ns = time.time_ns()  # where a span that starts with it starts
 
     def add(self, name: str, seconds: float) -> None:
         self.durations[name] = self.durations.get(name, 0.0) + max(seconds, 0.0)
@@ -179,6 +130,18 @@ def record(name: str, seconds: float) -> None:
         timings.add(name, seconds)
 
 
+def stage_since_arrival(name: str) -> None:
+    """A stage that began when the request arrived and ends now: reading, parsing and
+    validating the body, done by the framework before any route code runs. A
+    ``Server-Timing`` entry, and with tracing on a span of the same name."""
+    timings = _timings.get()
+    if timings is None:
+        return
+    timings.add(name, time.perf_counter() - timings.started)
+    if _tracer is not None:
+        _tracer.start_span(name, start_time=timings.started_epoch_ns).end()
+
+
 @contextlib.contextmanager
 def stage(
     name: str, attributes: Mapping[str, Any] | None = None, client: bool = False
@@ -224,19 +187,7 @@ def start_span(name: str, attributes: Mapping[str, Any] | None = None) -> Span |
     return _tracer.start_span(name, attributes=attributes)
 
 
-def end_span(span: Span | None, error: BaseException | None = None) -> None:
-    if span is None:
-        return
-    if error is not None:
-        mark_failed(span, error)
-    span.end()
-
-
-def mark_failed(span: Span, error: BaseException) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
-    span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+end_span = otel.end_span
 
 
 def monotonic_epoch_offset_ns() -> int:

@@ -1,9 +1,7 @@
 """The vision service's OpenTelemetry tracing.
 
 Configured as the language service's is, only by the standard ``OTEL_*`` environment
-variables: on when ``OTEL_TRACES_EXPORTER`` names ``otlp``, or when that variable is unset and
-an OTLP endpoint is (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``);
-``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` keep it off. Off, no SDK module is
+variables, by the rule both services share (``telemetry.otel``). Off, no SDK module is
 imported, no span object is made, and every hook below is one check of ``_tracer``.
 
 Spans: ``vision.request`` (one Encode call, under the caller's ``traceparent`` from the call's
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from protos.trace_context import TRACE_CONTEXT_KEYS
+from telemetry import otel
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -38,64 +37,31 @@ T = TypeVar("T")
 _tracer: Tracer | None = None
 
 
-def tracing_requested(environ: Mapping[str, str]) -> bool:
-    """Whether ``environ`` turns tracing on (the rule in the module's docstring)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporters = environ.get("OTEL_TRACES_EXPORTER")
-    if exporters is not None and exporters.strip():
-        return "otlp" in {name.strip().lower() for name in exporters.split(",")}
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-
-
 def configure(environ: Mapping[str, str] | None = None) -> bool:
     """Start tracing when the environment asks for it (once, before serving); True when on."""
     global _tracer
     environ = os.environ if environ is None else environ
-    if not tracing_requested(environ):
+    if not otel.tracing_requested(environ):
         return False
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    exporter: Any
-    if protocol.strip().lower() == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
-
-        exporter = HTTPSpanExporter()
-    resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    _tracer = trace.get_tracer("dvd.vision_server")
-    logger.info("tracing on: OTLP (%s)", protocol)
+    _tracer = otel.start_tracer(environ, SERVICE_NAME, "dvd.vision_server")
+    logger.info("tracing on: OTLP (%s)", otel.otlp_protocol(environ))
     return True
 
 
 def shutdown() -> None:
     """Export what is still buffered (at exit)."""
-    if _tracer is None:
-        return
+    if _tracer is not None:
+        otel.shutdown()
+
+
+def use_process_tracing() -> None:
+    """Make this module's spans with the tracer provider the process already has: the coupled
+    deployment, whose language service started tracing for its process and runs the pipeline
+    inside it (its spans then nest under the language service's ``vision`` span)."""
+    global _tracer
     from opentelemetry import trace
 
-    shutdown_provider = getattr(trace.get_tracer_provider(), "shutdown", None)
-    if shutdown_provider is not None:
-        shutdown_provider()
+    _tracer = trace.get_tracer("dvd.vision_server")
 
 
 def enabled() -> bool:
@@ -182,19 +148,7 @@ def start_span(name: str, attributes: Mapping[str, Any] | None = None) -> Span |
     return _tracer.start_span(name, attributes=attributes)
 
 
-def end_span(current: Span | None, error: BaseException | None = None) -> None:
-    if current is None:
-        return
-    if error is not None:
-        mark_failed(current, error)
-    current.end()
-
-
-def mark_failed(current: Span, error: BaseException) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
-    current.record_exception(error)
-    current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+end_span = otel.end_span
 
 
 # ---- what the batcher saw, as spans after the fact -------------------------------------------

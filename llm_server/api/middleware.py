@@ -275,6 +275,7 @@ class ServerTimingMiddleware:
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
             attributes=attributes,
+            start_time=timings.started_epoch_ns,  # where the "body" stage starts too
         ) as span:
             try:
                 await self.app(scope, receive, add_server_timing)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from llm_server import tracing
 from llm_server.api.completion_protocol import CompletionRequest, text_completion_id
 from llm_server.api.completions import CompletionService
 from llm_server.api.protocol import ChatCompletionRequest, ModelList, completion_id
@@ -190,6 +191,7 @@ async def generate(
     before fetching or decoding any image), prepare the request, then answer it whole
     (``stream`` None) or as a stream that takes the slot over, since it outlives this call.
     The work is cancelled if the client disconnects."""
+    tracing.stage_since_arrival("body")  # FastAPI read, parsed and validated it
     headers = {"X-Request-Id": request_id}
     async with contextlib.AsyncExitStack() as request_scope:
         await request_scope.enter_async_context(slot)

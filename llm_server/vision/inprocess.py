@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from checkpoints.weights import safetensors_files
-from llm_server import metrics
+from llm_server import metrics, tracing
 from llm_server.errors import VisionBadResponse
 from llm_server.vision.errors import api_error
 from protos.messages import ContractError, EncodeCall, EncodeResult, VisualEmbedding, result_of
@@ -131,8 +131,13 @@ class InProcessVisualEncoder:
     ) -> InProcessVisualEncoder:
         """Load the checkpoint's vision half on ``device`` and start its tile batcher. On
         CUDA, one batch of ``max_batch_tiles`` runs first, to hold and measure its memory."""
+        from vision_server import tracing as vision_tracing
         from vision_server.server import build_pipeline
         from vision_server.settings import VisionSettings
+
+        if tracing.enabled():
+            # The pipeline's spans (preprocess, queue, passes, route) nest under "vision".
+            vision_tracing.use_process_tracing()
 
         settings = VisionSettings(  # type: ignore[call-arg]
             model=str(checkpoint),

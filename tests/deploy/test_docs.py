@@ -19,7 +19,15 @@ SECTIONS = {
     "dvd-llm-server": LLMSettings,
     "dvd-serve": ServeSettings,
 }
-PACKAGES = ["protos", "checkpoints", "vision_server", "llm_server", "clients", "benchmarks"]
+PACKAGES = [
+    "protos",
+    "checkpoints",
+    "telemetry",
+    "vision_server",
+    "llm_server",
+    "clients",
+    "benchmarks",
+]
 
 
 def _default(field: FieldInfo) -> str:

@@ -14,6 +14,7 @@ PATHS = [
     name
     for name in (
         "checkpoints",
+        "telemetry",
         "vision_server",
         "llm_server",
         "protos",

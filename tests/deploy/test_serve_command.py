@@ -112,6 +112,10 @@ def test_dvd_serve_answers_and_stops_cleanly(tiny_models, tmp_path: Path, log_di
         assert body["usage"]["completion_tokens"] == 8
         assert body["vision"]["frames"] == 2
         assert body["usage"]["prompt_tokens_details"]["video_tokens"] == 2 * 256
+        # The vision service's metrics page, on the free port it bound (DVD_METRICS_PORT=0),
+        # as dvd-serve reports it: it counted the video.
+        metrics_url = f"http://{host}:{ports['vision_metrics_port']}/metrics"
+        assert "dvd:vision_videos_total 1.0" in httpx.get(metrics_url, timeout=10).text
 
         # SIGTERM to the launcher alone (not its process group): it stops both services.
         started = time.monotonic()

@@ -107,6 +107,7 @@ def test_two_images_make_one_trace_across_both_services(
     assert response.status_code == 200, response.text
     expected = {
         (LLM, "http.request"),
+        (LLM, "body"),
         (LLM, "admission"),
         (LLM, "media"),
         (LLM, "vision"),
@@ -131,8 +132,11 @@ def test_two_images_make_one_trace_across_both_services(
     assert http.attributes["http.response.status_code"] == 200
     assert http.attributes["http.route"] == "/v1/chat/completions"
     assert http.attributes["dvd.request_id"] == response.headers["x-request-id"]
-    for name in ("admission", "media", "vision", "engine"):
+    for name in ("body", "admission", "media", "vision", "engine"):
         assert one(spans, LLM, name).parent_span_id == http.span_id, name
+    # The body (read, parsed, validated before the route ran) from the request's arrival.
+    body, admission = one(spans, LLM, "body"), one(spans, LLM, "admission")
+    assert body.start_ns == http.start_ns and body.end_ns <= admission.start_ns
     media = one(spans, LLM, "media")
     assert media.attributes["dvd.images"] == 2
     assert media.attributes["dvd.media.bytes"] > 0
@@ -185,7 +189,7 @@ def test_two_images_make_one_trace_across_both_services(
 
     # Server-Timing: the stages before the answer, named as the spans are.
     timing = parse_server_timing(response.headers["server-timing"])
-    for name in ("admission", "media", "vision", "vision.queue", "engine.queued"):
+    for name in ("body", "admission", "media", "vision", "vision.queue", "engine.queued"):
         assert name in timing, name
     assert timing["vision"] >= timing["vision.queue"]
 
@@ -275,6 +279,6 @@ def test_a_stream_carries_server_timing_of_what_preceded_its_first_byte(
         assert response.status_code == 200
         timing = parse_server_timing(response.headers["server-timing"])
         assert response.read().rstrip().endswith(b"data: [DONE]")
-    assert {"admission", "media", "vision", "vision.queue"} <= set(timing)
+    assert {"body", "admission", "media", "vision", "vision.queue"} <= set(timing)
     # The engine had not started when the headers went out.
     assert not any(name.startswith("engine") for name in timing)

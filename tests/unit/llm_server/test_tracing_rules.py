@@ -1,4 +1,4 @@
-"""Tracing's pure pieces: when the OTEL_* variables turn it on, the Server-Timing header
+"""The language service's tracing, its pure pieces: the Server-Timing header
 (written by the language service, read back by it and by dvd-bench), the middleware that puts
 it on every response, and what tracing off costs: no SDK module, no span."""
 
@@ -20,34 +20,6 @@ from starlette.routing import Route
 from clients.benchmark import parse_server_timing as bench_parse_server_timing
 from llm_server import tracing
 from llm_server.api.middleware import ServerTimingMiddleware
-from vision_server import tracing as vision_tracing
-
-
-@pytest.mark.parametrize(
-    ("environ", "on"),
-    [
-        ({}, False),
-        ({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
-        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
-        ({"OTEL_TRACES_EXPORTER": "console, otlp"}, True),
-        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
-        ({"OTEL_TRACES_EXPORTER": "console"}, False),
-        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, False),
-        ({"OTEL_SDK_DISABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, True),
-    ],
-)
-def test_the_rule_that_turns_tracing_on(environ: dict[str, str], on: bool) -> None:
-    assert tracing.tracing_requested(environ) is on
-    assert vision_tracing.tracing_requested(environ) is on  # both services read it alike
-
-
-def test_otlp_protocol_defaults_to_http_protobuf() -> None:
-    assert tracing.otlp_protocol({}) == "http/protobuf"
-    assert tracing.otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
-    both = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http"}
-    assert tracing.otlp_protocol(both) == "http"
 
 
 def test_server_timing_is_milliseconds_per_stage_in_order() -> None:
@@ -94,11 +66,24 @@ def test_stage_records_its_duration_without_tracing() -> None:
     assert timings.durations["vision.queue"] == 0.002
 
 
+def test_the_body_stage_runs_from_the_request_arrival() -> None:
+    async def request() -> tracing.StageTimings:
+        timings = tracing.begin_request()
+        await asyncio.sleep(0.05)  # the framework reading and validating the body
+        tracing.stage_since_arrival("body")
+        return timings
+
+    timings = asyncio.run(request())
+    assert list(timings.durations) == ["body"]
+    assert timings.durations["body"] >= 0.05
+
+
 def test_stages_outside_a_request_are_not_recorded() -> None:
     async def outside() -> None:
         with tracing.stage("media"):
             pass
         tracing.record("vision.queue", 1.0)
+        tracing.stage_since_arrival("body")
 
     asyncio.run(outside())  # no request in this context: nothing to add to, no error
 
