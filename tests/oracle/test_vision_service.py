@@ -209,7 +209,10 @@ def test_queued_tiles_gauge_follows_the_queue(tiny_models):
     async def scenario() -> list[float | None]:
         seen = [queued()]
         waiting = asyncio.create_task(engine.batcher.submit(torch.zeros(3, 3, 448, 448)))
-        await asyncio.sleep(0.05)
+        for _ in range(1000):  # until the task has queued its tiles (it has not yielded yet)
+            if queued() != seen[0] or waiting.done():
+                break
+            await asyncio.sleep(0.001)
         seen.append(queued())
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
