@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,33 +249,27 @@ class Footprint:
         return self.fds - self.grpc_connections
 
 
-def fd_kinds(pid: int) -> dict[str, int]:
-    """The process's fds by what they point at ("socket", "pipe", a file's path, ...)."""
-    kinds: dict[str, int] = {}
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
+def open_fds(pid: int) -> dict[int, str]:
+    """The process's open fds and what each points at (``socket:[inode]``, a path, ...)."""
+    targets: dict[int, str] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            target = os.readlink(fd)
+            targets[int(fd.name)] = os.readlink(fd)
         except OSError:  # closed meanwhile
             continue
-        kind = (
+    return targets
+
+
+def fd_kinds(targets: dict[int, str]) -> dict[str, int]:
+    """Open fds by what they point at ("socket", "pipe", a file's path, ...)."""
+    return dict(
+        Counter(
             target.split(":", 1)[0]
             if target.startswith(("socket:", "pipe:", "anon_inode:"))
             else target
+            for target in targets.values()
         )
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return kinds
-
-
-def socket_fds(pid: int) -> set[int]:
-    found = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd).startswith("socket:"):
-                found.add(int(fd.name))
-        except OSError:  # closed meanwhile
-            continue
-    return found
+    )
 
 
 def fds_at_rest(process: psutil.Process, grpc_port: int) -> tuple[int, int, dict[str, int]]:
@@ -293,12 +288,13 @@ def fds_at_rest(process: psutil.Process, grpc_port: int) -> tuple[int, int, dict
     deadline = time.monotonic() + 10
     while True:
         before = grpc_sockets()
-        fds, kinds = process.num_fds(), fd_kinds(process.pid)
+        targets = open_fds(process.pid)
         listed = {c.fd for c in process.net_connections(kind="all")}
         after = grpc_sockets()
         settled = all(status == psutil.CONN_ESTABLISHED for _, status in after)
-        if before == after and settled and socket_fds(process.pid) <= listed:
-            return fds, len(after), kinds
+        sockets = {fd for fd, target in targets.items() if target.startswith("socket:")}
+        if before == after and settled and sockets <= listed:
+            return len(targets), len(after), fd_kinds(targets)
         assert time.monotonic() < deadline, f"gRPC sockets still changing state: {after}"
         time.sleep(0.05)
 
